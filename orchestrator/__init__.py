@@ -1,0 +1,1 @@
+"""pdserve orchestrator: the pure policy core and the live runtime around it."""

@@ -1,0 +1,99 @@
+"""Admission: admit, queue or reject a request, with a reason, from queue limits.
+
+Admission runs before routing. It rejects what can never run (prompt beyond
+the context window, no instance to serve it) and applies back-pressure when
+every candidate's prefill queue is over its limit: the request's SLO class
+decides between queueing at the router and an explicit rejection (HTTP 429
+with Retry-After at the edge). Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from orchestrator.core.slo import OverloadAction
+from orchestrator.core.types import ClusterSnapshot, InstanceLoad, RequestInfo, Role
+
+
+class AdmissionOutcome(str, Enum):
+    """The three possible answers of admission."""
+
+    ADMIT = "admit"
+    QUEUE = "queue"
+    REJECT = "reject"
+
+
+class RejectReason(str, Enum):
+    """Why a request was (or would be) turned away."""
+
+    PROMPT_TOO_LONG = "prompt_too_long"
+    NO_INSTANCES = "no_instances"
+    OVERLOADED = "overloaded"
+    QUEUE_FULL = "queue_full"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """Limits admission enforces; defaults suit the embedded tiny model."""
+
+    max_context_tokens: int = 2048
+    max_queued_prefill_tokens: int = 65536
+    max_waiting_requests: int = 256
+    max_router_queue: int = 1024
+    on_overload: OverloadAction = OverloadAction.QUEUE
+    # Assumed prefill throughput used only to estimate Retry-After.
+    prefill_tokens_per_s: float = 8192.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionDecision:
+    """Admission's answer; ``reason`` is set exactly when it is not ADMIT."""
+
+    outcome: AdmissionOutcome
+    reason: RejectReason | None = None
+    retry_after_s: float | None = None
+
+
+def _entry_instances(snapshot: ClusterSnapshot) -> tuple[InstanceLoad, ...]:
+    """Instances that can take a new prompt: prefill first, else decode or colocated."""
+    for role in (Role.PREFILL, Role.COLOCATED, Role.DECODE):
+        routable = tuple(i for i in snapshot.with_role(role) if i.is_routable)
+        if routable:
+            return routable
+    return ()
+
+
+def _has_room(inst: InstanceLoad, request: RequestInfo, config: AdmissionConfig) -> bool:
+    return (
+        inst.queued_prefill_tokens + request.prompt_tokens <= config.max_queued_prefill_tokens
+        and inst.waiting_requests < config.max_waiting_requests
+    )
+
+
+def admit(
+    snapshot: ClusterSnapshot,
+    request: RequestInfo,
+    config: AdmissionConfig,
+    router_queue_depth: int = 0,
+    on_overload: OverloadAction | None = None,
+) -> AdmissionDecision:
+    """Decide whether ``request`` enters now, waits at the router, or is rejected."""
+    if request.prompt_tokens + request.max_output_tokens > config.max_context_tokens:
+        return AdmissionDecision(AdmissionOutcome.REJECT, RejectReason.PROMPT_TOO_LONG)
+    candidates = _entry_instances(snapshot)
+    if not candidates:
+        return AdmissionDecision(AdmissionOutcome.REJECT, RejectReason.NO_INSTANCES, retry_after_s=1.0)
+    if any(_has_room(inst, request, config) for inst in candidates):
+        return AdmissionDecision(AdmissionOutcome.ADMIT)
+    backlog = min(inst.queued_prefill_tokens for inst in candidates)
+    retry_after_s = max(1.0, backlog / config.prefill_tokens_per_s)
+    action = on_overload if on_overload is not None else config.on_overload
+    if action is OverloadAction.QUEUE:
+        if router_queue_depth < config.max_router_queue:
+            return AdmissionDecision(AdmissionOutcome.QUEUE, RejectReason.OVERLOADED, retry_after_s)
+        return AdmissionDecision(AdmissionOutcome.REJECT, RejectReason.QUEUE_FULL, retry_after_s)
+    if action is OverloadAction.DEGRADE:
+        # Degraded service still runs the request, on whichever instance is least loaded.
+        return AdmissionDecision(AdmissionOutcome.ADMIT)
+    return AdmissionDecision(AdmissionOutcome.REJECT, RejectReason.OVERLOADED, retry_after_s)

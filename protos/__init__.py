@@ -1,0 +1,1 @@
+"""Protocol buffer definitions (protos/pdserve/v1) and their generated Python code."""

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# pdserve developer entry point: one command sets up .venv (once) and runs a job.
+#   scripts/dev.sh demo   the main job on the embedded default
+#   scripts/dev.sh test   linters, import contracts, generated-code check, the test suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${PDSERVE_VENV:-.venv}
+PY="$VENV/bin/python"
+
+setup() {
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  # A bare torch requirement would pull a multi-GB CUDA build; take the CPU wheel first.
+  if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    "$PY" -m pip install -q torch==2.13.0
+  fi
+  local stamp="$VENV/.pdserve-installed" want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    "$PY" -m pip install -q -e ".[dev]"
+    echo "$want" >"$stamp"
+  fi
+}
+
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  demo)
+    setup
+    "$VENV/bin/pdserve" quickstart "$@"
+    ;;
+  test)
+    setup
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/lint-imports"
+    "$PY" -m protos.generate --check
+    "$VENV/bin/mypy" orchestrator workers simulations
+    "$PY" -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: scripts/dev.sh demo|test [args...]" >&2
+    exit 2
+    ;;
+esac

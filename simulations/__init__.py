@@ -1,0 +1,1 @@
+"""pdserve simulator: replays real traces against a simulated cluster using orchestrator.core policies."""

@@ -1,0 +1,1 @@
+"""Trace loaders and generators; every one returns a columnar ``Trace``."""

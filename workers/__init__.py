@@ -1,0 +1,1 @@
+"""pdserve workers: the paged-KV inference engine and the KV-cache transports."""

@@ -1,0 +1,1 @@
+"""`pdserve` sub-commands that run workers directly (no Ray)."""

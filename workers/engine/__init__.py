@@ -1,0 +1,1 @@
+"""pdserve's inference engine: Llama-family model, paged KV cache, continuous batching."""
