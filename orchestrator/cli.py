@@ -16,7 +16,12 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("orchestrator.commands.quickstart", "run the main job on the embedded default"),
+    "up": ("orchestrator.commands.up", "run prefill/decode workers, controller and OpenAI API until Ctrl-C"),
     "generate": ("workers.commands.generate", "disaggregated generation between two local processes"),
+    "profile": ("simulations.profile_cmd", "measure engine step times and write a latency profile for the simulator"),
+    "bench": ("orchestrator.commands.bench", "replay a real trace against an OpenAI endpoint, report SLO attainment"),
+    "simulate": ("simulations.commands.simulate", "replay a trace against a simulated cluster (TTFT/TPOT/SLO, plots)"),
+    "goodput": ("simulations.commands.goodput", "per-GPU goodput placement search: colocated vs prefill/decode splits"),
 }
 
 

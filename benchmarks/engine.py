@@ -1,0 +1,136 @@
+"""Generation throughput of pdserve's engine against transformers' ``generate`` on the same tiny model.
+
+Both run in this process, one torch thread each, on the same weights, and produce
+the same number of tokens: a single prompt (batch 1), and a batch of prompts of
+mixed lengths that transformers runs as one left-padded batch and pdserve runs with
+continuous batching and chunked prefill. Prints medians over repetitions and the
+ratio pdserve / transformers (above 1 means pdserve is faster).
+
+    python benchmarks/engine.py [--reps 5] [--batch 16] [--max-tokens 64] [--model-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _time_pair(
+    first: Callable[[], int], second: Callable[[], int], reps: int
+) -> tuple[float, float, int, int]:
+    """Median seconds of two runners over ``reps`` interleaved runs (after a warm-up of each).
+
+    Interleaving makes both sides see the same background load on a shared machine.
+    """
+    tokens = (first(), second())
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(reps):
+        for fn, acc in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1]), tokens[0], tokens[1]
+
+
+def main() -> int:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per case (median is shown)")
+    parser.add_argument("--batch", type=int, default=16, help="prompts in the mixed batch")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt")
+    parser.add_argument("--single-prompt-tokens", type=int, default=128, help="prompt length at batch 1")
+    parser.add_argument("--min-prompt", type=int, default=16, help="shortest prompt of the mixed batch")
+    parser.add_argument("--max-prompt", type=int, default=512, help="longest prompt of the mixed batch")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="model to use (default: a fresh tiny Llama)"
+    )
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import LLMEngine
+    from workers.engine.sampling_params import SamplingParams
+    from workers.engine.tiny import create_tiny_model
+
+    scratch = None if args.model_dir else tempfile.TemporaryDirectory(prefix="pdserve-bench-")
+    model_dir = args.model_dir or create_tiny_model(Path(scratch.name if scratch else "."))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    engine = LLMEngine(model_dir, EngineConfig(kv_cache_bytes=512 * 1024 * 1024))
+    vocab = engine.model_config.vocab_size
+    rng = random.Random(0)
+    single = [[rng.randrange(10, vocab) for _ in range(args.single_prompt_tokens)]]
+    mixed_lens = [rng.randint(args.min_prompt, args.max_prompt) for _ in range(args.batch)]
+    mixed = [[rng.randrange(10, vocab) for _ in range(n)] for n in mixed_lens]
+    same_out = [args.max_tokens] * args.batch
+    # Requests asking for different lengths: transformers' batch runs until the longest is done.
+    mixed_out = [rng.randint(max(1, args.max_tokens // 8), args.max_tokens) for _ in range(args.batch)]
+
+    def run_pdserve(prompts: list[list[int]], out_lens: list[int]) -> Callable[[], int]:
+        def go() -> int:
+            for i, (prompt, n) in enumerate(zip(prompts, out_lens, strict=True)):
+                engine.add_request(f"bench-{i}", prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+            tokens = 0
+            while engine.has_unfinished():
+                tokens += sum(len(o.new_token_ids) for o in engine.step())
+            return tokens
+
+        return go
+
+    def run_transformers(prompts: list[list[int]], out_lens: list[int]) -> Callable[[], int]:
+        width = max(len(p) for p in prompts)
+        pad = 0
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        longest = max(out_lens)
+
+        def go() -> int:
+            with torch.no_grad():
+                out = hf.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=longest,
+                    min_new_tokens=longest,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+            assert out.shape[1] - width == longest
+            return sum(out_lens)  # only the tokens each request asked for are useful
+
+        return go
+
+    cases = [
+        ("batch 1", single, [args.max_tokens]),
+        (f"batch {args.batch} mixed prompts", mixed, same_out),
+        (f"batch {args.batch} mixed prompts+outputs", mixed, mixed_out),
+    ]
+    rows = []
+    for name, prompts, out_lens in cases:
+        hf_run, pd_run = run_transformers(prompts, out_lens), run_pdserve(prompts, out_lens)
+        hf_s, pd_s, hf_tokens, pd_tokens = _time_pair(hf_run, pd_run, args.reps)
+        assert hf_tokens == pd_tokens, (hf_tokens, pd_tokens)
+        rows.append((name, pd_tokens, hf_tokens / hf_s, pd_tokens / pd_s))
+
+    print(f"model: {model_dir}  (torch threads: {torch.get_num_threads()}, reps: {args.reps}, median)")
+    print(f"mixed prompt lengths: {sorted(mixed_lens)}")
+    print(f"output lengths: {args.max_tokens} each, or mixed: {sorted(mixed_out)}")
+    print(f"{'case':<36}{'tokens':>8}{'transformers tok/s':>21}{'pdserve tok/s':>16}{'ratio':>8}")
+    for name, tokens, hf_tps, pd_tps in rows:
+        print(f"{name:<36}{tokens:>8}{hf_tps:>21.1f}{pd_tps:>16.1f}{pd_tps / hf_tps:>7.2f}x")
+    if scratch is not None:
+        scratch.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

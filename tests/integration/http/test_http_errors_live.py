@@ -1,0 +1,155 @@
+"""Bad input, auth, limits and deadlines against a real server: the right OpenAI error, then service goes on."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from http_live_support import MODEL, LiveServer
+
+from orchestrator.runtime.http import ServerHandle, ServerLimits, create_app, serve
+
+
+def _post(url: str, body: object, headers: dict[str, str] | None = None, raw: bytes | None = None) -> httpx.Response:
+    if raw is not None:
+        return httpx.post(url, content=raw, headers={"content-type": "application/json", **(headers or {})},
+                          timeout=30)
+    return httpx.post(url, json=body, headers=headers, timeout=30)
+
+
+def _assert_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+    return err
+
+
+def _still_serves(live: LiveServer) -> None:
+    resp = _post(live.url + "/v1/completions", {"model": MODEL, "prompt": "still there?", "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] >= 1
+
+
+BAD_BODIES = [
+    # (body, status, param, code)
+    ({"model": "gpt-17", "prompt": "x"}, 404, "model", "model_not_found"),
+    ({"model": MODEL, "prompt": [5] * 2100}, 413, "prompt", "context_length_exceeded"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens", None),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 100000}, 400, "max_tokens", "context_length_exceeded"),
+    ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n", None),
+    ({"model": MODEL, "prompt": "x", "temperature": 5}, 400, "temperature", None),
+    ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature", None),
+    ({"model": MODEL, "prompt": [10**9]}, 400, None, None),  # token id outside the vocabulary
+    ({"prompt": "x"}, 400, "model", None),
+    ([1, 2], 400, None, "invalid_json"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param", "code"), BAD_BODIES)
+def test_bad_completion_input(live: LiveServer, body: object, status: int, param: str | None, code: str | None) -> None:
+    _assert_error(_post(live.url + "/v1/completions", body), status, param, code)
+    _still_serves(live)
+
+
+def test_malformed_json_and_bad_chat_input(live: LiveServer) -> None:
+    _assert_error(_post(live.url + "/v1/completions", None, raw=b'{"model": "tiny-llama", "prompt": '), 400,
+                  code="invalid_json")
+    _assert_error(_post(live.url + "/v1/chat/completions", None, raw=b"\xff\xfe"), 400, code="invalid_json")
+    chat = live.url + "/v1/chat/completions"
+    _assert_error(_post(chat, {"model": MODEL, "messages": []}), 400, "messages")
+    _assert_error(_post(chat, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "n")
+    _assert_error(_post(chat, {"model": MODEL, "messages": [{"role": "user", "content": "x " * 2100}]}), 413)
+    _still_serves(live)
+
+
+def test_unknown_routes_and_methods(live: LiveServer) -> None:
+    _assert_error(httpx.get(live.url + "/v1/nothing-here"), 404, code="not_found")
+    _assert_error(httpx.get(live.url + "/v1/completions"), 405)
+    _still_serves(live)
+
+
+def test_openai_client_sees_typed_errors(live: LiveServer) -> None:
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="x", n=2)
+    assert "n=1" in str(info.value)
+    with pytest.raises(openai.APIStatusError) as too_long:
+        client.completions.create(model=MODEL, prompt=[7] * 2100)
+    assert too_long.value.status_code == 413
+
+
+def test_deadline_gives_504(live: LiveServer) -> None:
+    resp = _post(live.url + "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 500, "ignore_eos": True},
+                 headers={"x-pdserve-timeout-s": "0.2"})
+    _assert_error(resp, 504, code="deadline_exceeded")
+    _assert_error(_post(live.url + "/v1/completions", {"model": MODEL, "prompt": "x"},
+                        headers={"x-pdserve-timeout-s": "-1"}), 400, param="x-pdserve-timeout-s")
+    _wait_idle(live)
+    _still_serves(live)
+
+
+def _wait_idle(live: LiveServer, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if live.backend.num_running == 0 and not live.engine.has_unfinished():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"engine still busy: backend {live.backend.num_running}, "
+                         f"engine unfinished {live.engine.has_unfinished()}")
+
+
+@pytest.fixture()
+def second_server(live: LiveServer, request: pytest.FixtureRequest) -> Iterator[ServerHandle]:
+    """Another app over the same backend, with the create_app options the test parametrizes."""
+    options = request.param
+    app = create_app(live.backend, live.tokenizer, MODEL, metrics=live.metrics, **options)
+    handle = serve(app, "127.0.0.1", 0)
+    yield handle
+    handle.stop()
+
+
+@pytest.mark.parametrize("second_server", [{"api_key": "s3cret"}], indirect=True)
+def test_api_key_required_except_health(live: LiveServer, second_server: ServerHandle) -> None:
+    url = second_server.url
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    _assert_error(httpx.get(url + "/v1/models"), 401, code="invalid_api_key")
+    _assert_error(httpx.get(url + "/metrics"), 401)
+    _assert_error(httpx.post(url + "/v1/completions", json=body), 401)
+    _assert_error(httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+    _assert_error(httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "s3cret"}), 401)
+    assert httpx.get(url + "/health").status_code == 200
+    good = {"Authorization": "Bearer s3cret"}
+    assert httpx.get(url + "/v1/models", headers=good).status_code == 200
+    assert httpx.post(url + "/v1/completions", json=body, headers=good).status_code == 200
+    client = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+@pytest.mark.parametrize(
+    "second_server",
+    [{"limits": ServerLimits(max_context_tokens=2048, max_concurrent_requests=1, retry_after_s=2.5)}],
+    indirect=True,
+)
+def test_front_end_limit_gives_429_with_retry_after(live: LiveServer, second_server: ServerHandle) -> None:
+    url = second_server.url + "/v1/completions"
+    holder = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=30) as client, client.stream("POST", url, json=holder) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()  # kept referenced: a collected iterator would close the connection
+        assert next(lines).startswith("data:")  # the first token arrived: the one allowed request is in flight
+        resp = _post(url, {"model": MODEL, "prompt": "y", "max_tokens": 2})
+        _assert_error(resp, 429, code="too_many_requests")
+        assert resp.headers["retry-after"] == "3"
+    _wait_idle(live)  # closing the stream aborted the holder and freed its slot
+    assert _post(url, {"model": MODEL, "prompt": "y", "max_tokens": 2}).status_code == 200

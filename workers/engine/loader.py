@@ -1,0 +1,214 @@
+"""Load a Hugging Face style checkpoint directory: config, safetensors weights and tokenizer.
+
+Reads ``config.json``; ``model.safetensors`` or the shards listed in
+``model.safetensors.index.json``; ``tokenizer.json`` with ``tokenizer_config.json``
+(eos/bos tokens, chat template) and ``generation_config.json`` when present. Every
+failure is a ``CheckpointError`` that names the file and, where it applies, the
+missing tensor or field. Needs ``safetensors`` and ``tokenizers``, never transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.engine.config import ModelConfig
+from workers.engine.model import LlamaModel
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing or malformed; the message names the file (and tensor or field)."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at top level")
+    return data
+
+
+def load_model_config(model_dir: str | Path) -> ModelConfig:
+    """Parse and validate ``config.json`` (eos ids also from ``generation_config.json``)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: model directory not found")
+    path = root / "config.json"
+    raw = _read_json(path)
+    gen_path = root / "generation_config.json"
+    if gen_path.is_file() and raw.get("eos_token_id") is None:
+        raw = {**raw, "eos_token_id": _read_json(gen_path).get("eos_token_id")}
+    return ModelConfig.from_dict(raw, source=str(path))
+
+
+def _weight_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: field 'weight_map' must be a non-empty object")
+        files = sorted({root / str(name) for name in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard listed in {index.name} not found")
+        return files
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(root.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{single}: file not found (and no *.safetensors or index in {root})")
+    return shards
+
+
+def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint by Hugging Face name, on CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in _weight_files(Path(model_dir)):
+        try:
+            tensors.update(load_file(str(path), device="cpu"))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: malformed safetensors file ({exc})") from exc
+    return tensors
+
+
+def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], source: str) -> torch.Tensor:
+    if name not in tensors:
+        raise CheckpointError(f"{source}: missing tensor '{name}'")
+    t = tensors[name]
+    if tuple(t.shape) != shape:
+        raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: str | None = None) -> LlamaModel:
+    """Build the model from ``config.json`` and the safetensors weights, fusing q/k/v and gate/up."""
+    root = Path(model_dir)
+    cfg = load_model_config(root)
+    tensors = load_state_dict(root)
+    src = str(root / "*.safetensors")
+    dtype_name = dtype or cfg.dtype_name
+    if dtype is None and device == "cpu" and dtype_name != "float32":
+        dtype_name = "float32"  # half-precision matmuls are slow or missing on CPU
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    state: dict[str, torch.Tensor] = {
+        "embed_tokens.weight": _take(tensors, "model.embed_tokens.weight", (cfg.vocab_size, h), src),
+        "norm.weight": _take(tensors, "model.norm.weight", (h,), src),
+    }
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    else:
+        state["lm_head.weight"] = _take(tensors, "lm_head.weight", (cfg.vocab_size, h), src)
+    for i in range(cfg.num_layers):
+        p, d = f"model.layers.{i}.", f"layers.{i}."
+        attn = [
+            _take(tensors, p + "self_attn.q_proj.weight", (q, h), src),
+            _take(tensors, p + "self_attn.k_proj.weight", (kv, h), src),
+            _take(tensors, p + "self_attn.v_proj.weight", (kv, h), src),
+        ]
+        state[d + "self_attn.qkv_proj.weight"] = torch.cat(attn, dim=0)
+        if cfg.qkv_bias:
+            biases = [
+                _take(tensors, p + "self_attn.q_proj.bias", (q,), src),
+                _take(tensors, p + "self_attn.k_proj.bias", (kv,), src),
+                _take(tensors, p + "self_attn.v_proj.bias", (kv,), src),
+            ]
+            state[d + "self_attn.qkv_proj.bias"] = torch.cat(biases, dim=0)
+        state[d + "self_attn.o_proj.weight"] = _take(tensors, p + "self_attn.o_proj.weight", (h, q), src)
+        gate_up = [
+            _take(tensors, p + "mlp.gate_proj.weight", (cfg.intermediate_size, h), src),
+            _take(tensors, p + "mlp.up_proj.weight", (cfg.intermediate_size, h), src),
+        ]
+        state[d + "mlp.gate_up_proj.weight"] = torch.cat(gate_up, dim=0)
+        state[d + "mlp.down_proj.weight"] = _take(
+            tensors, p + "mlp.down_proj.weight", (h, cfg.intermediate_size), src
+        )
+        state[d + "input_layernorm.weight"] = _take(tensors, p + "input_layernorm.weight", (h,), src)
+        state[d + "post_attention_layernorm.weight"] = _take(
+            tensors, p + "post_attention_layernorm.weight", (h,), src
+        )
+    target = _DTYPES[dtype_name]
+    state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Buffers were created on the meta device; rebuild them for real on the target device.
+    real = LlamaModel.rope_tables(cfg)
+    model.rope_cos = real[0].to(device)
+    model.rope_sin = real[1].to(device)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer plus what ``tokenizer_config.json`` says about it."""
+
+    tokenizer: Any  # tokenizers.Tokenizer
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    chat_template: str | None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without added special tokens."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of ``token_ids``, skipping special tokens."""
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+
+def _token_name(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def load_tokenizer(model_dir: str | Path) -> TokenizerInfo:
+    """Load ``tokenizer.json`` with eos/bos and chat template from ``tokenizer_config.json``."""
+    from tokenizers import Tokenizer
+
+    root = Path(model_dir)
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on parse errors
+        raise CheckpointError(f"{path}: malformed tokenizer ({exc})") from exc
+    cfg_path = root / "tokenizer_config.json"
+    tok_cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    eos_ids: list[int] = []
+    bos_id: int | None = None
+    eos_name = _token_name(tok_cfg.get("eos_token"))
+    if eos_name is not None:
+        eos_id = tok.token_to_id(eos_name)
+        if eos_id is None:
+            raise CheckpointError(f"{cfg_path}: eos_token '{eos_name}' is not in {path.name}")
+        eos_ids.append(eos_id)
+    bos_name = _token_name(tok_cfg.get("bos_token"))
+    if bos_name is not None:
+        bos_id = tok.token_to_id(bos_name)
+    template = tok_cfg.get("chat_template")
+    return TokenizerInfo(
+        tokenizer=tok,
+        eos_token_ids=tuple(eos_ids),
+        bos_token_id=bos_id,
+        chat_template=template if isinstance(template, str) else None,
+    )
