@@ -1,0 +1,1 @@
+"""Experiments over the simulator: spec parsing, goodput search, plots."""

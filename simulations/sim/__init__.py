@@ -1,0 +1,1 @@
+"""The discrete-event simulator: event loop, instance models, KV network, cluster, results."""

@@ -1,0 +1,97 @@
+"""Step costs: one engine step, or a run of identical-batch decode steps.
+
+Decode-only steps of an unchanged batch differ only in context length, which
+grows by the batch size every step. A latency model may offer the optional
+``DecodeRunLatency`` capability (an exact closed form for the total of such a
+run); the shipped models get one from ``runcost``; any other model is costed
+step by step through ``step_time_s`` — identical results, only slower.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from typing import Protocol, runtime_checkable
+
+from simulations.latency.base import BatchShape, LatencyModel
+from simulations.sim.runcost import closed_form_runs
+
+
+@runtime_checkable
+class DecodeRunLatency(Protocol):
+    """Optional capability: total time of ``steps`` consecutive pure-decode steps."""
+
+    def decode_run_time_s(
+        self, decode_requests: int, context_tokens: int, steps: int, tp_degree: int = 1
+    ) -> float:
+        """Sum over i < steps of step_time_s(decode_requests, context_tokens + i * decode_requests)."""
+        ...
+
+
+class StepCoster:
+    """Costs steps on one instance (fixed tensor-parallel degree) with one latency model."""
+
+    __slots__ = ("model", "tp_degree", "_run", "_step", "_cum_key", "_cum")
+
+    def __init__(self, model: LatencyModel, tp_degree: int, use_closed_form: bool = True) -> None:
+        if tp_degree < 1:
+            raise ValueError(f"tp_degree must be >= 1, got {tp_degree}")
+        self.model = model
+        self.tp_degree = tp_degree
+        self._step = model.step_time_s
+        self._run = closed_form_runs(model) if use_closed_form else None
+        self._cum_key: tuple[int, int] = (-1, -1)
+        self._cum: list[float] = []
+
+    @property
+    def has_closed_form(self) -> bool:
+        """Whether decode runs are costed in O(1) by the model itself."""
+        return self._run is not None
+
+    def step_s(self, shape: BatchShape) -> float:
+        """Seconds of one step of ``shape``."""
+        dt = self._step(shape, self.tp_degree)
+        if dt < 0:
+            raise ValueError(f"latency model returned a negative step time {dt} for {shape}")
+        return dt
+
+    def _cumulative(self, batch: int, context_tokens: int, steps: int) -> list[float]:
+        # Cached per (batch, start context): a run is costed, then maybe cut.
+        if self._cum_key != (batch, context_tokens) or len(self._cum) < steps:
+            cum: list[float] = []
+            total = 0.0
+            step = self._step
+            tp = self.tp_degree
+            for i in range(steps):
+                total += step(BatchShape(decode_requests=batch, decode_context_tokens=context_tokens + i * batch), tp)
+                cum.append(total)
+            self._cum_key = (batch, context_tokens)
+            self._cum = cum
+        return self._cum
+
+    def run_s(self, batch: int, context_tokens: int, steps: int) -> float:
+        """Seconds of ``steps`` decode steps of ``batch`` requests starting at ``context_tokens``."""
+        if self._run is not None:
+            return float(self._run(batch, context_tokens, steps, self.tp_degree))
+        if steps == 1:
+            return self.step_s(BatchShape(decode_requests=batch, decode_context_tokens=context_tokens))
+        return self._cumulative(batch, context_tokens, steps)[steps - 1]
+
+    def steps_by(self, batch: int, context_tokens: int, steps: int, elapsed_s: float) -> int:
+        """Smallest j in [1, steps] whose run end ``run_s(.., j)`` is at or after ``elapsed_s``."""
+        if self._run is None:
+            j = bisect_left(self._cumulative(batch, context_tokens, steps), elapsed_s, 0, steps) + 1
+            return min(j, steps)
+        # Steps only lengthen within a run, so elapsed / first step bounds j from above and
+        # elapsed / last step from below; bisect in that (usually tiny) range.
+        first_s = self.run_s(batch, context_tokens, 1)
+        last_s = self.run_s(batch, context_tokens + (steps - 1) * batch, 1)
+        hi = steps if first_s <= 0 else min(steps, max(1, math.ceil(elapsed_s / first_s)))
+        lo = 1 if last_s <= 0 else min(hi, max(1, math.floor(elapsed_s / last_s)))
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.run_s(batch, context_tokens, mid) >= elapsed_s:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo

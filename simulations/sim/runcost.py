@@ -1,0 +1,96 @@
+"""Closed forms for the total time of a decode run, for the shipped latency models.
+
+A decode run is ``k`` steps of the same ``B`` requests, context growing by
+``B`` per step: ``C_i = C + i * B``. For models whose decode step time is
+affine in context (regression profiles, fixed, zero) the run is an
+arithmetic series; for the roofline it is the sum of ``max(compute_i,
+memory_i)`` with both terms affine in ``i``, i.e. two arithmetic series
+split where the lines cross. Each form is checked against step-by-step
+summation in ``tests/sim/test_runcost.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from simulations.latency.base import BatchShape, LatencyModel
+from simulations.latency.regression import RegressionLatency
+from simulations.latency.roofline import RooflineLatency
+from simulations.latency.trivial import FixedLatency, ZeroLatency
+
+RunFn = Callable[[int, int, int, int], float]
+
+
+def _series(first: float, step: float, i0: int, i1: int) -> float:
+    """Σ_{i=i0}^{i1-1} (first + step * i)."""
+    n = i1 - i0
+    if n <= 0:
+        return 0.0
+    return n * first + step * n * (i0 + i1 - 1) / 2.0
+
+
+def _affine_runs(model: LatencyModel) -> RunFn:
+    def run(batch: int, context_tokens: int, steps: int, tp_degree: int = 1) -> float:
+        s0 = model.step_time_s(BatchShape(decode_requests=batch, decode_context_tokens=context_tokens), tp_degree)
+        if steps == 1:
+            return s0
+        s1 = model.step_time_s(
+            BatchShape(decode_requests=batch, decode_context_tokens=context_tokens + batch), tp_degree
+        )
+        return _series(s0, s1 - s0, 0, steps)
+
+    return run
+
+
+def _roofline_runs(model: RooflineLatency) -> RunFn:
+    # For a fixed batch and TP degree, compute and memory time are affine in context:
+    # coefficients are derived once per (batch, tp) from the model's own flops/bytes.
+    coefficients: dict[tuple[int, int], tuple[float, float, float, float, float]] = {}
+
+    def coeffs(batch: int, tp_degree: int) -> tuple[float, float, float, float, float]:
+        key = (batch, tp_degree)
+        found = coefficients.get(key)
+        if found is None:
+            shape0 = BatchShape(decode_requests=batch, decode_context_tokens=0)
+            shape1 = BatchShape(decode_requests=batch, decode_context_tokens=1)
+            compute_div = tp_degree * model.gpu.peak_tflops * 1e12 * model.mfu
+            memory_div = tp_degree * model.gpu.memory_bandwidth_gbps * 1e9 * model.mbu
+            c0 = model.flops(shape0) / compute_div
+            m0 = model.bytes_moved(shape0) / memory_div
+            found = (c0, model.flops(shape1) / compute_div - c0, m0, model.bytes_moved(shape1) / memory_div - m0,
+                     model.overhead_s + model.comm_time_s(shape0, tp_degree))
+            coefficients[key] = found
+        return found
+
+    def run(batch: int, context_tokens: int, steps: int, tp_degree: int = 1) -> float:
+        c_int, c_slope, m_int, m_slope, fixed = coeffs(batch, tp_degree)
+        c0 = c_int + c_slope * context_tokens
+        m0 = m_int + m_slope * context_tokens
+        c_step = c_slope * batch
+        m_step = m_slope * batch
+        # Steps i < split have one bound, i >= split the other (the lines cross at most once).
+        if c_step == m_step:  # parallel lines: one bound throughout
+            body = _series(c0, c_step, 0, steps) if c0 >= m0 else _series(m0, m_step, 0, steps)
+        else:
+            cross = (m0 - c0) / (c_step - m_step)  # compute == memory at i = cross
+            split = min(steps, max(0, math.ceil(cross)))
+            if c_step > m_step:  # compute grows faster: memory-bound first, compute-bound from split
+                body = _series(m0, m_step, 0, split) + _series(c0, c_step, split, steps)
+            else:
+                body = _series(c0, c_step, 0, split) + _series(m0, m_step, split, steps)
+        return steps * fixed + body
+
+    return run
+
+
+def closed_form_runs(model: LatencyModel) -> RunFn | None:
+    """The decode-run closed form for ``model``, or None when it has none (costed step by step)."""
+    own = getattr(model, "decode_run_time_s", None)
+    if callable(own):
+        return own  # type: ignore[no-any-return]
+    if type(model) is RooflineLatency:
+        return _roofline_runs(model)
+    if type(model) in (RegressionLatency, FixedLatency, ZeroLatency):
+        return _affine_runs(model)
+    return None
