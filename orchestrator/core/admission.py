@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from orchestrator.core.slo import OverloadAction
-from orchestrator.core.types import ClusterSnapshot, InstanceLoad, RequestInfo, Role
+from orchestrator.core.types import STABLE_MEMO, ClusterSnapshot, InstanceLoad, RequestInfo, Role
 
 
 class AdmissionOutcome(str, Enum):
@@ -55,13 +55,26 @@ class AdmissionDecision:
     retry_after_s: float | None = None
 
 
+def _entry_positions(snapshot: ClusterSnapshot) -> tuple[int, ...]:
+    """Positions of the instances that can take a new prompt: prefill first, else colocated or decode."""
+    key = (STABLE_MEMO, "admission_entry")
+    positions = snapshot.memo.get(key)
+    if positions is None:
+        positions = ()
+        for role in (Role.PREFILL, Role.COLOCATED, Role.DECODE):
+            positions = tuple(
+                pos for pos, i in enumerate(snapshot.instances) if i.role is role and i.is_routable
+            )
+            if positions:
+                break
+        # Only roles and health decide these, so a snapshot booked by routing reuses them.
+        snapshot.memo[key] = positions
+    return positions  # type: ignore[return-value]
+
+
 def _entry_instances(snapshot: ClusterSnapshot) -> tuple[InstanceLoad, ...]:
     """Instances that can take a new prompt: prefill first, else decode or colocated."""
-    for role in (Role.PREFILL, Role.COLOCATED, Role.DECODE):
-        routable = tuple(i for i in snapshot.with_role(role) if i.is_routable)
-        if routable:
-            return routable
-    return ()
+    return tuple(snapshot.instances[pos] for pos in _entry_positions(snapshot))
 
 
 def _has_room(inst: InstanceLoad, request: RequestInfo, config: AdmissionConfig) -> bool:
@@ -81,11 +94,13 @@ def admit(
     """Decide whether ``request`` enters now, waits at the router, or is rejected."""
     if request.prompt_tokens + request.max_output_tokens > config.max_context_tokens:
         return AdmissionDecision(AdmissionOutcome.REJECT, RejectReason.PROMPT_TOO_LONG)
-    candidates = _entry_instances(snapshot)
-    if not candidates:
+    positions = _entry_positions(snapshot)
+    if not positions:
         return AdmissionDecision(AdmissionOutcome.REJECT, RejectReason.NO_INSTANCES, retry_after_s=1.0)
-    if any(_has_room(inst, request, config) for inst in candidates):
+    instances = snapshot.instances
+    if any(_has_room(instances[pos], request, config) for pos in positions):
         return AdmissionDecision(AdmissionOutcome.ADMIT)
+    candidates = _entry_instances(snapshot)
     backlog = min(inst.queued_prefill_tokens for inst in candidates)
     retry_after_s = max(1.0, backlog / config.prefill_tokens_per_s)
     action = on_overload if on_overload is not None else config.on_overload

@@ -15,6 +15,8 @@ of requests between two snapshot refreshes without piling them on one instance.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -54,31 +56,83 @@ class NoRoute:
     reason: str
 
 
-def _prefill_score(inst: InstanceLoad) -> tuple[int, int]:
-    return (inst.queued_prefill_tokens, inst.waiting_requests)
-
-
-def _decode_score(inst: InstanceLoad, config: RoutingConfig) -> float:
+def _decode_score(inst: InstanceLoad, decode_batch_weight: float) -> float:
     kv_used = 1.0 - inst.free_kv_blocks / inst.total_kv_blocks if inst.total_kv_blocks else 1.0
     batch_used = (inst.running_requests + inst.waiting_requests) / max(1, inst.max_running_requests)
-    return kv_used + config.decode_batch_weight * batch_used
+    return kv_used + decode_batch_weight * batch_used
+
+
+@dataclass(frozen=True, slots=True)
+class _Order:
+    """Routable instances of one role sorted by ``key_of``; memoized on a snapshot."""
+
+    role: Role
+    key_of: Callable[[InstanceLoad, int], tuple[float, ...]]  # (instance, position) -> sort key
+    keys: tuple[tuple[float, ...], ...]
+    instances: tuple[InstanceLoad, ...]
+
+    def rebooked(self, old: InstanceLoad, new: InstanceLoad, pos: int) -> _Order:
+        """This order with ``old`` (at snapshot position ``pos``) replaced by ``new``."""
+        keys, insts = self.keys, self.instances
+        if old.is_routable:
+            i = bisect_left(keys, self.key_of(old, pos))
+            if i < len(insts) and insts[i] is old:
+                keys, insts = keys[:i] + keys[i + 1 :], insts[:i] + insts[i + 1 :]
+        if new.is_routable:
+            key = self.key_of(new, pos)
+            i = bisect_left(keys, key)
+            keys, insts = keys[:i] + (key,) + keys[i:], insts[:i] + (new,) + insts[i:]
+        return _Order(self.role, self.key_of, keys, insts)
+
+
+def _order(
+    snapshot: ClusterSnapshot, role: Role, name: object, key_of: Callable[[InstanceLoad, int], tuple[float, ...]]
+) -> _Order:
+    """Build (once per snapshot) the sorted routable instances of ``role``."""
+    memo_key = ("route_order", role, name)
+    order = snapshot.memo.get(memo_key)
+    if order is None:
+        entries = sorted(
+            (key_of(inst, pos), inst)
+            for pos, inst in enumerate(snapshot.instances)
+            if inst.role is role and inst.is_routable
+        )
+        order = _Order(role, key_of, tuple(e[0] for e in entries), tuple(e[1] for e in entries))
+        snapshot.memo[memo_key] = order
+    return order  # type: ignore[return-value]
+
+
+def _decode_order(snapshot: ClusterSnapshot, role: Role, config: RoutingConfig) -> tuple[InstanceLoad, ...]:
+    """Routable instances of ``role`` by (score, snapshot order)."""
+    weight = config.decode_batch_weight
+
+    def key_of(inst: InstanceLoad, pos: int) -> tuple[float, ...]:
+        return (_decode_score(inst, weight), pos)
+
+    return _order(snapshot, role, ("decode", weight), key_of).instances
+
+
+def _prefill_key(inst: InstanceLoad, pos: int) -> tuple[float, ...]:
+    return (inst.queued_prefill_tokens, inst.waiting_requests, pos)
+
+
+def _best_prefill(snapshot: ClusterSnapshot) -> InstanceLoad | None:
+    """The routable prefill instance with the least queued work (first on ties)."""
+    order = _order(snapshot, Role.PREFILL, "prefill", _prefill_key).instances
+    return order[0] if order else None
 
 
 def _pick_decode(
     snapshot: ClusterSnapshot, role: Role, request: RequestInfo, config: RoutingConfig
 ) -> InstanceLoad | None:
-    best: InstanceLoad | None = None
-    best_fit = False
-    best_score = 0.0
-    for inst in snapshot.with_role(role):
-        if not inst.is_routable:
-            continue
-        fits = inst.free_kv_blocks >= inst.blocks_for(request.prompt_tokens + 1)
-        score = _decode_score(inst, config)
-        # An instance that can hold the prompt now always beats one that cannot.
-        if best is None or (fits and not best_fit) or (fits == best_fit and score < best_score):
-            best, best_fit, best_score = inst, fits, score
-    return best
+    order = _decode_order(snapshot, role, config)
+    # An instance that can hold the prompt now always beats one that cannot; among those that
+    # fit (or, when none fits, among all) the lowest score wins, ties on snapshot order.
+    tokens = request.prompt_tokens + 1
+    for inst in order:
+        if inst.free_kv_blocks >= inst.blocks_for(tokens):
+            return inst
+    return order[0] if order else None
 
 
 def route(
@@ -93,11 +147,7 @@ def route(
         return RouteDecision(RouteMode.COLOCATED, colocated.instance_id)
     if request.prompt_tokens <= config.short_prompt_tokens:
         return RouteDecision(RouteMode.DECODE_LOCAL_PREFILL, decode.instance_id)
-    prefill = min(
-        (inst for inst in snapshot.with_role(Role.PREFILL) if inst.is_routable),
-        key=_prefill_score,
-        default=None,
-    )
+    prefill = _best_prefill(snapshot)
     if prefill is None:
         return RouteDecision(RouteMode.DECODE_LOCAL_PREFILL, decode.instance_id)
     return RouteDecision(RouteMode.DISAGGREGATED, decode.instance_id, prefill.instance_id)
@@ -124,5 +174,17 @@ def apply_route(snapshot: ClusterSnapshot, request: RequestInfo, decision: Route
                 queued_prefill_tokens=prefill.queued_prefill_tokens + request.prompt_tokens,
                 waiting_requests=prefill.waiting_requests + 1,
             )
-    instances = tuple(changed.get(inst.instance_id, inst) for inst in snapshot.instances)
-    return ClusterSnapshot(at_s=snapshot.at_s, instances=instances, version=snapshot.version)
+    moves: list[tuple[InstanceLoad, InstanceLoad, int]] = []
+    for instance_id, new in changed.items():
+        pos = snapshot.position(instance_id)
+        assert pos is not None  # changed only holds instances found in the snapshot
+        moves.append((snapshot.instances[pos], new, pos))
+    booked = snapshot.with_replaced({pos: new for _, new, pos in moves})
+    # Carry the routing orders over instead of re-sorting: a burst routes in O(log n) per request.
+    for memo_key, order in snapshot.memo.items():
+        if isinstance(order, _Order):
+            for old, new, pos in moves:
+                if old.role is order.role:
+                    order = order.rebooked(old, new, pos)
+            booked.memo[memo_key] = order
+    return booked

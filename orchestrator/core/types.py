@@ -68,6 +68,11 @@ class InstanceLoad:
         return -(-tokens // self.block_size)
 
 
+# Memo keys starting with this hold structures that depend only on positions, ids, roles and
+# health; ``with_replaced`` hands them on when it changes none of those.
+STABLE_MEMO = "stable"
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSnapshot:
     """All instances' loads at ``at_s``; ``version`` increases with every publish."""
@@ -76,20 +81,58 @@ class ClusterSnapshot:
     instances: tuple[InstanceLoad, ...] = ()
     version: int = 0
     _by_role: dict[Role, tuple[InstanceLoad, ...]] = field(default_factory=dict, compare=False, repr=False)
+    # instance_id -> position in ``instances``.
+    _by_id: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    # Structures policies derive from this snapshot (e.g. routing's sorted candidates), computed
+    # once per snapshot; safe to cache because a snapshot never changes.
+    memo: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        by_role: dict[Role, list[InstanceLoad]] = {role: [] for role in Role}
-        for inst in self.instances:
-            by_role[inst.role].append(inst)
-        self._by_role.update({role: tuple(insts) for role, insts in by_role.items()})
+    # The indexes are built on first use, not in __post_init__: a router books every request
+    # into a derived snapshot (routing.apply_route) that may never need them.
+    def _role_index(self) -> dict[Role, tuple[InstanceLoad, ...]]:
+        if not self._by_role:
+            by_role: dict[Role, list[InstanceLoad]] = {role: [] for role in Role}
+            for inst in self.instances:
+                by_role[inst.role].append(inst)
+            self._by_role.update({role: tuple(insts) for role, insts in by_role.items()})
+        return self._by_role
+
+    def _id_index(self) -> dict[str, int]:
+        if not self._by_id and self.instances:
+            by_id = self._by_id
+            for pos, inst in enumerate(self.instances):
+                by_id.setdefault(inst.instance_id, pos)
+        return self._by_id
 
     def with_role(self, role: Role) -> tuple[InstanceLoad, ...]:
         """Instances of one role, in snapshot order."""
-        return self._by_role[role]
+        return self._role_index()[role]
 
     def get(self, instance_id: str) -> InstanceLoad | None:
         """The instance with this id, if present."""
-        for inst in self.instances:
-            if inst.instance_id == instance_id:
-                return inst
-        return None
+        pos = self._id_index().get(instance_id)
+        return None if pos is None else self.instances[pos]
+
+    def position(self, instance_id: str) -> int | None:
+        """Index of the instance with this id in ``instances``, if present."""
+        return self._id_index().get(instance_id)
+
+    def with_replaced(self, replacements: dict[int, InstanceLoad]) -> ClusterSnapshot:
+        """This snapshot with the instances at the given positions replaced (ids must not change)."""
+        instances = list(self.instances)
+        same_roles_and_health = True
+        for pos, inst in replacements.items():
+            old = instances[pos]
+            if inst.instance_id != old.instance_id:
+                raise ValueError(f"position {pos} holds {old.instance_id!r}, not {inst.instance_id!r}")
+            same_roles_and_health &= inst.role is old.role and inst.health is old.health
+            instances[pos] = inst
+        # Positions are unchanged, so the id index is shared rather than rebuilt.
+        derived = ClusterSnapshot(
+            at_s=self.at_s, instances=tuple(instances), version=self.version, _by_id=self._id_index()
+        )
+        if same_roles_and_health:
+            for key, value in self.memo.items():
+                if isinstance(key, tuple) and key and key[0] == STABLE_MEMO:
+                    derived.memo[key] = value
+        return derived

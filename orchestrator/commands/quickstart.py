@@ -1,0 +1,85 @@
+"""`pdserve quickstart`: the main job on the embedded default, start to finish.
+
+Starts the embedded system (local Ray, tiny model, one prefill and one decode
+worker, controller, router, HTTP), replays a short slice of the real Azure
+2023 conversation trace against it with ``pdserve bench``'s code (lengths
+clipped for the tiny CPU model, arrivals rate-scaled), prints the latency and
+SLO report, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register `pdserve quickstart` options."""
+    parser.add_argument("--trace", default="azure-conv", help="trace name or file (default azure-conv)")
+    parser.add_argument("--requests", type=int, default=40, help="requests to replay (default 40)")
+    parser.add_argument("--rate-scale", type=float, default=1.0, help="arrival-rate multiplier (default 1)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=512, help="clip prompts to this (default 512)")
+    parser.add_argument("--max-output-tokens", type=int, default=32, help="clip outputs to this (default 32)")
+    parser.add_argument("--ttft-slo", type=float, default=2.0, help="TTFT target in seconds (default 2.0)")
+    parser.add_argument("--tpot-slo", type=float, default=0.2, help="TPOT target in seconds (default 0.2)")
+    parser.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
+    parser.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    parser.add_argument("--transport", choices=("tcp", "shm", "torch_dist"), default="tcp",
+                        help="KV transport between the pools (default tcp)")
+    parser.add_argument("--cache-dir", default=None, help="where the tiny model is created once")
+    parser.add_argument("--out", default=None, help="also write bench.json and bench_cdf.png here")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Start, replay, report, stop; 0 when every request succeeded."""
+    import asyncio
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from orchestrator.runtime.bench.report import format_report, report_json, summarize
+    from orchestrator.runtime.bench.runner import Endpoint, run_requests
+    from orchestrator.runtime.bench.workload import WorkloadOptions, plan_requests
+    from orchestrator.runtime.embedded import start_embedded
+    from simulations.traces import load_trace
+
+    if args.requests < 1 or args.rate_scale <= 0:
+        print("pdserve quickstart: --requests must be >= 1 and --rate-scale > 0", file=sys.stderr)
+        return 2
+    try:
+        trace = load_trace(args.trace)
+    except (OSError, ValueError) as exc:
+        print(f"pdserve quickstart: {exc}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    print(f"starting pdserve: {args.prefill} prefill + {args.decode} decode workers on a local Ray ...", flush=True)
+    handle = start_embedded(num_prefill=args.prefill, num_decode=args.decode, cache_dir=args.cache_dir,
+                            transport=args.transport)
+    try:
+        print(f"serving {handle.model_dir.name} at {handle.url}/v1 (up in {time.monotonic() - started:.0f} s)")
+        options = WorkloadOptions(
+            rate_scale=args.rate_scale, limit=args.requests, max_prompt_tokens=args.max_prompt_tokens,
+            max_output_tokens=args.max_output_tokens, context_tokens=2048,
+        )
+        requests = plan_requests(
+            trace.arrival_s.tolist(), trace.prompt_tokens.tolist(), trace.output_tokens.tolist(), options
+        )
+        span_s = requests[-1].send_at_s if requests else 0.0
+        print(f"replaying {len(requests)} requests of {trace.name} over {span_s:.1f} s "
+              f"(prompts <= {args.max_prompt_tokens}, outputs <= {args.max_output_tokens} tokens) ...", flush=True)
+        endpoint = Endpoint(handle.url, handle.model_dir.name, timeout_s=300.0)
+        results = asyncio.run(run_requests(endpoint, requests, options))
+        report = summarize(results, args.ttft_slo, args.tpot_slo)
+        print(format_report(report))
+        print(f"router hand-overs: {handle.backend.handovers}, KV back-pressure waits: {handle.backend.busy_retries}")
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            config = {"trace": args.trace, "requests": args.requests, "rate_scale": args.rate_scale,
+                      "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens}
+            (out / "bench.json").write_text(json.dumps(report_json(report, results, config), indent=2))
+            print(f"wrote {out / 'bench.json'}")
+    finally:
+        handle.stop()
+    print(f"done in {time.monotonic() - started:.0f} s")
+    return 0 if report.num_ok == report.num_requests else 1

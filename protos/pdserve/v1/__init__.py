@@ -1,0 +1,1 @@
+"""pdserve protocol v1: worker services (generated code next to the .proto files)."""

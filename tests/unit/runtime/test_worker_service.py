@@ -1,0 +1,132 @@
+"""Prefill and decode workers over real gRPC and a real tcp KV transport, in one process (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.core.types import Role
+from orchestrator.runtime.worker_client import WorkerClient, WorkerRejected, WorkerUnavailable
+from workers.engine.config import EngineConfig
+from workers.engine.engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
+from workers.service.host import WorkerHost, WorkerSpec
+from workers.service.types import GenerateMode, StreamFinish
+
+PROMPT = tuple(range(100, 160))  # 60 tokens
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def hosts(tiny_model_dir: Path) -> Iterator[tuple[WorkerHost, WorkerHost]]:
+    prefill = WorkerHost(WorkerSpec("p0", Role.PREFILL, str(tiny_model_dir), num_kv_blocks=64))
+    decode = WorkerHost(WorkerSpec("d0", Role.DECODE, str(tiny_model_dir), num_kv_blocks=64))
+    yield prefill, decode
+    prefill.stop()
+    decode.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> tuple[int, ...]:
+    engine = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=64))
+    return engine.generate([list(PROMPT)], GREEDY)[0].token_ids
+
+
+async def _disaggregated(p: WorkerClient, d: WorkerClient, rid: str) -> tuple[list[int], StreamFinish | None]:
+    res = await d.reserve(rid, PROMPT, timeout_s=10)
+    first = await p.prefill(rid, PROMPT, GREEDY, res.descriptor, timeout_s=10)
+    assert first.transfer is not None and first.transfer.num_layers == res.descriptor.num_layers
+    tokens = [first.first_token_id]
+    finish = None
+    async for chunk in d.generate(rid, PROMPT, GREEDY, GenerateMode.AFTER_TRANSFER, first.first_token_id, 10):
+        tokens.extend(chunk.token_ids)
+        finish = chunk.finish
+    return tokens, finish
+
+
+def test_disaggregated_local_and_resume_give_the_engine_tokens(
+    hosts: tuple[WorkerHost, WorkerHost], reference: tuple[int, ...]
+) -> None:
+    prefill, decode = hosts
+
+    async def run() -> None:
+        p = WorkerClient(prefill.endpoint().grpc_address)
+        d = WorkerClient(decode.endpoint().grpc_address)
+        tokens, finish = await _disaggregated(p, d, "r-disagg")
+        assert tuple(tokens) == reference and finish is StreamFinish.LENGTH
+        local = [t async for c in d.generate("r-local", PROMPT, GREEDY, GenerateMode.LOCAL_PREFILL, None, 10)
+                 for t in c.token_ids]
+        assert tuple(local) == reference
+        resumed = [t async for c in d.resume("r-resume", PROMPT, reference[:5], GREEDY, 10) for t in c.token_ids]
+        assert tuple(resumed) == reference[5:]
+        # several at once share the decode batch
+        results = await asyncio.gather(*(_disaggregated(p, d, f"r-many-{i}") for i in range(6)))
+        assert all(tuple(t) == reference for t, _ in results)
+        load = await d.load(reported_at_s=1.0)
+        assert load.role is Role.DECODE and load.free_kv_blocks == load.total_kv_blocks == 64
+        assert await p.health() and await d.health()
+        await p.close()
+        await d.close()
+
+    asyncio.run(run())
+
+
+def test_worker_errors_map_to_explicit_exceptions(hosts: tuple[WorkerHost, WorkerHost]) -> None:
+    prefill, decode = hosts
+
+    async def run() -> None:
+        d = WorkerClient(decode.endpoint().grpc_address)
+        with pytest.raises(WorkerRejected, match="no KV reservation"):
+            async for _ in d.generate("nope", PROMPT, GREEDY, GenerateMode.AFTER_TRANSFER, 5, 5):
+                pass
+        with pytest.raises(WorkerRejected, match="cannot reserve"):
+            await d.reserve("huge", tuple(range(64 * 16 + 1)), timeout_s=5)
+        # a reservation whose KV never comes fails the stream instead of hanging
+        await d.reserve("orphan", PROMPT, timeout_s=5)
+        with pytest.raises(WorkerUnavailable):
+            async for _ in d.generate("orphan", PROMPT, GREEDY, GenerateMode.AFTER_TRANSFER, 5, 5,
+                                      transfer_timeout_s=0.3):
+                pass
+        load = await d.load(reported_at_s=0.0)
+        assert load.free_kv_blocks == load.total_kv_blocks  # blocks given back
+        # an abort ends a running stream with ABORT instead of leaving its reader waiting
+        assert not await d.abort("never-seen")
+        long = SamplingParams(max_tokens=2000, ignore_eos=True)
+        chunks = []
+        async for chunk in d.generate("aborted", PROMPT, long, GenerateMode.LOCAL_PREFILL, None, 30):
+            chunks.append(chunk)
+            if len(chunks) == 2:
+                assert await d.abort("aborted")
+        assert chunks[-1].finish is StreamFinish.ABORT and len(chunks) < 100
+        gone = WorkerClient("127.0.0.1:1")
+        with pytest.raises(WorkerUnavailable):
+            await gone.load(reported_at_s=0.0, timeout_s=1)
+        await d.close()
+        await gone.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("transport", ["shm", "torch_dist"])
+def test_other_transports_carry_the_kv_too(tiny_model_dir: Path, reference: tuple[int, ...], transport: str) -> None:
+    prefill = WorkerHost(WorkerSpec("p1", Role.PREFILL, str(tiny_model_dir), num_kv_blocks=64, transport=transport))
+    decode = WorkerHost(WorkerSpec("d1", Role.DECODE, str(tiny_model_dir), num_kv_blocks=64, transport=transport))
+
+    async def run() -> tuple[list[int], StreamFinish | None]:
+        p = WorkerClient(prefill.endpoint().grpc_address)
+        d = WorkerClient(decode.endpoint().grpc_address)
+        try:
+            return await _disaggregated(p, d, f"r-{transport}")
+        finally:
+            await p.close()
+            await d.close()
+
+    try:
+        tokens, _ = asyncio.run(run())
+    finally:
+        prefill.stop()
+        decode.stop()
+    assert tuple(tokens) == reference

@@ -1,0 +1,252 @@
+"""The decode worker: reserves KV, receives it layer by layer, decodes and streams tokens.
+
+A disaggregated request on this worker:
+1. ``reserve``: the engine reserves blocks for the prompt and the transport
+   endpoint expects the transfer; every arriving layer (checksummed by the
+   transport) is copied and written into the reserved blocks on the engine
+   thread. The descriptor goes back to the router.
+2. ``generate`` (AFTER_TRANSFER): wait for the receiver to report every layer
+   landed, then join the request to the continuous batch with the first token
+   the prefill worker produced, and stream the following tokens.
+A reservation nobody claims within its timeout is cancelled and its blocks freed.
+``generate`` in LOCAL_PREFILL mode and ``resume`` (failover) prefill here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.core.types import InstanceLoad, Role
+from workers.engine.block_manager import OutOfKVBlocks
+from workers.engine.sampling_params import SamplingParams
+from workers.kv.interface import KVEndpoint, KVReceiver, KVSpec
+from workers.service.engine_loop import EngineLoop
+from workers.service.types import Reservation, StreamFinish, TokenChunk
+
+
+class WorkerError(RuntimeError):
+    """A request cannot be served by this worker; the message says why."""
+
+
+class NoRoom(WorkerError):
+    """Not enough free KV blocks right now; retry later or elsewhere."""
+
+
+class UnknownRequest(WorkerError):
+    """No reservation or stream with this request id exists here."""
+
+
+@dataclass
+class _Pending:
+    receiver: KVReceiver
+    num_tokens: int
+    expires_at_s: float
+
+
+def kv_spec(engine: Any) -> KVSpec:
+    """The transport's view of the engine's KV layout."""
+    layout = engine.kv_layout
+    return KVSpec(
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        dtype=str(layout.dtype).removeprefix("torch."),
+    )
+
+
+def finish_of(reason: object) -> StreamFinish:
+    """The engine's finish reason (an enum or a string) as a StreamFinish."""
+    value = getattr(reason, "value", reason)
+    return StreamFinish(value) if value in {f.value for f in StreamFinish} else StreamFinish.STOP
+
+
+def engine_load(engine: Any, instance_id: str, role: Role, node_id: str, queued_extra: int = 0) -> InstanceLoad:
+    """Read the engine's load counters (call on the engine thread)."""
+    return InstanceLoad(
+        instance_id=instance_id,
+        role=role,
+        node_id=node_id,
+        queued_prefill_tokens=int(engine.queued_prefill_tokens) + queued_extra,
+        waiting_requests=int(engine.num_waiting),
+        running_requests=int(engine.num_running),
+        free_kv_blocks=int(engine.free_blocks),
+        total_kv_blocks=int(engine.total_blocks),
+        block_size=int(engine.kv_layout.block_size),
+        max_running_requests=int(engine.config.max_num_seqs),
+    )
+
+
+class DecodeWorker:
+    """Plain decode worker over an engine loop and a KV endpoint (no gRPC, no Ray)."""
+
+    def __init__(self, loop: EngineLoop, endpoint: KVEndpoint, instance_id: str, node_id: str = "node-0") -> None:
+        self.loop = loop
+        self.endpoint = endpoint
+        self.instance_id = instance_id
+        self.node_id = node_id
+        self._spec = loop.call(kv_spec)
+        self._pending: dict[str, _Pending] = {}
+        self._streams: set[str] = set()  # requests streaming from this worker now
+        self._lock = threading.Lock()
+
+    # --- disaggregated path -------------------------------------------------------------
+    def reserve(self, request_id: str, prompt_token_ids: tuple[int, ...], timeout_s: float) -> Reservation:
+        """Reserve blocks for the prompt and open a receiver; returns its descriptor."""
+        self._reap()
+        num_tokens = len(prompt_token_ids)
+        if num_tokens < 1:
+            raise WorkerError("empty prompt")
+        with self._lock:
+            if request_id in self._pending:
+                raise WorkerError(f"request {request_id!r} already has a reservation")
+        try:
+            blocks = self.loop.call(lambda e: e.reserve(request_id, num_tokens))
+        except OutOfKVBlocks as exc:
+            raise NoRoom(f"cannot reserve KV for {num_tokens} tokens now: {exc}") from exc
+        except Exception as exc:
+            raise WorkerError(f"cannot reserve KV for {num_tokens} tokens: {exc}") from exc
+
+        def on_layer(layer: int, k: Any, v: Any) -> None:
+            # The views are valid only during this call; the engine thread writes the copies.
+            k_copy, v_copy = k.clone(), v.clone()
+            self.loop.submit(lambda e: e.write_layer_kv(request_id, layer, k_copy, v_copy))
+
+        try:
+            receiver = self.endpoint.expect(request_id, num_tokens, self._spec, on_layer)
+        except Exception:
+            self.loop.submit(lambda e: e.release(request_id))
+            raise
+        with self._lock:
+            self._pending[request_id] = _Pending(receiver, num_tokens, time.monotonic() + timeout_s)
+        return Reservation(descriptor=receiver.descriptor, num_blocks=len(blocks))
+
+    def _reap(self) -> None:
+        """Cancel reservations whose Generate never came (the router gave up on them)."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [rid for rid, p in self._pending.items() if p.expires_at_s < now]
+            pending = [self._pending.pop(rid) for rid in expired]
+        for rid, p in zip(expired, pending, strict=True):
+            p.receiver.cancel()
+            self._release(rid)
+
+    def _release(self, request_id: str) -> None:
+        self.loop.submit(lambda e: e.release(request_id))
+
+    async def generate_after_transfer(
+        self,
+        request_id: str,
+        prompt_token_ids: tuple[int, ...],
+        first_token_id: int,
+        sampling: SamplingParams,
+        transfer_timeout_s: float,
+    ) -> AsyncIterator[TokenChunk]:
+        """Wait for the KV to land, join the batch with the first token, stream the rest."""
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        if pending is None:
+            raise UnknownRequest(f"no KV reservation for request {request_id!r}")
+        try:
+            await asyncio.to_thread(pending.receiver.wait, transfer_timeout_s)
+        except BaseException:
+            pending.receiver.cancel()
+            self.loop.submit(lambda e: e.release(request_id))
+            raise
+        prompt = list(prompt_token_ids)
+        async for chunk in self._stream(
+            request_id, lambda e: e.add_prefilled_request(request_id, prompt, first_token_id, sampling)
+        ):
+            yield chunk
+
+    # --- local prefill and failover -------------------------------------------------------
+    async def generate_local(
+        self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingParams
+    ) -> AsyncIterator[TokenChunk]:
+        """Prefill and decode here."""
+        prompt = list(prompt_token_ids)
+        async for chunk in self._stream(request_id, lambda e: e.add_request(request_id, prompt, sampling)):
+            yield chunk
+
+    async def resume(
+        self,
+        request_id: str,
+        prompt_token_ids: tuple[int, ...],
+        generated_token_ids: tuple[int, ...],
+        sampling: SamplingParams,
+    ) -> AsyncIterator[TokenChunk]:
+        """Continue a request another worker started: recompute prompt + tokens so far, decode on."""
+        prompt, generated = list(prompt_token_ids), list(generated_token_ids)
+        async for chunk in self._stream(
+            request_id, lambda e: e.resume_request(request_id, prompt, generated, sampling)
+        ):
+            yield chunk
+
+    async def _stream(self, request_id: str, start: Any) -> AsyncIterator[TokenChunk]:
+        aloop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Any] = asyncio.Queue()
+
+        def deliver(out: Any) -> None:
+            aloop.call_soon_threadsafe(outputs.put_nowait, out)
+
+        self.loop.attach(request_id, deliver)
+        finished = False
+        with self._lock:
+            self._streams.add(request_id)
+        try:
+            await asyncio.wrap_future(self.loop.submit(start))
+            while True:
+                out = await outputs.get()
+                if out is None:
+                    raise WorkerError(f"engine of {self.instance_id} stopped")
+                finished = bool(out.finished)
+                yield TokenChunk(
+                    token_ids=tuple(out.new_token_ids),
+                    text=out.new_text or "",
+                    finish=finish_of(out.finish_reason) if finished else None,
+                    num_prompt_tokens=int(out.num_prompt_tokens),
+                    num_output_tokens=int(out.num_output_tokens),
+                )
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.discard(request_id)
+            self.loop.detach(request_id)
+            if not finished:  # the caller went away or the stream failed: free the request
+                self.loop.submit(lambda e: e.abort(request_id))
+
+    # --- control ----------------------------------------------------------------------
+    def abort(self, request_id: str) -> bool:
+        """Stop ``request_id`` here (reservation or running stream); whether it was known."""
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+            streaming = request_id in self._streams
+        if pending is not None:
+            pending.receiver.cancel()
+            self.loop.submit(lambda e: e.release(request_id))
+            return True
+        if not streaming:
+            return False
+        # The engine's final ABORT output ends the stream, so its reader is never left waiting.
+        self.loop.submit(lambda e: e.abort(request_id))
+        return True
+
+    def load(self) -> InstanceLoad:
+        """Current load report."""
+        self._reap()
+        return self.loop.call(lambda e: engine_load(e, self.instance_id, Role.DECODE, self.node_id), timeout_s=5.0)
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the engine loop still runs."""
+        return self.loop.alive
+
+    def close(self) -> None:
+        """Stop the endpoint and the engine loop."""
+        self.endpoint.close()
+        self.loop.stop()

@@ -1,0 +1,111 @@
+"""The prefill worker: runs prompts one at a time, pushing each layer's KV to the decode worker.
+
+A request here: queued (counted in ``queued_prefill_tokens``) -> prefilled on
+the engine thread, where the engine's per-layer hook hands K/V to a sender
+opened from the decode worker's descriptor (the sender puts it on the wire in
+the background, overlapped with the next layer's compute) -> ``finish`` waits
+for the receiver's verdict -> the first token goes back to the router. An
+aborted request still queued is skipped; a failed transfer aborts the sender
+so the receiver sees the error too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from orchestrator.core.types import InstanceLoad, Role
+from workers.engine.sampling_params import SamplingParams
+from workers.kv.descriptor import TransferDescriptor
+from workers.kv.interface import KVSender
+from workers.kv.registry import KVClient
+from workers.service.decode import WorkerError, engine_load
+from workers.service.engine_loop import EngineLoop
+from workers.service.types import PrefillResult
+
+
+class PrefillAborted(WorkerError):
+    """The request was aborted before its prefill ran."""
+
+
+class PrefillWorker:
+    """Plain prefill worker over an engine loop and a KV client (no gRPC, no Ray)."""
+
+    def __init__(self, loop: EngineLoop, kv_client: KVClient, instance_id: str, node_id: str = "node-0") -> None:
+        self.loop = loop
+        self.kv_client = kv_client
+        self.instance_id = instance_id
+        self.node_id = node_id
+        self._lock = threading.Lock()
+        self._queued_tokens = 0
+        self._queued: set[str] = set()
+        self._aborted: set[str] = set()
+
+    def _run(
+        self, engine: Any, request_id: str, prompt: list[int], sampling: SamplingParams, descriptor: TransferDescriptor
+    ) -> tuple[int, KVSender]:
+        with self._lock:
+            self._queued_tokens -= len(prompt)
+            self._queued.discard(request_id)
+            if request_id in self._aborted:
+                self._aborted.discard(request_id)
+                raise PrefillAborted(f"request {request_id!r} was aborted before its prefill")
+        sender = self.kv_client.open(descriptor)
+        try:
+            first = engine.prefill(request_id, prompt, sampling, on_layer_kv=sender.send_layer)
+        except BaseException:
+            sender.abort()
+            raise
+        return int(first), sender
+
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: tuple[int, ...],
+        sampling: SamplingParams,
+        descriptor: TransferDescriptor,
+    ) -> PrefillResult:
+        """Prefill ``prompt_token_ids``, pushing KV to ``descriptor``; returns the first token."""
+        if not prompt_token_ids:
+            raise WorkerError("empty prompt")
+        prompt = list(prompt_token_ids)
+        with self._lock:
+            self._queued_tokens += len(prompt)
+            self._queued.add(request_id)
+        first, sender = await asyncio.wrap_future(
+            self.loop.submit(lambda e: self._run(e, request_id, prompt, sampling, descriptor))
+        )
+        # Waiting for the receiver's verdict happens off the engine thread: the next prompt can run.
+        try:
+            stats = await asyncio.to_thread(sender.finish)
+        except BaseException:
+            sender.abort()
+            raise
+        return PrefillResult(first_token_id=first, first_text="", transfer=stats)
+
+    def abort(self, request_id: str) -> bool:
+        """Skip ``request_id`` if its prefill has not started yet."""
+        with self._lock:
+            if request_id not in self._queued:
+                return False
+            self._aborted.add(request_id)
+        return True
+
+    def load(self) -> InstanceLoad:
+        """Current load report (queued prompts count as queued prefill tokens)."""
+        with self._lock:
+            queued = self._queued_tokens
+        return self.loop.call(
+            lambda e: engine_load(e, self.instance_id, Role.PREFILL, self.node_id, queued_extra=queued), timeout_s=5.0
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the engine loop still runs."""
+        return self.loop.alive
+
+    def close(self) -> None:
+        """Release connections and stop the engine loop."""
+        self.kv_client.close()
+        self.loop.stop()
