@@ -70,7 +70,7 @@ class RouterConfig:
     max_attempts: int = 4  # prefill or decode hand-overs per request before giving up
     suspect_s: float = 5.0  # a worker that failed a call gets no new requests for this long (or a newer view)
     queue_poll_s: float = 0.02  # how often a request waiting at the router re-checks admission
-    transfer_timeout_s: float = 10.0  # KV reservation lifetime and the wait for its last layer
+    transfer_timeout_s: float = 10.0  # wait for the last KV layer once prefill has returned
     busy_retry_s: float = 0.05  # wait before routing again when no decode worker had KV room
 
 
@@ -364,7 +364,10 @@ class DisaggregatedBackend:
         rid = request.request_id
         d = self._client(d_id)
         try:
-            res = await d.reserve(rid, request.prompt_token_ids, self.config.transfer_timeout_s)
+            # The reservation must outlive P's prefill queue, which under load can exceed the
+            # transfer timeout; it lasts as long as the request may. Every failure path below
+            # aborts it explicitly, so the worker's reaper only matters if this router dies.
+            res = await d.reserve(rid, request.prompt_token_ids, self._remaining_s(request))
         except WorkerCallError as exc:
             raise self._handover(exc, d_id, request) from None
         self._active[rid].add(p_id)
