@@ -1,0 +1,273 @@
+"""KV transfer benchmark: GB/s per transport beside same-run ceilings, and the TTFT cost of disaggregation.
+
+Part 1 moves 16-256 MB of KV layer by layer (32 layers) from this process
+to a receiver process, per transport, and prints the median GB/s beside two
+ceilings measured in the same run: memcpy into a reused buffer, and raw TCP
+loopback (``sendall`` / ``recv_into`` a preallocated buffer). The receiver's
+callback does nothing, so the numbers are the transport's (checksums on).
+
+Part 2 runs a 2,048-token prompt on the tiny model: colocated (prefill and
+the first decode step in one engine) vs disaggregated (prefill in process A
+with the KV sent, then admission and the first decode step in process B),
+with and without layer-wise overlap, and prints the extra time to the first
+decoded token.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/kv_transfer.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import multiprocessing as mp
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.kv.descriptor import TransferDescriptor
+from workers.kv.interface import EndpointOptions, KVSpec
+from workers.kv.registry import KVClient, open_endpoint
+
+NUM_LAYERS = 32
+NUM_KV_HEADS, HEAD_DIM, DTYPE = 8, 128, "float16"
+TOKEN_LAYER_NBYTES = 2 * NUM_KV_HEADS * HEAD_DIM * 2
+KINDS: tuple[str, ...] = ("tcp", "shm", "torch_dist")
+if importlib.util.find_spec("nixl") is not None:  # optional
+    KINDS += ("nixl",)
+# nixl's UCX picks shared memory between processes on one host, so its ceiling is memcpy
+CEILING_OF = {"tcp": "raw_tcp", "shm": "memcpy", "torch_dist": "raw_tcp", "nixl": "memcpy"}
+
+
+def _receiver_main(conn: Connection) -> None:
+    """Child process: one endpoint per transport, plus a raw TCP sink for the ceiling."""
+    torch.set_num_threads(1)
+    endpoints = {k: open_endpoint(k, EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)) for k in KINDS}
+    receivers = {}
+    spec = KVSpec(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, DTYPE)
+    sink = socket.socket()
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(4)
+
+    def raw_sink(nbytes: int) -> None:
+        view = memoryview(bytearray(nbytes))  # allocated (and touched) before the first round
+        sock, _ = sink.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            got = 0
+            while got < nbytes:
+                n = sock.recv_into(view[got:], nbytes - got)
+                if n == 0:
+                    sock.close()
+                    return
+                got += n
+            sock.sendall(b"k")
+
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            break
+        if msg[0] == "expect":
+            _, kind, rid, num_tokens = msg
+            receivers[rid] = endpoints[kind].expect(rid, num_tokens, spec, lambda i, k, v: None)
+            conn.send(receivers[rid].descriptor.to_json())
+        elif msg[0] == "wait":
+            conn.send(receivers.pop(msg[1]).wait(120).seconds)
+        elif msg[0] == "raw":
+            threading.Thread(target=raw_sink, args=(msg[1],), daemon=True).start()
+            conn.send(sink.getsockname()[1])
+    for endpoint in endpoints.values():
+        endpoint.close()
+
+
+def _memcpy(nbytes: int) -> Callable[[], float]:
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        np.copyto(dst, src)  # numpy's copy is memcpy; torch's uint8 copy_ ran at half its speed here
+        return time.perf_counter() - t0
+
+    return once
+
+
+def _raw_tcp(conn: Connection, nbytes: int) -> tuple[Callable[[], float], socket.socket]:
+    data = memoryview(bytearray(b"\x01" * nbytes))
+    conn.send(("raw", nbytes))
+    sock = socket.create_connection(("127.0.0.1", conn.recv()))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    layer = nbytes // NUM_LAYERS
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        for i in range(NUM_LAYERS):
+            sock.sendall(data[i * layer : (i + 1) * layer])
+        sock.recv(1)
+        return time.perf_counter() - t0
+
+    return once, sock
+
+
+def _transport(conn: Connection, client: KVClient, kind: str, nbytes: int) -> Callable[[], float]:
+    num_tokens = nbytes // (NUM_LAYERS * TOKEN_LAYER_NBYTES)
+    shape = (num_tokens, NUM_KV_HEADS, HEAD_DIM)
+    layers = [(torch.randn(shape).half(), torch.randn(shape).half()) for _ in range(NUM_LAYERS)]
+    counter = iter(range(10**6))
+
+    def once() -> float:
+        rid = f"{kind}-{nbytes}-{next(counter)}"
+        conn.send(("expect", kind, rid, num_tokens))
+        desc = TransferDescriptor.from_json(conn.recv())
+        t0 = time.perf_counter()
+        sender = client.open(desc)
+        for i, (k, v) in enumerate(layers):
+            sender.send_layer(i, k, v)
+        sender.finish()
+        elapsed = time.perf_counter() - t0
+        conn.send(("wait", rid))
+        conn.recv()
+        return elapsed
+
+    return once
+
+
+def bandwidth(sizes_mb: list[int], reps: int) -> None:
+    """Part 1: GB/s per transport and ceiling, per size (methods interleaved, so load drift hits all alike)."""
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_receiver_main, args=(child,), daemon=True)
+    proc.start()
+    assert conn.recv() == "ready"
+    client = KVClient()
+    print(f"\n== KV transfer bandwidth: {NUM_LAYERS} layers, {DTYPE}, sender here -> receiver process; "
+          f"median of {reps}, GB/s ==")
+    print(f"{'MB':>5} {'memcpy':>8} {'raw_tcp':>8} " + " ".join(f"{k:>11}" for k in KINDS) + "   ratio to ceiling")
+    try:
+        for mb in sizes_mb:
+            nbytes = (mb << 20) // (NUM_LAYERS * TOKEN_LAYER_NBYTES) * NUM_LAYERS * TOKEN_LAYER_NBYTES
+            raw_once, raw_sock = _raw_tcp(conn, nbytes)
+            methods = {"memcpy": _memcpy(nbytes), "raw_tcp": raw_once}
+            methods |= {kind: _transport(conn, client, kind, nbytes) for kind in KINDS}
+            times: dict[str, list[float]] = {name: [] for name in methods}
+            for rep in range(reps + 1):  # round 0 warms up: page faults, connections, mappings
+                for name, once in methods.items():
+                    elapsed = once()
+                    if rep:
+                        times[name].append(elapsed)
+            raw_sock.close()
+            gbps = {name: nbytes / statistics.median(ts) / 1e9 for name, ts in times.items()}
+            ratios = "  ".join(f"{k} {gbps[k] / gbps[CEILING_OF[k]]:.2f}x of {CEILING_OF[k]}" for k in KINDS)
+            print(f"{mb:>5} {gbps['memcpy']:>8.2f} {gbps['raw_tcp']:>8.2f} "
+                  + " ".join(f"{gbps[k]:>11.2f}" for k in KINDS) + f"   {ratios}", flush=True)
+            del methods
+    finally:
+        client.close()
+        conn.send(("stop",))
+        proc.join(30)
+
+
+def ttft(prompt_len: int, reps: int, cache_dir: str, verbose: bool = False) -> None:
+    """Part 2: extra time to the first decoded token, disaggregated vs colocated."""
+    from workers.engine.config import EngineConfig
+    from workers.engine.engine import LLMEngine
+    from workers.engine.sampling_params import SamplingParams
+    from workers.engine.tiny import ensure_tiny_model
+    from workers.kv.descriptor import TransportKind
+    from workers.kv.local_pair import LocalPair, PairRequest
+
+    torch.set_num_threads(1)
+    model_dir = ensure_tiny_model(cache_dir)
+    sampling = SamplingParams(max_tokens=2, ignore_eos=True)
+    gen = torch.Generator().manual_seed(0)
+    prompt = tuple(torch.randint(10, 30000, (prompt_len,), generator=gen).tolist())
+
+    engine = LLMEngine(model_dir, EngineConfig(max_num_batched_tokens=max(4096, prompt_len)))
+    counter = iter(range(10**6))
+
+    def colocated() -> tuple[float, float, float]:
+        rid = f"colo-{next(counter)}"
+        t0 = time.perf_counter()
+        engine.add_request(rid, prompt, sampling)
+        engine.step()  # the prompt, sampling token 1
+        t1 = time.perf_counter()
+        engine.step()  # first decode step, token 2
+        t2 = time.perf_counter()
+        return t2 - t0, 0.0, t2 - t1
+
+    kinds = [TransportKind.TCP, TransportKind.SHM, TransportKind.TORCH_DIST]
+    with LocalPair(model_dir, kinds) as pair:
+
+        def disagg(kind: TransportKind, overlap: bool) -> Callable[[], tuple[float, float, float]]:
+            def once() -> tuple[float, float, float]:
+                rid = f"{kind.value}-{overlap}-{next(counter)}"
+                r = pair.run(PairRequest(rid, prompt, sampling, kind=kind, overlap=overlap))
+                # critical path measured inside the two processes (the pipes of this harness left out)
+                return r.prefill_s + r.first_decode_s, r.transfer_tail_s, r.first_decode_s
+
+            return once
+
+        methods: dict[str, Callable[[], tuple[float, float, float]]] = {"colocated": colocated}
+        for kind in kinds:
+            for overlap in (True, False):
+                methods[f"{kind.value} overlap={'on' if overlap else 'off'}"] = disagg(kind, overlap)
+        samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in methods}
+        for rep in range(reps + 1):  # interleaved, round 0 is warm-up
+            for name, once in methods.items():
+                sample = once()
+                if rep:
+                    samples[name].append(sample)
+
+    def med(name: str, i: int) -> float:
+        return statistics.median(s[i] for s in samples[name])
+
+    if verbose:
+        for name, values in samples.items():
+            print(name, [tuple(round(x * 1e3, 1) for x in v) for v in values])
+    colo_s, colo_step_s = med("colocated", 0), med("colocated", 2)
+    print(f"\n== time to first decoded token, {prompt_len}-token prompt, tiny model (median of {reps}, interleaved) ==")
+    print(f"{'colocated (prefill + 1 decode step)':<36} {colo_s * 1e3:8.1f} ms   (decode step {colo_step_s * 1e3:.1f} ms)")
+    print("  'added' = transfer tail after the prompt is computed (A) + wait, admission and first decode step (B)")
+    print("  - the colocated decode step: the disaggregation cost without the prefill-time noise of a shared machine")
+    for name in list(methods)[1:]:
+        total, tail, b_side = med(name, 0), med(name, 1), med(name, 2)
+        added = tail + b_side - colo_step_s
+        print(f"{'disaggregated ' + name:<36} {total * 1e3:8.1f} ms  ratio {total / colo_s:.3f}x  "
+              f"added {added * 1e3:+6.1f} ms = tail {tail * 1e3:.1f} ms + B {b_side * 1e3:.1f} ms "
+              f"- {colo_step_s * 1e3:.1f} ms", flush=True)
+
+
+def main() -> int:
+    """Parse flags and run both parts."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="16 and 64 MB, 3 repetitions")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement (median reported)")
+    parser.add_argument("--prompt-len", type=int, default=2048, help="prompt tokens for the TTFT part")
+    parser.add_argument("--cache-dir", default=None, help="tiny model cache (default: a temp dir)")
+    parser.add_argument("--skip-ttft", action="store_true", help="only the bandwidth part")
+    parser.add_argument("--skip-bandwidth", action="store_true", help="only the TTFT part")
+    parser.add_argument("--verbose", action="store_true", help="print every TTFT sample")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    reps = args.reps or (3 if args.quick else 7)
+    if not args.skip_bandwidth:
+        bandwidth([16, 64] if args.quick else [16, 64, 256], reps)
+    if not args.skip_ttft:
+        cache_dir = args.cache_dir or str(Path(tempfile.gettempdir()) / "pdserve-bench-cache")
+        ttft(args.prompt_len, reps, cache_dir, verbose=args.verbose)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The tcp receiver against hand-built frames from a raw socket (no pdserve sender involved)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+import torch
+import xxhash
+
+from workers.kv.checksum import request_tag
+from workers.kv.errors import KVChecksumError, KVTransferError
+from workers.kv.framing import HEADER_NBYTES, Frame, FrameKind, pack_header, recv_frame
+from workers.kv.interface import EndpointOptions, KVSpec
+from workers.kv.tcp import TcpEndpoint
+
+SPEC = KVSpec(num_layers=2, num_kv_heads=1, head_dim=4, dtype="float32")
+NUM_TOKENS = 3
+
+
+@pytest.fixture
+def endpoint() -> Iterator[TcpEndpoint]:
+    ep = TcpEndpoint(EndpointOptions(stall_timeout_s=2.0))
+    yield ep
+    ep.close()
+
+
+def _raw_sender(endpoint: TcpEndpoint, descriptor_json: str) -> socket.socket:
+    host, port = endpoint.address.split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    payload = descriptor_json.encode()
+    sock.sendall(pack_header(Frame(FrameKind.HELLO, nbytes=len(payload))) + payload)
+    return sock
+
+
+def _layer_frame(rid: str, layer_idx: int, payload: bytes, checksum: int) -> bytes:
+    header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, len(payload), 0, request_tag(rid)))
+    return header + payload + struct.pack("<Q", checksum)  # the checksum trails the payload
+
+
+def test_byte_flipped_in_flight_is_caught(endpoint: TcpEndpoint) -> None:
+    landed: list[int] = []
+    rx = endpoint.expect("raw", NUM_TOKENS, SPEC, lambda i, k, v: landed.append(i))
+    sock = _raw_sender(endpoint, rx.descriptor.to_json())
+    good = torch.arange(2 * NUM_TOKENS * 4, dtype=torch.float32).numpy().tobytes()
+    sock.sendall(_layer_frame("raw", 0, good, xxhash.xxh3_64_intdigest(good)))
+    bad = bytearray(good)
+    bad[17] ^= 0x01  # one bit flipped after the checksum was taken
+    sock.sendall(_layer_frame("raw", 1, bytes(bad), xxhash.xxh3_64_intdigest(good)))
+    sock.sendall(pack_header(Frame(FrameKind.END, tag=request_tag("raw"))))
+    with pytest.raises(KVChecksumError, match="'raw' layer 1"):
+        rx.wait(5)
+    assert landed == [0]
+    reply = recv_frame(sock, bytearray(HEADER_NBYTES))
+    assert reply.kind == FrameKind.ERROR and reply.slot == 1  # the sender is told which layer
+    sock.close()
+
+
+def test_garbage_and_truncated_streams_fail_cleanly(endpoint: TcpEndpoint) -> None:
+    rx = endpoint.expect("garbage", NUM_TOKENS, SPEC, lambda i, k, v: None)
+    sock = _raw_sender(endpoint, rx.descriptor.to_json())
+    sock.sendall(b"HTTP/1.1 200 OK\r\n" + b"x" * 64)
+    with pytest.raises(KVTransferError, match="bad frame magic"):
+        rx.wait(5)
+    sock.close()
+
+    rx = endpoint.expect("truncated", NUM_TOKENS, SPEC, lambda i, k, v: None)
+    sock = _raw_sender(endpoint, rx.descriptor.to_json())
+    payload = bytes(2 * NUM_TOKENS * 4 * 4)
+    sock.sendall(_layer_frame("truncated", 0, payload, 0)[:-10])
+    sock.close()
+    with pytest.raises(KVTransferError, match="closed the connection while reading layer 0"):
+        rx.wait(5)

@@ -1,0 +1,253 @@
+"""Length-prefixed frames over a stream socket, shared by the tcp, shm and torch_dist transports.
+
+Every frame starts with a fixed 40-byte header: magic, kind, layer index,
+slot, payload length, checksum, and a 64-bit tag of the request id. Layer
+payloads are read straight into a reused staging buffer with ``recv_into``.
+Sockets carry a timeout, so a silent peer raises KVTransferTimeout and a
+vanished one KVTransferError; nothing blocks forever.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
+
+MAGIC = b"PDKV"
+_HEADER = struct.Struct("<4sB3xIIQQQ")
+HEADER_NBYTES = _HEADER.size
+MAX_CONTROL_PAYLOAD_NBYTES = 1 << 20
+
+
+class FrameKind(enum.IntEnum):
+    """What a frame means."""
+
+    HELLO = 1  # sender -> receiver: payload is the descriptor as JSON
+    LAYER = 2  # sender -> receiver: one layer (payload K||V, or a shm slot index)
+    END = 3  # sender -> receiver: every layer was sent
+    ACK = 4  # receiver -> sender: every layer verified
+    ERROR = 5  # receiver -> sender: layer_idx = ErrorCode, payload = message
+    RING = 6  # receiver -> sender (shm): payload is the ring's JSON description
+    FREE = 7  # receiver -> sender (shm): slot may be reused
+    PAIR = 8  # sender -> receiver (torch_dist): payload is the pair id; reply carries the store port
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a receiver rejected a transfer."""
+
+    TRANSFER = 1
+    CHECKSUM = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded header."""
+
+    kind: FrameKind
+    layer_idx: int = 0
+    slot: int = 0
+    nbytes: int = 0
+    checksum: int = 0
+    tag: int = 0
+
+
+def pack_header(frame: Frame) -> bytes:
+    """Encode a header."""
+    return _HEADER.pack(MAGIC, frame.kind, frame.layer_idx, frame.slot, frame.nbytes, frame.checksum, frame.tag)
+
+
+def tune_socket(sock: socket.socket, buffer_nbytes: int) -> None:
+    """No Nagle delay, large kernel buffers."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_nbytes)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_nbytes)
+
+
+def listen(host: str, port: int, buffer_nbytes: int) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one); buffers set before accept so they are inherited."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_nbytes)
+    sock.bind((host, port))
+    sock.listen(64)
+    return sock
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise KVTransferError(f"bad transport address {address!r}; expected host:port")
+    return host, int(port)
+
+
+def connect(address: str, timeout_s: float, buffer_nbytes: int) -> socket.socket:
+    """Connect with a deadline; the socket keeps ``timeout_s`` as its per-operation timeout."""
+    host, port = split_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except TimeoutError:
+        raise KVTransferTimeout(f"connect to {address} timed out after {timeout_s}s") from None
+    except OSError as exc:
+        raise KVTransferError(f"cannot connect to {address}: {exc}") from None
+    tune_socket(sock, buffer_nbytes)
+    sock.settimeout(timeout_s)
+    return sock
+
+
+def send_frame(sock: socket.socket, frame: Frame, parts: Sequence[memoryview | bytes] = ()) -> None:
+    """Send a header and its payload parts."""
+    send_all(sock, pack_header(frame), *parts)
+
+
+def send_all(sock: socket.socket, *parts: memoryview | bytes) -> None:
+    """Send buffers in order; KVTransferTimeout on a stall, KVTransferError on a lost connection."""
+    try:
+        for part in parts:
+            sock.sendall(part)
+    except TimeoutError:
+        raise KVTransferTimeout(f"peer stopped reading (send stalled for {sock.gettimeout()}s)") from None
+    except OSError as exc:
+        raise KVTransferError(f"connection lost while sending: {exc}") from None
+
+
+def recv_into(sock: socket.socket, view: memoryview, what: str) -> None:
+    """Fill ``view`` exactly; KVTransferTimeout on a stall, KVTransferError on a closed connection."""
+    got, total = 0, len(view)
+    while got < total:
+        try:
+            n = sock.recv_into(view[got:], total - got)
+        except TimeoutError:
+            raise KVTransferTimeout(f"peer silent for {sock.gettimeout()}s while reading {what}") from None
+        except OSError as exc:
+            raise KVTransferError(f"connection lost while reading {what}: {exc}") from None
+        if n == 0:
+            raise KVTransferError(f"peer closed the connection while reading {what} ({got}/{total} bytes)")
+        got += n
+
+
+def recv_frame(sock: socket.socket, scratch: bytearray, what: str = "a frame header") -> Frame:
+    """Read one header into ``scratch`` (HEADER_NBYTES bytes, reused)."""
+    recv_into(sock, memoryview(scratch), what)
+    magic, kind, layer_idx, slot, nbytes, checksum, tag = _HEADER.unpack(scratch)
+    if magic != MAGIC:
+        raise KVTransferError(f"bad frame magic {magic!r} (not a pdserve KV stream)")
+    try:
+        frame_kind = FrameKind(kind)
+    except ValueError:
+        raise KVTransferError(f"unknown frame kind {kind}") from None
+    return Frame(frame_kind, layer_idx, slot, nbytes, checksum, tag)
+
+
+def recv_control_payload(sock: socket.socket, frame: Frame) -> bytes:
+    """Read a small control payload (JSON, messages) of ``frame.nbytes``."""
+    if frame.nbytes > MAX_CONTROL_PAYLOAD_NBYTES:
+        raise KVTransferError(f"control payload of {frame.nbytes} bytes is too large")
+    buffer = bytearray(frame.nbytes)
+    recv_into(sock, memoryview(buffer), f"a {frame.kind.name} payload")
+    return bytes(buffer)
+
+
+def send_error(sock: socket.socket, error: BaseException) -> None:
+    """Tell the sender why its transfer failed; best effort (the peer may be gone)."""
+    code = ErrorCode.CHECKSUM if isinstance(error, KVChecksumError) else ErrorCode.TRANSFER
+    layer = error.layer_idx if isinstance(error, KVChecksumError) else 0
+    message = str(error).encode()
+    try:
+        send_frame(sock, Frame(FrameKind.ERROR, layer_idx=code, slot=layer, nbytes=len(message)), [message])
+    except KVTransferError:
+        pass
+
+
+def await_verdict(sock: socket.socket, request_id: str, scratch: bytearray) -> None:
+    """Sender side: read the receiver's ACK, or raise the error it reported."""
+    frame = recv_frame(sock, scratch, "the receiver's acknowledgement")
+    while frame.kind == FrameKind.FREE:  # shm slot credits still in flight
+        frame = recv_frame(sock, scratch, "the receiver's acknowledgement")
+    raise_if_error(sock, frame, request_id)
+    if frame.kind != FrameKind.ACK:
+        raise KVTransferError(f"request {request_id!r}: expected ACK, got {frame.kind.name}")
+
+
+def raise_if_error(sock: socket.socket, frame: Frame, request_id: str) -> None:
+    """If ``frame`` is an ERROR from the receiver, raise it as the matching exception."""
+    if frame.kind != FrameKind.ERROR:
+        return
+    message = recv_control_payload(sock, frame).decode(errors="replace")
+    if frame.layer_idx == ErrorCode.CHECKSUM:
+        raise KVChecksumError(request_id, frame.slot, f"reported by receiver: {message}")
+    raise KVTransferError(f"receiver rejected request {request_id!r}: {message}")
+
+
+def hard_close(sock: socket.socket) -> None:
+    """Shut down and close; a thread blocked on the socket wakes with an error."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def with_context(exc: BaseException, request_id: str, detail: str) -> KVTransferError:
+    """``exc`` as a KVTransferError (same subclass) whose message names the request."""
+    if isinstance(exc, KVChecksumError):
+        return exc
+    cls = KVTransferTimeout if isinstance(exc, KVTransferTimeout | TimeoutError) else KVTransferError
+    return cls(f"request {request_id!r} {detail}: {exc}")
+
+
+class Acceptor:
+    """Accepts connections on a listening socket and serves each in its own daemon thread."""
+
+    def __init__(self, listener: socket.socket, serve: Callable[[socket.socket], None], name: str) -> None:
+        self._listener = listener
+        self._serve = serve
+        self._closed = False
+        self._lock = threading.Lock()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # listener closed
+            thread = threading.Thread(target=self._serve_and_close, args=(sock,), daemon=True)
+            with self._lock:
+                self._connections[sock] = thread
+            thread.start()
+
+    def _serve_and_close(self, sock: socket.socket) -> None:
+        try:
+            self._serve(sock)
+        finally:
+            sock.close()
+            with self._lock:
+                self._connections.pop(sock, None)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop accepting, end open connections, and wait for their threads to return."""
+        self._closed = True
+        for sock in (self._listener,):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._listener.close()
+        self._thread.join(timeout=timeout_s)
+        with self._lock:
+            connections = list(self._connections.items())
+        for sock, _ in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _, thread in connections:
+            thread.join(timeout=timeout_s)

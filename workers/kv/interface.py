@@ -1,0 +1,126 @@
+"""The transport interface: a receiver on the decode side, a sender on the prefill side.
+
+Lifecycle of one request's transfer:
+1. decode side: ``endpoint.expect(request_id, num_tokens, spec, on_layer)`` ->
+   a ``KVReceiver`` whose ``descriptor`` goes to the prefill side;
+2. prefill side: ``client.open(descriptor)`` -> a ``KVSender``;
+   ``send_layer(i, k, v)`` as each layer is computed (returns at once, a
+   background thread puts the layer on the wire), then ``finish()``;
+3. decode side: the endpoint verifies each layer's checksum and calls
+   ``on_layer(i, k, v)`` with views of a reused staging buffer (valid only
+   during the call: copy them out); ``receiver.wait(timeout_s)`` returns the
+   stats once every layer landed, or raises a ``KVTransferError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from workers.kv.descriptor import TransferDescriptor, TransferStats, TransportKind
+
+if TYPE_CHECKING:
+    import torch
+
+# on_layer(layer_idx, k, v): k, v are [num_tokens, num_kv_heads, head_dim] views, valid during the call.
+LayerCallback = Callable[[int, "torch.Tensor", "torch.Tensor"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class KVSpec:
+    """Shape of one request's KV per layer (the engine's KVLayout carries the same numbers)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without "torch.", e.g. "float32"
+
+
+@dataclass(frozen=True, slots=True)
+class FaultInjection:
+    """Test hook: damage the bytes of one layer after its checksum was computed."""
+
+    corrupt_layer_idx: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointOptions:
+    """Knobs of the receiving side."""
+
+    host: str = "127.0.0.1"  # interface to listen on (sockets) and to advertise in descriptors
+    port: int = 0  # 0 picks a free port
+    stall_timeout_s: float = 10.0  # a connected sender silent this long fails the transfer
+    staging_nbytes: int = 8 << 20  # initial size of each reused staging buffer (grown when a layer is larger)
+    socket_buffer_nbytes: int = 4 << 20  # SO_RCVBUF / SO_SNDBUF
+    shm_num_slots: int = 4  # slots per shared-memory ring (layers in flight)
+    device: str = "cpu"  # "cuda": staging on the GPU (torch_dist with NCCL)
+
+
+@dataclass(frozen=True, slots=True)
+class SenderOptions:
+    """Knobs of the sending side."""
+
+    timeout_s: float = 10.0  # connect, back-pressure wait, socket stall and final ack each fail after this
+    max_inflight_layers: int = 4  # queue depth between send_layer() and the sending thread
+    socket_buffer_nbytes: int = 4 << 20
+    fault: FaultInjection | None = None
+
+
+class KVReceiver(Protocol):
+    """Decode side of one request's transfer."""
+
+    @property
+    def descriptor(self) -> TransferDescriptor:
+        """What the sender needs to reach this receiver."""
+        ...
+
+    def wait(self, timeout_s: float) -> TransferStats:
+        """Block until every layer landed; raise KVTransferError/KVTransferTimeout otherwise."""
+        ...
+
+    def cancel(self) -> None:
+        """Give up on this transfer; later layers are dropped."""
+        ...
+
+
+class KVSender(Protocol):
+    """Prefill side of one request's transfer."""
+
+    def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Queue one layer's K/V (must not be modified afterwards); returns before it is on the wire."""
+        ...
+
+    def finish(self) -> TransferStats:
+        """Wait until the receiver verified every layer; raise KVTransferError otherwise."""
+        ...
+
+    def abort(self) -> None:
+        """Stop sending; the receiver sees a transfer error."""
+        ...
+
+
+class KVEndpoint(Protocol):
+    """A long-lived receiving endpoint of one transport on the decode side."""
+
+    kind: TransportKind
+
+    def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> KVReceiver:
+        """Register an incoming transfer and return its receiver."""
+        ...
+
+    def close(self) -> None:
+        """Stop listening and free staging memory; pending receivers fail."""
+        ...
+
+
+class KVConnector(Protocol):
+    """The sending side of one transport in a process (caches connections, mappings, groups)."""
+
+    def open(self, descriptor: TransferDescriptor, options: SenderOptions) -> KVSender:
+        """Open a sender towards the receiver described by ``descriptor``."""
+        ...
+
+    def close(self) -> None:
+        """Release cached connections."""
+        ...

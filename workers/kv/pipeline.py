@@ -1,0 +1,396 @@
+"""Pieces shared by every transport: the pipelined sender, the pending-transfer table, staging buffers.
+
+Sending: ``PipelinedSender.send_layer`` validates and queues the layer's
+tensors (a bounded queue, so memory in flight is bounded) and returns; a
+background thread hands each layer to the transport's ``SenderWire``, so
+layer i is on the wire while the model computes layer i+1.
+
+Receiving: the endpoint's I/O thread reads a layer into a reused staging
+buffer and calls ``PendingTransfer.deliver``, which verifies the checksum and
+calls the engine's callback with views of that buffer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import torch
+
+from workers.kv.checksum import checksum_buffer, device_checksum
+from workers.kv.descriptor import TransferDescriptor, TransferStats, TransportKind
+from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
+from workers.kv.interface import KVSpec, LayerCallback, SenderOptions
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch dtype -> the descriptor's dtype name ("float32")."""
+    return str(dtype).removeprefix("torch.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The descriptor's dtype name -> torch dtype."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise KVTransferError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """Byte view of a contiguous CPU tensor (no copy)."""
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+class HostStager:
+    """Host copies of CUDA tensors in one reused pinned buffer; CPU tensors pass through."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def parts(self, k: torch.Tensor, v: torch.Tensor) -> tuple[memoryview, memoryview]:
+        """Byte views of k and v in host memory."""
+        if not k.is_cuda:
+            return as_bytes(k), as_bytes(v)
+        nbytes = k.numel() * k.element_size()
+        if self._buffer is None or self._buffer.numel() < 2 * nbytes:
+            self._buffer = torch.empty(2 * nbytes, dtype=torch.uint8, pin_memory=True)
+        self._buffer[:nbytes].copy_(k.reshape(-1).view(torch.uint8), non_blocking=True)
+        self._buffer[nbytes : 2 * nbytes].copy_(v.reshape(-1).view(torch.uint8), non_blocking=True)
+        torch.cuda.current_stream(k.device).synchronize()
+        view = self._buffer.numpy().data
+        return view[:nbytes], view[nbytes : 2 * nbytes]
+
+
+def corrupted(view: memoryview) -> memoryview:
+    """A copy of ``view`` with its first byte flipped (fault injection only)."""
+    damaged = bytearray(view)
+    damaged[0] ^= 0xFF
+    return memoryview(damaged)
+
+
+class SenderWire(Protocol):
+    """The transport-specific half of a sender: moves one layer, then ends the transfer."""
+
+    def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
+        """Put one layer on the wire (called from the sending thread only)."""
+        ...
+
+    def finish(self) -> None:
+        """Mark the end and wait for the receiver's verdict; raise its error."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection (without an end mark if finish was not called); idempotent."""
+        ...
+
+
+_STOP = object()
+_Item = tuple[int, torch.Tensor, torch.Tensor, "torch.cuda.Event | None"]
+
+
+class PipelinedSender:
+    """A KVSender: validates layers, queues them, and sends from a background thread."""
+
+    def __init__(self, descriptor: TransferDescriptor, wire: SenderWire, options: SenderOptions) -> None:
+        self._desc = descriptor
+        self._wire = wire
+        self._options = options
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, options.max_inflight_layers))
+        self._queued: set[int] = set()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._blocked_s = 0.0
+        self._wire_s = 0.0
+        self._t_first: float | None = None
+        self._shape = (descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
+        self._thread = threading.Thread(target=self._run, name=f"kv-send-{descriptor.request_id}", daemon=True)
+        self._thread.start()
+
+    def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Queue one layer's K/V; blocks only while ``max_inflight_layers`` layers are still unsent."""
+        self._raise_if_failed()
+        if self._closed:
+            raise KVTransferError(f"request {self._desc.request_id!r}: send_layer after finish/abort")
+        if not 0 <= layer_idx < self._desc.num_layers:
+            raise ValueError(f"layer_idx {layer_idx} out of range [0, {self._desc.num_layers})")
+        if layer_idx in self._queued:
+            raise ValueError(f"layer {layer_idx} sent twice for request {self._desc.request_id!r}")
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != self._shape or dtype_name(t.dtype) != self._desc.dtype:
+                raise ValueError(
+                    f"{name} of layer {layer_idx} is {tuple(t.shape)} {dtype_name(t.dtype)}, "
+                    f"descriptor expects {self._shape} {self._desc.dtype}"
+                )
+        if self._t_first is None:
+            self._t_first = time.perf_counter()
+        t0 = time.perf_counter()
+        try:
+            ready = None
+            if k.is_cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+            item: _Item = (layer_idx, k.contiguous(), v.contiguous(), ready)
+            self._queue.put(item, timeout=self._options.timeout_s)
+        except queue.Full:
+            raise KVTransferTimeout(
+                f"request {self._desc.request_id!r}: layer {layer_idx} not accepted within "
+                f"{self._options.timeout_s}s (receiver too slow or stalled)"
+            ) from None
+        self._blocked_s += time.perf_counter() - t0
+        self._queued.add(layer_idx)
+
+    def finish(self) -> TransferStats:
+        """Wait for every layer to be sent and verified by the receiver."""
+        self._raise_if_failed()
+        missing = sorted(set(range(self._desc.num_layers)) - self._queued)
+        if missing:
+            self.abort()
+            raise KVTransferError(f"request {self._desc.request_id!r}: finish() with layers {missing} never sent")
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout=self._options.timeout_s * 2)
+        try:
+            if self._thread.is_alive():
+                raise KVTransferTimeout(f"request {self._desc.request_id!r}: sending did not finish in time")
+            self._raise_if_failed()
+            t0 = time.perf_counter()
+            self._wire.finish()
+            self._wire_s += time.perf_counter() - t0
+        finally:
+            self._wire.close()
+        seconds = time.perf_counter() - (self._t_first or time.perf_counter())
+        return TransferStats(
+            self._desc.request_id, self._desc.kind, self._desc.total_nbytes, self._desc.num_layers,
+            seconds, self._blocked_s, self._wire_s,
+        )
+
+    def abort(self) -> None:
+        """Stop sending; the receiver sees the connection end without an end mark."""
+        if self._error is None:
+            self._error = KVTransferError(f"request {self._desc.request_id!r}: transfer aborted by sender")
+        self._wire.close()  # first: unblocks a sending thread stuck on a stalled peer
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)  # the thread drains the queue once the error is set
+        self._thread.join(timeout=self._options.timeout_s)
+
+    def __enter__(self) -> PipelinedSender:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        fault = self._options.fault
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if self._error is not None:
+                continue  # drain so producers never block on a dead transfer
+            layer_idx, k, v, ready = cast(_Item, item)
+            try:
+                if ready is not None:
+                    ready.synchronize()  # K/V were produced on the caller's CUDA stream
+                corrupt = fault is not None and fault.corrupt_layer_idx == layer_idx
+                t0 = time.perf_counter()
+                self._wire.send_layer(layer_idx, k, v, corrupt)
+                self._wire_s += time.perf_counter() - t0
+            except BaseException as exc:  # surfaced to the caller on its next call
+                self._error = exc
+
+
+@dataclass
+class _Progress:
+    layers: set[int]
+    t_first: float | None = None
+    t_done: float | None = None
+
+
+class PendingTransfer:
+    """A KVReceiver: collects verified layers of one request and reports completion or failure."""
+
+    def __init__(self, descriptor: TransferDescriptor, on_layer: LayerCallback, table: PendingTable) -> None:
+        self._desc = descriptor
+        self._on_layer = on_layer
+        self._table = table
+        self._progress = _Progress(layers=set())
+        self._done = threading.Event()
+        self._error: KVTransferError | None = None
+        # Held while the callback writes into the engine's blocks, and by fail(): once fail() returns,
+        # no callback is running or will run, so the caller may free the reserved blocks.
+        self._lock = threading.RLock()
+        self._dtype = torch_dtype(descriptor.dtype)
+        self._shape = (descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
+
+    @property
+    def descriptor(self) -> TransferDescriptor:
+        """What the sender needs to reach this receiver."""
+        return self._desc
+
+    @property
+    def failed(self) -> bool:
+        """Whether the transfer already failed (later layers are dropped)."""
+        return self._error is not None
+
+    def deliver(self, layer_idx: int, payload: torch.Tensor, checksum: int, actual: int | None = None) -> None:
+        """Verify one layer held in ``payload`` (uint8, layer_nbytes) and hand it to the callback.
+
+        ``actual`` is the payload's checksum when the transport computed it while receiving.
+        """
+        if self._error is not None:
+            raise self._error
+        rid = self._desc.request_id
+        if not 0 <= layer_idx < self._desc.num_layers or layer_idx in self._progress.layers:
+            raise self.fail(KVTransferError(f"request {rid!r}: unexpected layer {layer_idx}"))
+        if self._progress.t_first is None:
+            self._progress.t_first = time.perf_counter()
+        if actual is None:
+            actual = device_checksum(payload) if payload.is_cuda else checksum_buffer(payload.numpy().data)
+        if actual != checksum:
+            raise self.fail(KVChecksumError(rid, layer_idx, f"sender {checksum:#018x}, received {actual:#018x}"))
+        half = self._desc.tensor_nbytes
+        k = payload[:half].view(self._dtype).view(self._shape)
+        v = payload[half : 2 * half].view(self._dtype).view(self._shape)
+        with self._lock:
+            if self._error is not None:  # failed (timed out, cancelled) while this layer was verified
+                raise self._error
+            try:
+                self._on_layer(layer_idx, k, v)
+            except Exception as exc:
+                raise self.fail(KVTransferError(f"request {rid!r}: on_layer({layer_idx}) failed: {exc!r}")) from exc
+            self._progress.layers.add(layer_idx)
+
+    def complete(self) -> None:
+        """The sender marked the end; succeed if every layer landed."""
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            got = len(self._progress.layers)
+            if got != self._desc.num_layers:
+                raise self.fail(
+                    KVTransferError(f"request {self._desc.request_id!r}: end after {got}/{self._desc.num_layers} layers")
+                )
+            self._progress.t_done = time.perf_counter()
+            self._done.set()
+        self._table.remove(self._desc.request_id)
+
+    def fail(self, error: KVTransferError) -> KVTransferError:
+        """Record the first failure, wake waiters, and return the recorded error (waits for a running callback)."""
+        with self._lock:
+            if self._error is None and not self._done.is_set():
+                self._error = error
+                self._done.set()
+            recorded = self._error or error
+        self._table.remove(self._desc.request_id)
+        return recorded
+
+    def cancel(self) -> None:
+        """Give up on this transfer."""
+        self.fail(KVTransferError(f"request {self._desc.request_id!r}: cancelled by receiver"))
+
+    def wait(self, timeout_s: float) -> TransferStats:
+        """Block until every layer landed or the transfer failed; KVTransferTimeout after ``timeout_s``."""
+        if not self._done.wait(timeout_s):
+            got = len(self._progress.layers)
+            rid = self._desc.request_id
+            self.fail(KVTransferTimeout(f"request {rid!r}: {got}/{self._desc.num_layers} layers after {timeout_s}s"))
+        if self._error is not None:  # not set if the transfer completed just as the wait timed out
+            raise self._error
+        p = self._progress
+        seconds = (p.t_done or 0.0) - (p.t_first or 0.0)
+        return TransferStats(self._desc.request_id, self._desc.kind, self._desc.total_nbytes, self._desc.num_layers, seconds)
+
+    def layers_received(self) -> int:
+        """How many layers were verified so far."""
+        return len(self._progress.layers)
+
+
+class PendingTable:
+    """The receivers an endpoint expects, by request id; each is claimed by exactly one sender."""
+
+    def __init__(self, kind: TransportKind, address: str, device: str = "cpu") -> None:
+        self.kind = kind
+        self.address = address
+        self.device = device
+        self._lock = threading.Lock()
+        self._pending: dict[str, PendingTransfer] = {}
+        self._claimed: set[str] = set()
+
+    def register(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
+        """Create the receiver of a new transfer."""
+        desc = TransferDescriptor(
+            request_id=request_id, kind=self.kind, address=self.address, num_tokens=num_tokens,
+            num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+            dtype=spec.dtype, device=self.device,
+        )
+        with self._lock:
+            if request_id in self._pending:
+                raise KVTransferError(f"request {request_id!r} already has a pending transfer")
+            pending = PendingTransfer(desc, on_layer, self)
+            self._pending[request_id] = pending
+        return pending
+
+    def claim(self, descriptor: TransferDescriptor) -> PendingTransfer:
+        """The receiver a connecting sender addresses; raises if unknown, taken, or mismatched."""
+        rid = descriptor.request_id
+        with self._lock:
+            pending = self._pending.get(rid)
+            if pending is None:
+                raise KVTransferError(f"request {rid!r}: no transfer expected here")
+            if rid in self._claimed:
+                raise KVTransferError(f"request {rid!r}: a sender is already connected")
+            if pending.descriptor != descriptor:
+                raise KVTransferError(f"request {rid!r}: sender descriptor {descriptor} != expected {pending.descriptor}")
+            self._claimed.add(rid)
+            return pending
+
+    def remove(self, request_id: str) -> None:
+        """Forget a finished or failed transfer."""
+        with self._lock:
+            self._pending.pop(request_id, None)
+            self._claimed.discard(request_id)
+
+    def fail_all(self, reason: str) -> None:
+        """Fail every pending transfer (endpoint closing)."""
+        with self._lock:
+            pending = list(self._pending.values())
+        for p in pending:
+            p.fail(KVTransferError(f"request {p.descriptor.request_id!r}: {reason}"))
+
+
+class StagingPool:
+    """Reused receive buffers: allocated (and touched) once, grown only when a layer is larger."""
+
+    def __init__(self, initial_nbytes: int, device: str = "cpu") -> None:
+        self._initial = initial_nbytes
+        self._device = device
+        self._lock = threading.Lock()
+        self._free: list[torch.Tensor] = []
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes``; give it back with ``release``."""
+        with self._lock:
+            buffer = self._free.pop() if self._free else None
+        if buffer is None or buffer.numel() < nbytes:
+            # zeros, not empty: touch every page now rather than during a transfer
+            buffer = torch.zeros(max(nbytes, self._initial), dtype=torch.uint8, device=self._device)
+        return buffer
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """Return a buffer for reuse."""
+        with self._lock:
+            self._free.append(buffer)
+
+    def clear(self) -> None:
+        """Drop the cached buffers."""
+        with self._lock:
+            self._free.clear()
