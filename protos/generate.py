@@ -33,13 +33,19 @@ def _fix_imports(text: str) -> str:
 
 def generate(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
     """Compile every proto under ``root`` into ``out_dir``; return the files written (relative)."""
-    from grpc_tools import protoc
+    import importlib.util
+    import subprocess
 
     protos = proto_files(root)
     if not protos:
         raise SystemExit(f"no .proto files under {root / 'pdserve'}")
-    include = Path(protoc.__file__).resolve().parent / "_proto"
+    spec = importlib.util.find_spec("grpc_tools")
+    if spec is None or spec.origin is None:
+        raise SystemExit("grpcio-tools is not installed: pip install -e '.[dev]'")
+    include = Path(spec.origin).resolve().parent / "_proto"
     argv = [
+        sys.executable,
+        "-m",
         "grpc_tools.protoc",
         f"-I{root}",
         f"-I{include}",
@@ -48,9 +54,11 @@ def generate(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
         f"--grpc_python_out={out_dir}",
         *(str(p) for p in protos),
     ]
-    rc = protoc.main(argv)
-    if rc != 0:
-        raise SystemExit(f"protoc failed with exit code {rc}")
+    # A separate process: protoc's bundled C++ protobuf can crash a process that already
+    # loaded torch, Ray and the upb protobuf runtime (seen in the full test session).
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"protoc failed with exit code {proc.returncode}: {proc.stderr.strip()}")
     written = sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.name.endswith(GENERATED_SUFFIXES))
     for rel in written:
         path = out_dir / rel

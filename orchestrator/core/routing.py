@@ -16,7 +16,7 @@ of requests between two snapshot refreshes without piling them on one instance.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -83,6 +83,16 @@ class _Order:
             i = bisect_left(keys, key)
             keys, insts = keys[:i] + (key,) + keys[i:], insts[:i] + (new,) + insts[i:]
         return _Order(self.role, self.key_of, keys, insts)
+
+    def rebooked_all(self, moves: Sequence[tuple[InstanceLoad, InstanceLoad, int]]) -> _Order:
+        """This order with every ``(old, new, pos)`` of ``moves`` (distinct positions) applied at once."""
+        gone = {pos for _, _, pos in moves}
+        key_of = self.key_of
+        # Keys end in the position, so ``key[-1]`` names the entry and sorting never ties.
+        entries = [(key, inst) for key, inst in zip(self.keys, self.instances, strict=True) if key[-1] not in gone]
+        entries.extend((key_of(new, pos), new) for _, new, pos in moves if new.is_routable)
+        entries.sort()
+        return _Order(self.role, key_of, tuple([e[0] for e in entries]), tuple([e[1] for e in entries]))
 
 
 def _order(
@@ -180,11 +190,26 @@ def apply_route(snapshot: ClusterSnapshot, request: RequestInfo, decision: Route
         assert pos is not None  # changed only holds instances found in the snapshot
         moves.append((snapshot.instances[pos], new, pos))
     booked = snapshot.with_replaced({pos: new for _, new, pos in moves})
-    # Carry the routing orders over instead of re-sorting: a burst routes in O(log n) per request.
-    for memo_key, order in snapshot.memo.items():
-        if isinstance(order, _Order):
-            for old, new, pos in moves:
-                if old.role is order.role:
-                    order = order.rebooked(old, new, pos)
-            booked.memo[memo_key] = order
+    carry_orders(snapshot, booked, moves)
     return booked
+
+
+def carry_orders(
+    source: ClusterSnapshot, target: ClusterSnapshot, moves: Sequence[tuple[InstanceLoad, InstanceLoad, int]]
+) -> None:
+    """Hand ``source``'s memoized routing orders to ``target``, which differs by ``moves`` (old, new, position).
+
+    Re-sorting is skipped: a burst routes in O(log n) per request, and a publisher that
+    replaces a few loads keeps the orders; sort keys end in the position, so the carried
+    order is exactly the one a fresh sort of ``target`` would give.
+    """
+    distinct = len({pos for _, _, pos in moves}) == len(moves)
+    for memo_key, order in source.memo.items():
+        if isinstance(order, _Order):
+            mine = [move for move in moves if move[0].role is order.role]
+            if len(mine) > 1 and distinct:
+                order = order.rebooked_all(mine)
+            else:
+                for old, new, pos in mine:
+                    order = order.rebooked(old, new, pos)
+            target.memo[memo_key] = order

@@ -117,8 +117,13 @@ class ClusterSnapshot:
         """Index of the instance with this id in ``instances``, if present."""
         return self._id_index().get(instance_id)
 
-    def with_replaced(self, replacements: dict[int, InstanceLoad]) -> ClusterSnapshot:
-        """This snapshot with the instances at the given positions replaced (ids must not change)."""
+    def with_replaced(
+        self, replacements: dict[int, InstanceLoad], at_s: float | None = None, version: int | None = None
+    ) -> ClusterSnapshot:
+        """This snapshot with the instances at the given positions replaced (ids must not change).
+
+        ``at_s`` and ``version`` default to this snapshot's; a publisher passes new ones.
+        """
         instances = list(self.instances)
         same_roles_and_health = True
         for pos, inst in replacements.items():
@@ -129,7 +134,10 @@ class ClusterSnapshot:
             instances[pos] = inst
         # Positions are unchanged, so the id index is shared rather than rebuilt.
         derived = ClusterSnapshot(
-            at_s=self.at_s, instances=tuple(instances), version=self.version, _by_id=self._id_index()
+            at_s=self.at_s if at_s is None else at_s,
+            instances=tuple(instances),
+            version=self.version if version is None else version,
+            _by_id=self._id_index(),
         )
         if same_roles_and_health:
             for key, value in self.memo.items():

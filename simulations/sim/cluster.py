@@ -1,7 +1,7 @@
 """A simulated cluster: pools of instances, the core's admission and routing, KV flows.
 
 A request's life in the simulator mirrors the live system:
-1. arrival (from the trace) -> ``admit`` over a fresh ``ClusterSnapshot``:
+1. arrival (from the trace) -> ``admit`` over the current ``ClusterSnapshot``:
    admit, queue at the router (retried as instances make progress), or reject;
 2. ``route`` picks P and D (disaggregated), D alone (short prompt or no
    prefill pool), or a colocated instance; the same functions run in the
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from orchestrator.core.admission import AdmissionConfig, AdmissionOutcome, admit
-from orchestrator.core.routing import NoRoute, RouteMode, RoutingConfig, route
+from orchestrator.core.routing import NoRoute, RouteMode, RoutingConfig, carry_orders, route
 from orchestrator.core.slo import OverloadAction
-from orchestrator.core.types import ClusterSnapshot, InstanceHealth, RequestInfo, Role
+from orchestrator.core.types import ClusterSnapshot, InstanceHealth, InstanceLoad, RequestInfo, Role
 from simulations.latency.base import LatencyModel
 from simulations.sim.cost import StepCoster
 from simulations.sim.events import EventLoop, EventPriority, Scheduled
@@ -175,6 +175,9 @@ class ClusterSim:
             self.instances.append(Instance(spec, index, coster, self.recorder, self,
                                            config.timeline_bucket_s, config.jump_decode_steps))
         self._by_id = {inst.spec.instance_id: inst for inst in self.instances}
+        self._dirty_log: list[int] = []
+        for inst in self.instances:
+            inst.dirty_log = self._dirty_log
         self._endpoints = [Endpoint(i.spec.node_id, i.spec.instance_id, i.spec.tp_degree) for i in self.instances]
         self.router_queue: deque[SimRequest] = deque()
         self._arrival_s = trace.arrival_s.tolist()
@@ -188,12 +191,34 @@ class ClusterSim:
     def snapshot(self, now_s: float) -> ClusterSnapshot:
         """The cluster's load now, built from the instances' cached load reports."""
         snap = self._snapshot
-        loads = tuple([inst.load() for inst in self.instances])
-        if snap is None or any(a is not b for a, b in zip(loads, snap.instances, strict=True)):
+        if snap is None:
+            self._dirty_log.clear()
             self._snapshot_version += 1
-            snap = ClusterSnapshot(at_s=now_s, instances=loads, version=self._snapshot_version)
+            snap = ClusterSnapshot(at_s=now_s, instances=tuple([inst.load() for inst in self.instances]),
+                                   version=self._snapshot_version)
             self._snapshot = snap
-        return snap
+            return snap
+        log = self._dirty_log
+        if not log:
+            return snap
+        # Every instance that is dirty is in the log (it logs itself on becoming dirty).
+        olds = snap.instances
+        instances = self.instances
+        moves: list[tuple[InstanceLoad, InstanceLoad, int]] = []
+        for pos in sorted(set(log)) if len(log) > 1 else log:
+            load = instances[pos].load()
+            if load is not olds[pos]:
+                moves.append((olds[pos], load, pos))
+        log.clear()
+        if not moves:
+            return snap
+        # Only a few loads change between arrivals: replace those and carry the policies'
+        # memoized orders over (identical to sorting afresh) instead of rebuilding.
+        self._snapshot_version += 1
+        fresh = snap.with_replaced({pos: new for _, new, pos in moves}, at_s=now_s, version=self._snapshot_version)
+        carry_orders(snap, fresh, moves)
+        self._snapshot = fresh
+        return fresh
 
     # ----- arrivals, admission, routing ------------------------------------------------------
     def _on_arrival(self, now_s: float, idx: int) -> Events:

@@ -71,7 +71,7 @@ class Instance:
         "steps", "used_blocks", "queued_tokens", "newcomers", "last_decode_end_s", "busy", "epoch",
         "run_start_s", "run_k", "run_batch", "run_context", "run_chunks", "run_new", "_load",
         "busy_s", "prefill_tokens_done", "decode_tokens_done", "preemptions", "_on_end", "in_prefill",
-        "growth_unreported", "_load_key", "_dirty",
+        "growth_unreported", "_load_key", "_dirty", "dirty_log",
     )
 
     def __init__(
@@ -111,6 +111,8 @@ class Instance:
         self._load: InstanceLoad | None = None
         self._load_key: tuple[int, int, int, int, InstanceHealth] | None = None
         self._dirty = True  # something a load report shows may have changed
+        # Indexes of instances that became dirty, for the cluster's snapshot (shared list).
+        self.dirty_log: list[int] = []
         self.busy_s = 0.0
         self.prefill_tokens_done = 0
         self.decode_tokens_done = 0
@@ -151,17 +153,23 @@ class Instance:
             )
         return self._load
 
+    def _touch(self) -> None:
+        """Note that the load report may change; log this instance once per change."""
+        if not self._dirty:
+            self._dirty = True
+            self.dirty_log.append(self.index)
+
     def set_health(self, health: InstanceHealth) -> None:
         """Mark the instance (e.g. DRAINING: routing sends nothing new)."""
         self.health = health
-        self._dirty = True
+        self._touch()
 
     # ----- entry points ------------------------------------------------------------------
     def enqueue(self, req: SimRequest, now_s: float) -> Events:
         """Queue ``req`` for prefill here."""
         self.waiting.append(req)
         self.queued_tokens += req.prefill_target - req.prefill_done
-        self._dirty = True
+        self._touch()
         return self._wake(now_s)
 
     def try_reserve(self, req: SimRequest, now_s: float) -> tuple[bool, Events]:
@@ -183,26 +191,26 @@ class Instance:
         self.used_blocks += need
         req.reserved_blocks = need
         self.incoming += 1
-        self._dirty = True
+        self._touch()
         return True, events
 
     def wait_for_blocks(self, req: SimRequest) -> None:
         """Queue an incoming transfer until blocks free up."""
         self.pending_in.append(req)
-        self._dirty = True
+        self._touch()
 
     def deliver(self, req: SimRequest, now_s: float) -> Events:
         """``req``'s KV landed; it joins the batch at the next step boundary."""
         self.incoming -= 1
         self.ready.append(req)
-        self._dirty = True
+        self._touch()
         return self._wake(now_s)
 
     def release(self, req: SimRequest, now_s: float) -> Events:
         """Free the blocks ``req`` held here after its KV left (prefill side)."""
         self.used_blocks -= req.reserved_blocks
         req.reserved_blocks = 0
-        self._dirty = True
+        self._touch()
         if self.waiting and not self.busy:
             return self._form(now_s)
         return None
@@ -288,7 +296,7 @@ class Instance:
         spare = self._growth(self.steps, k) - self._growth(self.steps, j)
         self.used_blocks -= spare
         self.growth_unreported -= spare
-        self._dirty = True
+        self._touch()
         self.run_k = j
         self.epoch += 1
         end_s = max(now_s, self.run_start_s + self.coster.run_s(batch, ctx, j))
@@ -404,13 +412,13 @@ class Instance:
         self.run_context = context
         self.run_chunks = chunks
         self.epoch += 1
-        self._dirty = True
+        self._touch()
         return [(now_s + dt, EventPriority.STEP_END, self._on_end, self.epoch)]
 
     def _idle(self) -> Events:
         self.busy = False
         self.run_k = 0
-        self._dirty = True
+        self._touch()
         return None
 
     def _record_gaps(self, now_s: float) -> None:
@@ -438,7 +446,7 @@ class Instance:
         if epoch != self.epoch:
             return None  # a run that was cut short; its replacement event is queued
         self.busy = False
-        self._dirty = True
+        self._touch()
         self.timeline.add(self.run_start_s, now_s)
         self.busy_s += now_s - self.run_start_s
         out: list[Scheduled] = []
