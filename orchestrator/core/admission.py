@@ -55,6 +55,10 @@ class AdmissionDecision:
     retry_after_s: float | None = None
 
 
+# Decisions are immutable, so the common answer is shared rather than built per request.
+_ADMIT = AdmissionDecision(AdmissionOutcome.ADMIT)
+
+
 def _entry_positions(snapshot: ClusterSnapshot) -> tuple[int, ...]:
     """Positions of the instances that can take a new prompt: prefill first, else colocated or decode."""
     key = (STABLE_MEMO, "admission_entry")
@@ -99,7 +103,7 @@ def admit(
         return AdmissionDecision(AdmissionOutcome.REJECT, RejectReason.NO_INSTANCES, retry_after_s=1.0)
     instances = snapshot.instances
     if any(_has_room(instances[pos], request, config) for pos in positions):
-        return AdmissionDecision(AdmissionOutcome.ADMIT)
+        return _ADMIT
     candidates = _entry_instances(snapshot)
     backlog = min(inst.queued_prefill_tokens for inst in candidates)
     retry_after_s = max(1.0, backlog / config.prefill_tokens_per_s)
@@ -110,5 +114,5 @@ def admit(
         return AdmissionDecision(AdmissionOutcome.REJECT, RejectReason.QUEUE_FULL, retry_after_s)
     if action is OverloadAction.DEGRADE:
         # Degraded service still runs the request, on whichever instance is least loaded.
-        return AdmissionDecision(AdmissionOutcome.ADMIT)
+        return _ADMIT
     return AdmissionDecision(AdmissionOutcome.REJECT, RejectReason.OVERLOADED, retry_after_s)

@@ -62,14 +62,26 @@ def _decode_score(inst: InstanceLoad, decode_batch_weight: float) -> float:
     return kv_used + decode_batch_weight * batch_used
 
 
-@dataclass(frozen=True, slots=True)
 class _Order:
-    """Routable instances of one role sorted by ``key_of``; memoized on a snapshot."""
+    """Routable instances of one role sorted by ``key_of``; memoized on a snapshot, never mutated.
 
-    role: Role
-    key_of: Callable[[InstanceLoad, int], tuple[float, ...]]  # (instance, position) -> sort key
-    keys: tuple[tuple[float, ...], ...]
-    instances: tuple[InstanceLoad, ...]
+    A plain slotted class rather than a frozen dataclass: one is built per snapshot refresh,
+    and a frozen dataclass costs several times as much to construct.
+    """
+
+    __slots__ = ("role", "key_of", "keys", "instances")
+
+    def __init__(
+        self,
+        role: Role,
+        key_of: Callable[[InstanceLoad, int], tuple[float, ...]],  # (instance, position) -> sort key
+        keys: tuple[tuple[float, ...], ...],
+        instances: tuple[InstanceLoad, ...],
+    ) -> None:
+        self.role = role
+        self.key_of = key_of
+        self.keys = keys
+        self.instances = instances
 
     def rebooked(self, old: InstanceLoad, new: InstanceLoad, pos: int) -> _Order:
         """This order with ``old`` (at snapshot position ``pos``) replaced by ``new``."""

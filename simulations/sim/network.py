@@ -56,12 +56,14 @@ class _Flow:
 class Network:
     """Active flows and the links they share."""
 
-    __slots__ = ("config", "flows", "_last_s", "_epoch", "bytes_moved", "flows_done", "_on_tick", "_capacity_bps")
+    __slots__ = ("config", "flows", "_last_s", "_epoch", "bytes_moved", "flows_done", "_on_tick", "_capacity_bps",
+                 "_users")
 
     def __init__(self, config: LinkConfig) -> None:
         self.config = config
         self.flows: list[_Flow] = []
         self._capacity_bps: dict[str, float] = {}
+        self._users: dict[str, int] = {}  # link -> active flows on it (kept as flows start and end)
         self._last_s = 0.0
         self._epoch = 0
         self.bytes_moved = 0.0
@@ -88,16 +90,20 @@ class Network:
         self._last_s = now_s
 
     def _reschedule(self, now_s: float) -> list[Scheduled]:
-        users: dict[str, int] = {}
-        for flow in self.flows:
-            for link in flow.links:
-                users[link] = users.get(link, 0) + 1
+        users = self._users
         next_s = float("inf")
         capacity = self._capacity_bps
+        # min()/max() written as comparisons (same values, ties and all; no NaNs here): the hot loop.
         for flow in self.flows:
             out_link, in_link = flow.links
-            flow.rate_bps = min(capacity[out_link] / users[out_link], capacity[in_link] / users[in_link])
-            next_s = min(next_s, now_s + max(0.0, flow.remaining_bytes) / flow.rate_bps)
+            out_bps = capacity[out_link] / users[out_link]
+            in_bps = capacity[in_link] / users[in_link]
+            rate_bps = in_bps if in_bps < out_bps else out_bps
+            flow.rate_bps = rate_bps
+            left = flow.remaining_bytes
+            done_s = now_s + (left if left > 0.0 else 0.0) / rate_bps
+            if done_s < next_s:
+                next_s = done_s
         self._epoch += 1
         if not self.flows:
             return []
@@ -109,7 +115,11 @@ class Network:
         if size_bytes < 0:
             raise ValueError(f"negative transfer size {size_bytes}")
         self._advance(now_s)
-        self.flows.append(_Flow(payload, float(size_bytes), self.path(src, dst), on_done))
+        links = self.path(src, dst)
+        self.flows.append(_Flow(payload, float(size_bytes), links, on_done))
+        users = self._users
+        for link in links:
+            users[link] = users.get(link, 0) + 1
         self.bytes_moved += size_bytes
         return self._reschedule(now_s)
 
@@ -118,8 +128,19 @@ class Network:
             return None
         self._advance(now_s)
         # A flow is done when what is left would take under a nanosecond (float residue).
-        done = [f for f in self.flows if f.remaining_bytes <= f.rate_bps * 1e-9]
-        self.flows = [f for f in self.flows if f.remaining_bytes > f.rate_bps * 1e-9]
+        done: list[_Flow] = []
+        active: list[_Flow] = []
+        for f in self.flows:
+            (active if f.remaining_bytes > f.rate_bps * 1e-9 else done).append(f)
+        self.flows = active
+        users = self._users
+        for f in done:
+            for link in f.links:
+                left = users[link] - 1
+                if left:
+                    users[link] = left
+                else:
+                    del users[link]
         out = self._reschedule(now_s)
         for flow in done:
             self.flows_done += 1

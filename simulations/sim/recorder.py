@@ -31,7 +31,7 @@ class ConservationError(RuntimeError):
 class GapHistogram:
     """Log-binned histogram of token gaps in seconds (bins are 10**(1/per_decade) wide)."""
 
-    __slots__ = ("lo_exp", "per_decade", "counts", "total_weight", "weighted_sum_s", "max_s")
+    __slots__ = ("lo_exp", "per_decade", "counts", "total_weight", "weighted_sum_s", "max_s", "_edges_s")
 
     def __init__(self, lo_exp: int = -6, hi_exp: int = 4, per_decade: int = 100) -> None:
         self.lo_exp = lo_exp
@@ -40,6 +40,8 @@ class GapHistogram:
         self.total_weight = 0.0
         self.weighted_sum_s = 0.0
         self.max_s = 0.0
+        # Lower edge of every bin (and the top edge of the last), computed once.
+        self._edges_s = [10.0 ** (lo_exp + b / per_decade) for b in range(len(self.counts) + 1)]
 
     def _bin(self, value_s: float) -> int:
         if value_s <= 0.0:
@@ -53,7 +55,13 @@ class GapHistogram:
 
     def add(self, value_s: float, weight: float = 1.0) -> None:
         """Record ``weight`` gaps of ``value_s`` seconds."""
-        self.counts[self._bin(value_s)] += weight
+        counts = self.counts
+        if value_s <= 0.0:
+            b = 0
+        else:  # _bin, inline on the hot path
+            b = int((math.log10(value_s) - self.lo_exp) * self.per_decade)
+            b = min(max(b, 0), len(counts) - 1)
+        counts[b] += weight
         self.total_weight += weight
         self.weighted_sum_s += value_s * weight
         if value_s > self.max_s:
@@ -71,11 +79,13 @@ class GapHistogram:
             self.counts[b_lo] += weight
         else:
             span = hi - lo
+            edges = self._edges_s
+            counts = self.counts
             for b in range(b_lo, b_hi + 1):
-                edge_lo = max(lo, 10.0 ** (self.lo_exp + b / self.per_decade))
-                edge_hi = min(hi, 10.0 ** (self.lo_exp + (b + 1) / self.per_decade))
+                edge_lo = max(lo, edges[b])
+                edge_hi = min(hi, edges[b + 1])
                 if edge_hi > edge_lo:
-                    self.counts[b] += weight * (edge_hi - edge_lo) / span
+                    counts[b] += weight * (edge_hi - edge_lo) / span
         self.total_weight += weight
         self.weighted_sum_s += (0.5 * (lo + hi) if mean_s is None else mean_s) * weight
         if hi > self.max_s:

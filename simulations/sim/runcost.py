@@ -64,21 +64,28 @@ def _roofline_runs(model: RooflineLatency) -> RunFn:
         return found
 
     def run(batch: int, context_tokens: int, steps: int, tp_degree: int = 1) -> float:
-        c_int, c_slope, m_int, m_slope, fixed = coeffs(batch, tp_degree)
+        found = coefficients.get((batch, tp_degree))
+        c_int, c_slope, m_int, m_slope, fixed = coeffs(batch, tp_degree) if found is None else found
         c0 = c_int + c_slope * context_tokens
         m0 = m_int + m_slope * context_tokens
         c_step = c_slope * batch
         m_step = m_slope * batch
         # Steps i < split have one bound, i >= split the other (the lines cross at most once).
+        # The hot path: ``_series`` written out inline, operation for operation.
         if c_step == m_step:  # parallel lines: one bound throughout
             body = _series(c0, c_step, 0, steps) if c0 >= m0 else _series(m0, m_step, 0, steps)
         else:
             cross = (m0 - c0) / (c_step - m_step)  # compute == memory at i = cross
             split = min(steps, max(0, math.ceil(cross)))
             if c_step > m_step:  # compute grows faster: memory-bound first, compute-bound from split
-                body = _series(m0, m_step, 0, split) + _series(c0, c_step, split, steps)
+                first, first_step, second, second_step = m0, m_step, c0, c_step
             else:
-                body = _series(c0, c_step, 0, split) + _series(m0, m_step, split, steps)
+                first, first_step, second, second_step = c0, c_step, m0, m_step
+            # _series(first, first_step, 0, split) + _series(second, second_step, split, steps)
+            head = split * first + first_step * split * (split - 1) / 2.0 if split > 0 else 0.0
+            n = steps - split
+            tail = n * second + second_step * n * (split + steps - 1) / 2.0 if n > 0 else 0.0
+            body = head + tail
         return steps * fixed + body
 
     return run
