@@ -6,6 +6,10 @@ mixed lengths that transformers runs as one left-padded batch and pdserve runs w
 continuous batching and chunked prefill. Prints medians over repetitions and the
 ratio pdserve / transformers (above 1 means pdserve is faster).
 
+Both sides run one thread, so each run's CPU time is its work without the time it
+spent descheduled; the "cpu ratio" column compares those and is steadier than the
+wall-clock ratio when other processes share the cores (on a quiet machine the two agree).
+
     python benchmarks/engine.py [--reps 5] [--batch 16] [--max-tokens 64] [--model-dir DIR]
 """
 
@@ -22,19 +26,22 @@ from pathlib import Path
 
 def _time_pair(
     first: Callable[[], int], second: Callable[[], int], reps: int
-) -> tuple[float, float, int, int]:
-    """Median seconds of two runners over ``reps`` interleaved runs (after a warm-up of each).
+) -> tuple[tuple[float, float], tuple[float, float], int, int]:
+    """Median (wall, CPU) seconds of two runners over ``reps`` interleaved runs (after a warm-up of each).
 
     Interleaving makes both sides see the same background load on a shared machine.
     """
     tokens = (first(), second())
-    times: tuple[list[float], list[float]] = ([], [])
+    wall: tuple[list[float], list[float]] = ([], [])
+    cpu: tuple[list[float], list[float]] = ([], [])
     for _ in range(reps):
-        for fn, acc in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
+        for i, fn in enumerate((first, second)):
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            acc.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1]), tokens[0], tokens[1]
+            wall[i].append(time.perf_counter() - start)
+            cpu[i].append(time.process_time() - start_cpu)
+    medians = [(statistics.median(wall[i]), statistics.median(cpu[i])) for i in range(2)]
+    return medians[0], medians[1], tokens[0], tokens[1]
 
 
 def main() -> int:
@@ -117,16 +124,19 @@ def main() -> int:
     rows = []
     for name, prompts, out_lens in cases:
         hf_run, pd_run = run_transformers(prompts, out_lens), run_pdserve(prompts, out_lens)
-        hf_s, pd_s, hf_tokens, pd_tokens = _time_pair(hf_run, pd_run, args.reps)
+        (hf_s, hf_cpu), (pd_s, pd_cpu), hf_tokens, pd_tokens = _time_pair(hf_run, pd_run, args.reps)
         assert hf_tokens == pd_tokens, (hf_tokens, pd_tokens)
-        rows.append((name, pd_tokens, hf_tokens / hf_s, pd_tokens / pd_s))
+        rows.append((name, pd_tokens, hf_tokens / hf_s, pd_tokens / pd_s, hf_cpu / pd_cpu))
 
     print(f"model: {model_dir}  (torch threads: {torch.get_num_threads()}, reps: {args.reps}, median)")
     print(f"mixed prompt lengths: {sorted(mixed_lens)}")
     print(f"output lengths: {args.max_tokens} each, or mixed: {sorted(mixed_out)}")
-    print(f"{'case':<36}{'tokens':>8}{'transformers tok/s':>21}{'pdserve tok/s':>16}{'ratio':>8}")
-    for name, tokens, hf_tps, pd_tps in rows:
-        print(f"{name:<36}{tokens:>8}{hf_tps:>21.1f}{pd_tps:>16.1f}{pd_tps / hf_tps:>7.2f}x")
+    header = f"{'case':<36}{'tokens':>8}{'transformers tok/s':>21}{'pdserve tok/s':>16}{'ratio':>8}"
+    print(header + f"{'cpu ratio':>11}")
+    for name, tokens, hf_tps, pd_tps, cpu_ratio in rows:
+        print(
+            f"{name:<36}{tokens:>8}{hf_tps:>21.1f}{pd_tps:>16.1f}{pd_tps / hf_tps:>7.2f}x{cpu_ratio:>10.2f}x"
+        )
     if scratch is not None:
         scratch.cleanup()
     return 0

@@ -1,10 +1,18 @@
 """KV transfer benchmark: GB/s per transport beside same-run ceilings, and the TTFT cost of disaggregation.
 
 Part 1 moves 16-256 MB of KV layer by layer (32 layers) from this process
-to a receiver process, per transport, and prints the median GB/s beside two
-ceilings measured in the same run: memcpy into a reused buffer, and raw TCP
-loopback (``sendall`` / ``recv_into`` a preallocated buffer). The receiver's
-callback does nothing, so the numbers are the transport's (checksums on).
+to a receiver process, per transport, and prints the median GB/s beside
+ceilings measured in the same run, methods interleaved round by round:
+``memcpy`` (one call into a reused buffer of the whole size; from 41 MB
+glibc switches to non-temporal stores, which no layer-sized copy gets),
+``memcpy/layer`` (the same bytes copied one layer per call into a reused
+destination: what a layer-wise path can at best do), raw TCP loopback
+(``sendall`` / ``recv_into`` per layer into a reused layer buffer) and raw
+gloo (``send``/``recv`` of each layer's K and V between the same two
+processes). Each transport's ratio is printed against the ceilings of its
+path. The receiver's callback does nothing, so the numbers are the
+transport's (checksums on). The load average is printed before and after:
+the machine may be shared.
 
 Part 2 runs a 2,048-token prompt on the tiny model: colocated (prefill and
 the first decode step in one engine) vs disaggregated (prefill in process A
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import sys
@@ -29,6 +38,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,13 +54,19 @@ KINDS: tuple[str, ...] = ("tcp", "shm", "torch_dist")
 if importlib.util.find_spec("nixl") is not None:  # optional
     KINDS += ("nixl",)
 # nixl's UCX picks shared memory between processes on one host, so its ceiling is memcpy
-CEILING_OF = {"tcp": "raw_tcp", "shm": "memcpy", "torch_dist": "raw_tcp", "nixl": "memcpy"}
+CEILINGS_OF: dict[str, tuple[str, ...]] = {
+    "tcp": ("raw_tcp",),
+    "shm": ("memcpy", "memcpy/layer"),
+    "torch_dist": ("raw_gloo", "raw_tcp"),
+    "nixl": ("memcpy", "memcpy/layer"),
+}
+CEILINGS = ("memcpy", "memcpy/layer", "raw_tcp", "raw_gloo")
 
 
-def _receiver_main(conn: Connection) -> None:
+def _receiver_main(conn: Connection, kinds: tuple[str, ...]) -> None:
     """Child process: one endpoint per transport, plus a raw TCP sink for the ceiling."""
     torch.set_num_threads(1)
-    endpoints = {k: open_endpoint(k, EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)) for k in KINDS}
+    endpoints = {k: open_endpoint(k, EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)) for k in kinds}
     receivers = {}
     spec = KVSpec(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, DTYPE)
     sink = socket.socket()
@@ -59,18 +75,40 @@ def _receiver_main(conn: Connection) -> None:
     sink.listen(4)
 
     def raw_sink(nbytes: int) -> None:
-        view = memoryview(bytearray(nbytes))  # allocated (and touched) before the first round
+        layer = nbytes // NUM_LAYERS
+        view = memoryview(bytearray(layer))  # one reused layer buffer, like a transport's staging
         sock, _ = sink.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while True:
-            got = 0
-            while got < nbytes:
-                n = sock.recv_into(view[got:], nbytes - got)
-                if n == 0:
-                    sock.close()
-                    return
-                got += n
+            for _ in range(NUM_LAYERS):
+                got = 0
+                while got < layer:
+                    n = sock.recv_into(view[got:], layer - got)
+                    if n == 0:
+                        sock.close()
+                        return
+                    got += n
             sock.sendall(b"k")
+
+    def raw_gloo(store_port: int, nbytes: int) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=datetime.timedelta(seconds=60))
+        group: Any = dist.ProcessGroupGloo(store, 1, 2, datetime.timedelta(seconds=60))
+        layer = torch.zeros(nbytes // NUM_LAYERS, dtype=torch.uint8)  # reused, touched up front
+        half = layer.numel() // 2
+        go = torch.zeros(1, dtype=torch.int64)
+        while True:
+            group.recv([go], 0, 0).wait()
+            if not int(go.item()):
+                return
+            for _ in range(NUM_LAYERS):
+                works = [group.recv([layer[:half]], 0, 0), group.recv([layer[half:]], 0, 0)]
+                for work in works:
+                    work.wait()
+            group.send([go], 0, 0).wait()
 
     conn.send("ready")
     while True:
@@ -86,20 +124,63 @@ def _receiver_main(conn: Connection) -> None:
         elif msg[0] == "raw":
             threading.Thread(target=raw_sink, args=(msg[1],), daemon=True).start()
             conn.send(sink.getsockname()[1])
+        elif msg[0] == "gloo":
+            threading.Thread(target=raw_gloo, args=msg[1:], daemon=True).start()
+            conn.send("ok")
     for endpoint in endpoints.values():
         endpoint.close()
 
 
-def _memcpy(nbytes: int) -> Callable[[], float]:
+def _memcpy(nbytes: int, per_layer: bool) -> Callable[[], float]:
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dst = np.zeros(nbytes, dtype=np.uint8)
+    layer = nbytes // NUM_LAYERS
 
     def once() -> float:
         t0 = time.perf_counter()
-        np.copyto(dst, src)  # numpy's copy is memcpy; torch's uint8 copy_ ran at half its speed here
+        if per_layer:
+            for i in range(NUM_LAYERS):
+                np.copyto(dst[i * layer : (i + 1) * layer], src[i * layer : (i + 1) * layer])
+        else:
+            np.copyto(dst, src)  # numpy's copy is memcpy; torch's uint8 copy_ ran at half its speed here
         return time.perf_counter() - t0
 
     return once
+
+
+def _raw_gloo(conn: Connection, nbytes: int) -> tuple[Callable[[], float], Callable[[], None]]:
+    """Ceiling of torch_dist: gloo send/recv of each layer's K and V to the same receiver process."""
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    conn.send(("gloo", store.port, nbytes))
+    group: Any = dist.ProcessGroupGloo(store, 0, 2, datetime.timedelta(seconds=60))
+    assert conn.recv() == "ok"
+    data = torch.ones(nbytes, dtype=torch.uint8)
+    layer = nbytes // NUM_LAYERS
+    half = layer // 2
+
+    def signal(value: int) -> None:
+        group.send([torch.full((1,), value, dtype=torch.int64)], 1, 0).wait()
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        signal(1)
+        for i in range(NUM_LAYERS):
+            k, v = data[i * layer : i * layer + half], data[i * layer + half : (i + 1) * layer]
+            works = [group.send([k], 1, 0), group.send([v], 1, 0)]
+            for work in works:
+                work.wait()
+        group.recv([torch.zeros(1, dtype=torch.int64)], 1, 0).wait()
+        return time.perf_counter() - t0
+
+    def stop() -> None:
+        signal(0)
+
+    return once, stop
 
 
 def _raw_tcp(conn: Connection, nbytes: int) -> tuple[Callable[[], float], socket.socket]:
@@ -143,23 +224,29 @@ def _transport(conn: Connection, client: KVClient, kind: str, nbytes: int) -> Ca
     return once
 
 
-def bandwidth(sizes_mb: list[int], reps: int) -> None:
+def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS) -> None:
     """Part 1: GB/s per transport and ceiling, per size (methods interleaved, so load drift hits all alike)."""
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver_main, args=(child,), daemon=True)
+    proc = ctx.Process(target=_receiver_main, args=(child, kinds), daemon=True)
     proc.start()
     assert conn.recv() == "ready"
     client = KVClient()
     print(f"\n== KV transfer bandwidth: {NUM_LAYERS} layers, {DTYPE}, sender here -> receiver process; "
-          f"median of {reps}, GB/s ==")
-    print(f"{'MB':>5} {'memcpy':>8} {'raw_tcp':>8} " + " ".join(f"{k:>11}" for k in KINDS) + "   ratio to ceiling")
+          f"median of {reps}, GB/s; load average {_load()} ==")
+    names = (*CEILINGS, *kinds)
+    print(f"{'MB':>5} " + " ".join(f"{n:>12}" for n in names))
+    lines: list[str] = []
     try:
         for mb in sizes_mb:
             nbytes = (mb << 20) // (NUM_LAYERS * TOKEN_LAYER_NBYTES) * NUM_LAYERS * TOKEN_LAYER_NBYTES
             raw_once, raw_sock = _raw_tcp(conn, nbytes)
-            methods = {"memcpy": _memcpy(nbytes), "raw_tcp": raw_once}
-            methods |= {kind: _transport(conn, client, kind, nbytes) for kind in KINDS}
+            gloo_once, gloo_stop = _raw_gloo(conn, nbytes)
+            methods = {
+                "memcpy": _memcpy(nbytes, per_layer=False), "memcpy/layer": _memcpy(nbytes, per_layer=True),
+                "raw_tcp": raw_once, "raw_gloo": gloo_once,
+            }
+            methods |= {kind: _transport(conn, client, kind, nbytes) for kind in kinds}
             times: dict[str, list[float]] = {name: [] for name in methods}
             for rep in range(reps + 1):  # round 0 warms up: page faults, connections, mappings
                 for name, once in methods.items():
@@ -167,15 +254,24 @@ def bandwidth(sizes_mb: list[int], reps: int) -> None:
                     if rep:
                         times[name].append(elapsed)
             raw_sock.close()
+            gloo_stop()
             gbps = {name: nbytes / statistics.median(ts) / 1e9 for name, ts in times.items()}
-            ratios = "  ".join(f"{k} {gbps[k] / gbps[CEILING_OF[k]]:.2f}x of {CEILING_OF[k]}" for k in KINDS)
-            print(f"{mb:>5} {gbps['memcpy']:>8.2f} {gbps['raw_tcp']:>8.2f} "
-                  + " ".join(f"{gbps[k]:>11.2f}" for k in KINDS) + f"   {ratios}", flush=True)
+            print(f"{mb:>5} " + " ".join(f"{gbps[n]:>12.2f}" for n in names), flush=True)
+            for k in kinds:
+                ratios = ", ".join(f"{gbps[k] / gbps[c]:.2f}x {c}" for c in CEILINGS_OF[k])
+                lines.append(f"{mb:>5} MB {k:>11}: {ratios}")
             del methods
     finally:
         client.close()
         conn.send(("stop",))
         proc.join(30)
+    print("ratio to the ceilings of each path (medians of the same run):")
+    print("\n".join(lines))
+    print(f"load average after: {_load()}")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def ttft(prompt_len: int, reps: int, cache_dir: str, verbose: bool = False) -> None:
@@ -257,12 +353,15 @@ def main() -> int:
     parser.add_argument("--cache-dir", default=None, help="tiny model cache (default: a temp dir)")
     parser.add_argument("--skip-ttft", action="store_true", help="only the bandwidth part")
     parser.add_argument("--skip-bandwidth", action="store_true", help="only the TTFT part")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated transports to measure")
+    parser.add_argument("--sizes-mb", default=None, help="comma-separated transfer sizes in MB")
     parser.add_argument("--verbose", action="store_true", help="print every TTFT sample")
     args = parser.parse_args()
     torch.set_num_threads(1)
     reps = args.reps or (3 if args.quick else 7)
     if not args.skip_bandwidth:
-        bandwidth([16, 64] if args.quick else [16, 64, 256], reps)
+        sizes = [int(x) for x in args.sizes_mb.split(",")] if args.sizes_mb else [16, 64] if args.quick else [16, 64, 256]
+        bandwidth(sizes, reps, tuple(args.kinds.split(",")))
     if not args.skip_ttft:
         cache_dir = args.cache_dir or str(Path(tempfile.gettempdir()) / "pdserve-bench-cache")
         ttft(args.prompt_len, reps, cache_dir, verbose=args.verbose)

@@ -31,6 +31,7 @@ from simulations.traces import load_trace, scale_rate, tile  # noqa: E402
 from simulations.traces.trace import Trace  # noqa: E402
 
 TRACE = "/work/shared/traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv"
+TARGET_REQ_PER_S = 20_000  # simulated requests per wall-second at 1M requests (product requirement)
 
 
 def _peak_rss_mb() -> float:
@@ -91,6 +92,7 @@ def main() -> int:
     print(f"{'requests':>10} {'wall_s':>8} {'req/s':>9} {'cpu_s':>8} {'req/cpu_s':>9} {'sim_tok/s':>11} "
           f"{'events':>10} {'cpu_us/req':>10} {'ratio':>6} {'peak_rss_MB':>11}")
     first_us: float | None = None
+    last_req_per_s = 0.0
     for n in sizes:
         trace = scale_rate(tile(base, n), args.rate_scale)
         walls, cpus, events, tokens = [], [], 0, 0
@@ -104,7 +106,10 @@ def main() -> int:
         first_us = first_us or us_per_req
         print(f"{n:>10} {wall_s:>8.2f} {n / wall_s:>9,.0f} {cpu_s:>8.2f} {n / cpu_s:>9,.0f} {tokens / wall_s:>11,.0f} "
               f"{events:>10,} {us_per_req:>10.1f} {us_per_req / first_us:>6.2f} {_peak_rss_mb():>11,.0f}")
+        last_req_per_s = n / wall_s
         del trace
+    print(f"target {TARGET_REQ_PER_S:,} req/s (wall, at 1M): {last_req_per_s:,.0f} req/s at {sizes[-1]:,} requests "
+          f"-> {last_req_per_s / TARGET_REQ_PER_S:.2f}x of target")
     return 0
 
 

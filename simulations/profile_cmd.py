@@ -23,6 +23,10 @@ The samples, a regression fit (``simulations.latency.regression``) and
 metadata go to a ``pdserve-latency-profile`` JSON file (format in
 ``simulations.latency.profile``). The default grid takes well under a minute
 on one CPU core with the tiny model.
+
+``profile_engine_config`` does the same for an engine built like a deployed
+worker's (the twin check, ``benchmarks/twin.py``, uses it, then adds the
+serving overheads it measures against the live endpoint to the file).
 """
 
 from __future__ import annotations
@@ -212,6 +216,47 @@ def measure_profile(
             decode.append(DecodeSample(batch, batch * (context + middle), grid.reduce(times)))
             advance(1)
     return prefill, decode
+
+
+def profile_engine_config(model_dir: Path, config: Any, grid: ProfileGrid, out_path: Path) -> tuple[Any, float]:
+    """Time ``grid`` on an engine built like ``config`` (an ``EngineConfig``) and write the profile.
+
+    Returns the regression model and the engine's KV bytes per token. Only the room for the
+    grid (blocks, model length) differs from ``config``: block size, token budget and max
+    sequences are the deployed engine's, so the simulator batches like it.
+    """
+    import dataclasses
+
+    import torch
+
+    from simulations.latency.profile import LatencyProfile, write_profile
+    from simulations.latency.regression import fit_regression
+    from workers.engine.engine import LLMEngine
+    from workers.engine.sampling_params import SamplingParams
+
+    if max(grid.prefill_lengths) > config.max_num_batched_tokens:
+        raise ValueError(f"prefill lengths must fit the engine's token budget {config.max_num_batched_tokens}, "
+                         f"so that each timed prefill is one step; got {max(grid.prefill_lengths)}")
+    blocks_per_seq = -(-grid.max_context // config.block_size) + 1
+    needed = max(grid.decode_batches) * blocks_per_seq + 8
+    engine_config = dataclasses.replace(config, num_blocks=max(needed, config.num_blocks or 0),
+                                        max_model_len=grid.max_context + config.block_size)
+    engine = LLMEngine(model_dir, engine_config)
+    prefill, decode = measure_profile(engine, grid, lambda n: SamplingParams(max_tokens=n, ignore_eos=True),
+                                      lambda _n: None)
+    fit = fit_regression(prefill, decode)
+    layout = engine.kv_layout
+    kv_bytes_per_token = layout.bytes_per_block / layout.block_size
+    metadata: dict[str, str | int | float] = {
+        "model": model_dir.name, "model_dir": str(model_dir), "device": str(engine.device),
+        "dtype": str(layout.dtype).removeprefix("torch."), "tp_degree": 1, "engine": "pdserve",
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "statistic": grid.statistic,
+        "block_size": config.block_size, "max_num_batched_tokens": config.max_num_batched_tokens,
+        "max_num_seqs": config.max_num_seqs, "kv_bytes_per_token": kv_bytes_per_token,
+    }
+    write_profile(out_path, LatencyProfile(metadata, tuple(prefill), tuple(decode), fit))
+    return fit.model, kv_bytes_per_token
 
 
 def _progress(total: int, enabled: bool) -> tuple[Callable[[int], None], Callable[[], None]]:

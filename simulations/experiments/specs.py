@@ -6,7 +6,10 @@ Latency spec grammar (``--latency``):
   capacity per instance and KV bytes per token come from the GPU and model;
 - ``profile:FILE`` / ``table:FILE`` — a profile written by ``pdserve
   profile`` (regression or interpolation); give ``--kv-blocks`` and
-  ``--kv-bytes-per-token`` for its hardware;
+  ``--kv-bytes-per-token`` for its hardware. Serving overheads stored in
+  the file (measured on a live deployment) are applied: per-step terms to
+  the latency model, the per-request delay and the KV hand-off latency to
+  the cluster;
 - ``fixed:SECONDS`` — every non-empty step takes SECONDS; ``zero`` — free.
 """
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 from orchestrator.core.slo import SLOTarget
 from simulations.latency.base import LatencyModel
+from simulations.latency.overhead import Overheads, with_step_overheads
 from simulations.sim.cluster import ClusterConfig, PoolSpec
 from simulations.sim.instance import BatchPolicy
 from simulations.sim.network import LinkConfig
@@ -36,6 +40,7 @@ class LatencySetup:
     # weights do not fit); None: not derivable, use --kv-blocks.
     kv_tokens: Callable[[int], int] | None = None
     intra_node_gbps: float = 300.0
+    overheads: Overheads = Overheads()  # request and hand-off terms; step terms are already in ``model``
 
     def kv_blocks(self, tp_degree: int, block_size: int, override: int | None = None) -> int:
         """KV blocks of an instance of ``tp_degree`` GPUs (``override`` wins)."""
@@ -75,12 +80,14 @@ def load_latency(spec: str, kv_bytes_per_token: float | None = None) -> LatencyS
 
         return LatencySetup(spec, roofline, float(kv_bytes(model)), kv_tokens, gpu.link_bandwidth_gbps)
     if kind in ("profile", "table"):
-        from simulations.latency.profile import load_profile, load_table
+        from simulations.latency.profile import load_overheads, load_profile, load_table
 
         if not rest:
             raise ValueError(f"latency spec {spec!r}: expected {kind}:FILE")
         model_p: LatencyModel = load_profile(rest) if kind == "profile" else load_table(rest)
-        return LatencySetup(spec, model_p, kv_bytes_per_token or 0.0)
+        overheads = load_overheads(rest)
+        return LatencySetup(spec, with_step_overheads(model_p, overheads), kv_bytes_per_token or 0.0,
+                            overheads=overheads)
     if kind == "fixed":
         from simulations.latency.trivial import FixedLatency
 
@@ -180,8 +187,10 @@ def build_cluster(placement: Placement, latency: LatencySetup, knobs: ClusterKno
     intra = knobs.intra_node_gbps if knobs.intra_node_gbps is not None else latency.intra_node_gbps
     return ClusterConfig(
         pools=pools, block_size=knobs.block_size, gpus_per_node=knobs.gpus_per_node,
-        links=LinkConfig(intra_node_gbps=intra, inter_node_gbps=knobs.inter_node_gbps),
+        links=LinkConfig(intra_node_gbps=intra, inter_node_gbps=knobs.inter_node_gbps,
+                         transfer_latency_s=latency.overheads.handoff_s),
         kv_bytes_per_token=latency.kv_bytes_per_token,
+        request_overhead_s=latency.overheads.request_s,
         routing=RoutingConfig(short_prompt_tokens=knobs.short_prompt_tokens),
         timeline_bucket_s=timeline_bucket_s,
     )

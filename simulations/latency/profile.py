@@ -10,22 +10,30 @@ Format (version 1)::
       "prefill": [{"tokens": Σ prompt lengths, "tokens_sq": Σ lengths², "seconds": s}, ...],
       "decode":  [{"batch": running requests, "context": Σ their context lengths, "seconds": s}, ...],
       "fit": {"prefill": {"fixed_s": a, "s_per_token": b, "s_per_token_sq": c, "r2": r},
-              "decode":  {"fixed_s": a, "s_per_context_token": b, "s_per_request": c, "r2": r}}
+              "decode":  {"fixed_s": a, "s_per_context_token": b, "s_per_request": c, "r2": r}},
+      "overheads": {"request_s": s, "handoff_s": s, "prefill_step_s": s, "decode_step_s": s}
     }
 
 ``fit`` is optional on read (refitted from the samples when absent); the raw
-samples are the source of truth. Metadata values are strings or numbers;
-unknown keys are kept. ``load_profile(path)`` gives the ``RegressionLatency``
-and ``load_table(path)`` the ``TableLatency`` of the same file.
+samples are the source of truth. ``overheads`` (optional; files without it
+load with none) are the serving overheads outside the engine's step, measured
+against a live endpoint (``overhead.Overheads``; every key optional, 0 when
+absent). Metadata values are strings or numbers; unknown keys are kept.
+``load_profile(path)`` gives the ``RegressionLatency`` and ``load_table(path)``
+the ``TableLatency`` of the same file, both without overheads;
+``load_overheads(path)`` gives the overheads to apply with
+``overhead.with_step_overheads`` and the cluster's request/hand-off settings.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
+from simulations.latency.overhead import Overheads
 from simulations.latency.regression import (
     DecodeSample,
     PrefillSample,
@@ -58,6 +66,7 @@ class LatencyProfile:
     prefill: tuple[PrefillSample, ...]
     decode: tuple[DecodeSample, ...]
     fit: RegressionFit | None = field(default=None)
+    overheads: Overheads | None = field(default=None)  # measured against a live endpoint, when known
 
     def fitted(self) -> RegressionFit:
         """The stored fit, or a fresh one from the samples."""
@@ -93,7 +102,7 @@ def profile_to_json(profile: LatencyProfile) -> dict[str, Any]:
         ],
         "decode": [{"batch": s.batch, "context": s.context, "seconds": s.seconds} for s in profile.decode],
         "fit": _fit_to_json(profile.fitted()),
-    }
+    } | ({"overheads": asdict(profile.overheads)} if profile.overheads is not None else {})
 
 
 def write_profile(path: str | Path, profile: LatencyProfile) -> None:
@@ -146,6 +155,20 @@ def _fit_from_json(path: Path, fit: Any) -> RegressionFit:
     return RegressionFit(model, float(p.get("r2", float("nan"))), float(d.get("r2", float("nan"))))
 
 
+def _overheads_from_json(path: Path, doc: Any) -> Overheads:
+    if not isinstance(doc, dict):
+        raise ProfileFormatError(path, "expected an object of seconds", field="overheads")
+    known = {f.name for f in dataclass_fields(Overheads)}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise ProfileFormatError(path, f"unknown keys {unknown}; known: {sorted(known)}", field="overheads")
+    values = {key: float(_number(path, "overheads", doc, key, False)) for key in doc}
+    try:
+        return Overheads(**values)
+    except ValueError as exc:
+        raise ProfileFormatError(path, str(exc), field="overheads") from None
+
+
 def read_profile(path: str | Path) -> LatencyProfile:
     """Parse and validate a profile file."""
     p = Path(path)
@@ -171,13 +194,19 @@ def read_profile(path: str | Path) -> LatencyProfile:
         raise ProfileFormatError(
             p, "needs prefill and decode samples, or a fit", field="prefill" if not prefill else "decode"
         )
-    return LatencyProfile(metadata=metadata, prefill=prefill, decode=decode, fit=fit)
+    overheads = _overheads_from_json(p, doc["overheads"]) if "overheads" in doc else None
+    return LatencyProfile(metadata=metadata, prefill=prefill, decode=decode, fit=fit, overheads=overheads)
 
 
 def load_profile(path: str | Path, tp: TpScaling | None = None) -> RegressionLatency:
     """The regression model stored in (or fitted from) a profile file."""
     model = read_profile(path).fitted().model
     return model if tp is None else RegressionLatency(*_coefficients(model), tp=tp)
+
+
+def load_overheads(path: str | Path) -> Overheads:
+    """The serving overheads stored in a profile file (all zero when it has none)."""
+    return read_profile(path).overheads or Overheads()
 
 
 def _coefficients(m: RegressionLatency) -> tuple[float, float, float, float, float, float]:

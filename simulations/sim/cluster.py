@@ -1,7 +1,8 @@
 """A simulated cluster: pools of instances, the core's admission and routing, KV flows.
 
 A request's life in the simulator mirrors the live system:
-1. arrival (from the trace) -> ``admit`` over the current ``ClusterSnapshot``:
+1. arrival (from the trace, plus ``request_overhead_s`` for the hops before
+   the router) -> ``admit`` over the current ``ClusterSnapshot``:
    admit, queue at the router (retried as instances make progress), or reject;
 2. ``route`` picks P and D (disaggregated), D alone (short prompt or no
    prefill pool), or a colocated instance; the same functions run in the
@@ -18,6 +19,7 @@ there.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,8 +75,13 @@ class ClusterConfig:
     control_interval_s: float | None = None  # None: no controller ticks
     timeline_bucket_s: float = 1.0
     jump_decode_steps: bool = True  # take unchanged decode batches as one event (same results)
+    # Fixed delay of the HTTP/RPC hops before the router sees a request (no instance is busy
+    # meanwhile). TTFT and e2e still count from the trace arrival, so both include it.
+    request_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.request_overhead_s < math.inf:  # also rejects NaN
+            raise ValueError(f"request_overhead_s must be finite and >= 0, got {self.request_overhead_s}")
         if not any(p.count for p in self.pools):
             raise ValueError("a cluster needs at least one instance")
         roles = {p.role for p in self.pools if p.count}
@@ -170,8 +177,12 @@ class ClusterSim:
         self.recorder = Recorder(len(trace))
         self.network = Network(config.links)
         self.instances: list[Instance] = []
+        # One coster per TP degree: instances of a pool share its memo of step times.
+        costers: dict[int, StepCoster] = {}
         for index, spec in enumerate(place(config)):
-            coster = StepCoster(model, spec.tp_degree)
+            coster = costers.get(spec.tp_degree)
+            if coster is None:
+                coster = costers[spec.tp_degree] = StepCoster(model, spec.tp_degree)
             self.instances.append(Instance(spec, index, coster, self.recorder, self,
                                            config.timeline_bucket_s, config.jump_decode_steps))
         self._by_id = {inst.spec.instance_id: inst for inst in self.instances}
@@ -181,6 +192,9 @@ class ClusterSim:
         self._endpoints = [Endpoint(i.spec.node_id, i.spec.instance_id, i.spec.tp_degree) for i in self.instances]
         self.router_queue: deque[SimRequest] = deque()
         self._arrival_s = trace.arrival_s.tolist()
+        # When the router sees each request: its trace arrival plus the fixed request overhead.
+        overhead_s = config.request_overhead_s
+        self._seen_s = [a + overhead_s for a in self._arrival_s] if overhead_s else self._arrival_s
         self._prompt = trace.prompt_tokens.tolist()
         self._output = trace.output_tokens.tolist()
         self._snapshot: ClusterSnapshot | None = None
@@ -222,15 +236,16 @@ class ClusterSim:
 
     # ----- arrivals, admission, routing ------------------------------------------------------
     def _on_arrival(self, now_s: float, idx: int) -> Events:
-        req = SimRequest(idx, self._prompt[idx], self._output[idx], now_s)
+        # Latencies count from the trace arrival, not from when the router sees the request.
+        req = SimRequest(idx, self._prompt[idx], self._output[idx], self._arrival_s[idx])
         out: list[Scheduled] = []
-        if idx + 1 < len(self._arrival_s):
-            out.append((self._arrival_s[idx + 1], EventPriority.ARRIVAL, self._on_arrival, idx + 1))
+        if idx + 1 < len(self._seen_s):
+            out.append((self._seen_s[idx + 1], EventPriority.ARRIVAL, self._on_arrival, idx + 1))
         if not self.router_queue:
             self._admit(req, now_s, out)
             return out
         # Behind a queue: only a full queue turns it away now; otherwise it waits its turn (FIFO).
-        info = RequestInfo(str(idx), req.prompt_tokens, req.output_tokens, now_s)
+        info = RequestInfo(str(idx), req.prompt_tokens, req.output_tokens, req.arrival_s)
         decision = admit(self.snapshot(now_s), info, self.config.admission, len(self.router_queue))
         if decision.outcome is AdmissionOutcome.REJECT:
             assert decision.reason is not None
@@ -348,7 +363,7 @@ class ClusterSim:
     def run(self) -> Recorder:
         """Replay the whole trace; raises ConservationError if any request was lost."""
         if len(self.trace):
-            self.loop.schedule(self._arrival_s[0], EventPriority.ARRIVAL, self._on_arrival, 0)
+            self.loop.schedule(self._seen_s[0], EventPriority.ARRIVAL, self._on_arrival, 0)
         if self.config.control_interval_s is not None:
             if self.config.control_interval_s <= 0:
                 raise ValueError("control_interval_s must be positive")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from simulations.latency.base import BatchShape, LatencyModel
-from simulations.sim.runcost import closed_form_runs
+from simulations.sim.runcost import closed_form_runs_at
 
 
 @runtime_checkable
@@ -28,10 +29,14 @@ class DecodeRunLatency(Protocol):
         ...
 
 
+# Most memoized step shapes one StepCoster keeps (a few MB).
+STEP_MEMO_ENTRIES = 1 << 16
+
+
 class StepCoster:
     """Costs steps on one instance (fixed tensor-parallel degree) with one latency model."""
 
-    __slots__ = ("model", "tp_degree", "_run", "_step", "_cum_key", "_cum")
+    __slots__ = ("model", "tp_degree", "_run", "_step", "_cum_key", "_cum", "_steps_s", "run_s")
 
     def __init__(self, model: LatencyModel, tp_degree: int, use_closed_form: bool = True) -> None:
         if tp_degree < 1:
@@ -39,9 +44,16 @@ class StepCoster:
         self.model = model
         self.tp_degree = tp_degree
         self._step = model.step_time_s
-        self._run = closed_form_runs(model) if use_closed_form else None
+        self._run = closed_form_runs_at(model, tp_degree) if use_closed_form else None
+        # run_s(batch, context_tokens, steps): seconds of ``steps`` decode steps of ``batch``
+        # requests starting at ``context_tokens`` — the closed form itself when there is one
+        # (called a few times per decode run, so no wrapper), else summed step by step.
+        self.run_s: Callable[[int, int, int], float] = self._run if self._run is not None else self._run_by_steps
         self._cum_key: tuple[int, int] = (-1, -1)
         self._cum: list[float] = []
+        # Step times by shape fields. A latency model is a pure function of the shape, and tiled
+        # traces repeat prompt lengths, so most prefill steps are costed once.
+        self._steps_s: dict[tuple[int, int, int, int, int], float] = {}
 
     @property
     def has_closed_form(self) -> bool:
@@ -53,6 +65,22 @@ class StepCoster:
         dt = self._step(shape, self.tp_degree)
         if dt < 0:
             raise ValueError(f"latency model returned a negative step time {dt} for {shape}")
+        return dt
+
+    def mixed_step_s(self, prefill_tokens: int, prefill_tokens_sq: int, prefill_requests: int,
+                     decode_requests: int, decode_context_tokens: int) -> float:
+        """``step_s`` of the shape with these fields, memoized (at most ``STEP_MEMO_ENTRIES`` kept)."""
+        key = (prefill_tokens, prefill_tokens_sq, prefill_requests, decode_requests, decode_context_tokens)
+        memo = self._steps_s
+        dt = memo.get(key)
+        if dt is None:
+            dt = self.step_s(BatchShape(
+                prefill_tokens=prefill_tokens, prefill_tokens_sq=prefill_tokens_sq, prefill_requests=prefill_requests,
+                decode_requests=decode_requests, decode_context_tokens=decode_context_tokens,
+            ))
+            if len(memo) >= STEP_MEMO_ENTRIES:
+                memo.clear()  # bounds memory; costs are recomputed identically
+            memo[key] = dt
         return dt
 
     def _cumulative(self, batch: int, context_tokens: int, steps: int) -> list[float]:
@@ -69,10 +97,8 @@ class StepCoster:
             self._cum = cum
         return self._cum
 
-    def run_s(self, batch: int, context_tokens: int, steps: int) -> float:
-        """Seconds of ``steps`` decode steps of ``batch`` requests starting at ``context_tokens``."""
-        if self._run is not None:
-            return float(self._run(batch, context_tokens, steps, self.tp_degree))
+    def _run_by_steps(self, batch: int, context_tokens: int, steps: int) -> float:
+        """``run_s`` without a closed form: the sum of single steps."""
         if steps == 1:
             return self.step_s(BatchShape(decode_requests=batch, decode_context_tokens=context_tokens))
         return self._cumulative(batch, context_tokens, steps)[steps - 1]

@@ -35,11 +35,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from orchestrator.core.types import InstanceHealth, InstanceLoad, Role
-from simulations.latency.base import BatchShape
 from simulations.sim.cost import StepCoster
 from simulations.sim.events import EventPriority, Scheduled
 from simulations.sim.recorder import BusyTimeline, Recorder
-from simulations.sim.types import BatchPolicy, InstanceSpec, SimRequest
+from simulations.sim.types import BatchPolicy, InstanceSpec, LoadReports, SimRequest
 
 __all__ = ["BatchPolicy", "Events", "Instance", "InstanceSink", "InstanceSpec", "SimRequest"]
 
@@ -71,7 +70,7 @@ class Instance:
         "steps", "used_blocks", "queued_tokens", "newcomers", "last_decode_end_s", "busy", "epoch",
         "run_start_s", "run_k", "run_batch", "run_context", "run_chunks", "run_new", "_load",
         "busy_s", "prefill_tokens_done", "decode_tokens_done", "preemptions", "_on_end", "in_prefill",
-        "growth_unreported", "_load_key", "_dirty", "dirty_log",
+        "growth_unreported", "_load_key", "_dirty", "dirty_log", "_reports",
     )
 
     def __init__(
@@ -109,6 +108,10 @@ class Instance:
         self.run_chunks: list[tuple[SimRequest, int]] = []
         self.run_new: list[SimRequest] = []
         self._load: InstanceLoad | None = None
+        self._reports = LoadReports(InstanceLoad(
+            instance_id=spec.instance_id, role=spec.role, node_id=spec.node_id, total_kv_blocks=spec.kv_blocks,
+            block_size=spec.block_size, max_running_requests=spec.max_running_requests,
+        ))
         self._load_key: tuple[int, int, int, int, InstanceHealth] | None = None
         self._dirty = True  # something a load report shows may have changed
         # Indexes of instances that became dirty, for the cluster's snapshot (shared list).
@@ -144,13 +147,8 @@ class Instance:
         key = (self.queued_tokens, waiting, len(self.running), free, self.health)
         if key != self._load_key or self._load is None:
             self._load_key = key
-            self._load = InstanceLoad(
-                instance_id=spec.instance_id, role=spec.role, node_id=spec.node_id, health=self.health,
-                queued_prefill_tokens=self.queued_tokens, waiting_requests=waiting,
-                running_requests=len(self.running), free_kv_blocks=max(0, free),
-                total_kv_blocks=spec.kv_blocks, block_size=spec.block_size,
-                max_running_requests=spec.max_running_requests,
-            )
+            self._load = self._reports.build(self.health, self.queued_tokens, waiting, len(self.running),
+                                             free if free > 0 else 0)
         return self._load
 
     def _touch(self) -> None:
@@ -219,9 +217,11 @@ class Instance:
     def _growth(self, s: int, k: int) -> int:
         """Blocks the running batch adds over decode steps s .. s+k-1."""
         bs = self.spec.block_size
+        res = self.residues
+        if k == 1:  # the common case (a single step, a cut run); what the lines below compute
+            return res[(-s) % bs]
         full, rem = divmod(k, bs)
         added = full * len(self.running)
-        res = self.residues
         for j in range(rem):
             added += res[(-(s + j)) % bs]
         return added
@@ -392,10 +392,7 @@ class Instance:
             return self._idle()
         context = self.sum_offset + batch * self.steps if batch else 0
         if chunks:
-            dt = self.coster.step_s(BatchShape(
-                prefill_tokens=tokens, prefill_tokens_sq=tokens_sq, prefill_requests=len(chunks),
-                decode_requests=batch, decode_context_tokens=context,
-            ))
+            dt = self.coster.mixed_step_s(tokens, tokens_sq, len(chunks), batch, context)
         else:
             dt = self.coster.run_s(batch, context, k)
         if batch:
@@ -412,7 +409,9 @@ class Instance:
         self.run_context = context
         self.run_chunks = chunks
         self.epoch += 1
-        self._touch()
+        if not self._dirty:  # _touch, inline on the hot path
+            self._dirty = True
+            self.dirty_log.append(self.index)
         return [(now_s + dt, EventPriority.STEP_END, self._on_end, self.epoch)]
 
     def _idle(self) -> Events:
@@ -446,7 +445,9 @@ class Instance:
         if epoch != self.epoch:
             return None  # a run that was cut short; its replacement event is queued
         self.busy = False
-        self._touch()
+        if not self._dirty:  # _touch, inline on the hot path
+            self._dirty = True
+            self.dirty_log.append(self.index)
         self.timeline.add(self.run_start_s, now_s)
         self.busy_s += now_s - self.run_start_s
         out: list[Scheduled] = []

@@ -1,17 +1,31 @@
-"""KV transfers as flows over shared links.
+"""KV transfers as flows over shared links, at max-min fair rates.
 
 Every GPU has an intra-node port (NVLink) and a NIC (as in DGX-class nodes,
 one NIC per GPU), each with separate out and in directions; an instance of
 ``gpus`` GPUs has ``gpus`` times the bandwidth. A flow between instances on
 one node uses the source's NVLink out and the destination's NVLink in; across
-nodes, the source NIC's out and the destination NIC's in. Flows sharing a
-link split it equally; a flow moves at the smallest share along its path.
-Rates are recomputed whenever a flow starts or ends, and one pending event
-marks the next completion (stale ones are ignored by epoch).
+nodes, the source NIC's out and the destination NIC's in.
+
+Links are shared max-min fairly (progressive filling; an idealisation of
+what per-flow congestion control settles at): the link with the smallest fair share (capacity left
+/ flows not yet fixed) is the bottleneck of its flows, which are fixed at
+that share; their bandwidth is taken off the other link they cross, and the
+next most constrained link is found, until every flow has a rate. A flow
+held back elsewhere leaves its unused share of a link to the flows that can
+use it, so no link that could carry more for some flow sits idle.
+
+A flow's life: ``start`` registers it and recomputes every rate; bytes drain
+at those rates; one pending event marks the earliest completion (stale ones
+are ignored by epoch); at a completion the finished flows leave, the rates
+are recomputed, and each finished flow's ``on_done`` runs, at once or
+``LinkConfig.transfer_latency_s`` later (a fixed hand-off latency that holds
+no bandwidth). Rates change only when a flow starts or ends, so completion
+times are exact.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,10 +50,15 @@ class LinkConfig:
 
     intra_node_gbps: float = 300.0  # NVLink port of one GPU (A100 class)
     inter_node_gbps: float = 25.0  # one 200 Gb/s NIC per GPU
+    # Fixed seconds from a transfer's last byte to its hand-off completing (the control calls
+    # around it, the receiver taking the request up); it holds no link bandwidth.
+    transfer_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.intra_node_gbps <= 0 or self.inter_node_gbps <= 0:
             raise ValueError("link bandwidths must be positive")
+        if not 0.0 <= self.transfer_latency_s < float("inf"):  # also rejects NaN
+            raise ValueError(f"transfer_latency_s must be finite and >= 0, got {self.transfer_latency_s}")
 
 
 class _Flow:
@@ -57,13 +76,13 @@ class Network:
     """Active flows and the links they share."""
 
     __slots__ = ("config", "flows", "_last_s", "_epoch", "bytes_moved", "flows_done", "_on_tick", "_capacity_bps",
-                 "_users")
+                 "_on_link")
 
     def __init__(self, config: LinkConfig) -> None:
         self.config = config
         self.flows: list[_Flow] = []
         self._capacity_bps: dict[str, float] = {}
-        self._users: dict[str, int] = {}  # link -> active flows on it (kept as flows start and end)
+        self._on_link: dict[str, list[_Flow]] = {}  # link -> active flows on it (kept as flows start and end)
         self._last_s = 0.0
         self._epoch = 0
         self.bytes_moved = 0.0
@@ -82,6 +101,10 @@ class Network:
         self._capacity_bps[links[1]] = gbps * 1e9 * dst.gpus
         return links
 
+    def rates_bps(self) -> dict[Any, float]:
+        """Each active flow's current rate in bytes/s, by payload."""
+        return {f.payload: f.rate_bps for f in self.flows}
+
     def _advance(self, now_s: float) -> None:
         elapsed = now_s - self._last_s
         if elapsed > 0:
@@ -89,24 +112,64 @@ class Network:
                 flow.remaining_bytes -= flow.rate_bps * elapsed
         self._last_s = now_s
 
-    def _reschedule(self, now_s: float) -> list[Scheduled]:
-        users = self._users
-        next_s = float("inf")
+    def _fill(self) -> None:
+        """Set every flow's max-min fair rate by progressive filling (see the module docstring)."""
         capacity = self._capacity_bps
-        # min()/max() written as comparisons (same values, ties and all; no NaNs here): the hot loop.
+        on_link = self._on_link
+        left_bps: dict[str, float] = {}
+        unfixed: dict[str, int] = {}
+        heap: list[tuple[float, str]] = []
+        for link, users in on_link.items():
+            left_bps[link] = capacity[link]
+            unfixed[link] = len(users)
+            heap.append((capacity[link] / len(users), link))
+        heapq.heapify(heap)
         for flow in self.flows:
-            out_link, in_link = flow.links
-            out_bps = capacity[out_link] / users[out_link]
-            in_bps = capacity[in_link] / users[in_link]
-            rate_bps = in_bps if in_bps < out_bps else out_bps
-            flow.rate_bps = rate_bps
+            flow.rate_bps = -1.0
+        todo = len(self.flows)
+        pop = heapq.heappop
+        push = heapq.heappush
+        while todo:
+            share_bps, link = pop(heap)
+            n = unfixed[link]
+            # Lazy deletion: each change of a link's share pushed a fresh entry, so an entry
+            # that no longer equals the share (or whose link is settled) is stale.
+            if n == 0 or left_bps[link] / n != share_bps:
+                continue
+            unfixed[link] = 0
+            for flow in on_link[link]:
+                if flow.rate_bps >= 0.0:
+                    continue
+                flow.rate_bps = share_bps
+                todo -= 1
+                out_link, in_link = flow.links
+                other = in_link if out_link == link else out_link
+                rest = unfixed[other] - 1
+                unfixed[other] = rest
+                if rest:
+                    left = left_bps[other] - share_bps
+                    left_bps[other] = left
+                    push(heap, (left / rest, other))
+
+    def _reschedule(self, now_s: float) -> list[Scheduled]:
+        self._epoch += 1
+        flows = self.flows
+        if not flows:
+            return []
+        if len(self._on_link) == 2 * len(flows):  # no link is shared: each flow at its slower link
+            capacity = self._capacity_bps
+            for flow in flows:
+                out_bps = capacity[flow.links[0]]
+                in_bps = capacity[flow.links[1]]
+                flow.rate_bps = in_bps if in_bps < out_bps else out_bps
+        else:
+            self._fill()
+        next_s = float("inf")
+        for flow in flows:
             left = flow.remaining_bytes
-            done_s = now_s + (left if left > 0.0 else 0.0) / rate_bps
+            done_s = now_s + (left if left > 0.0 else 0.0) / flow.rate_bps
             if done_s < next_s:
                 next_s = done_s
-        self._epoch += 1
-        if not self.flows:
-            return []
         return [(next_s, EventPriority.TRANSFER, self._on_tick, self._epoch)]
 
     def start(self, payload: Any, size_bytes: float, src: Endpoint, dst: Endpoint, now_s: float,
@@ -115,11 +178,15 @@ class Network:
         if size_bytes < 0:
             raise ValueError(f"negative transfer size {size_bytes}")
         self._advance(now_s)
-        links = self.path(src, dst)
-        self.flows.append(_Flow(payload, float(size_bytes), links, on_done))
-        users = self._users
-        for link in links:
-            users[link] = users.get(link, 0) + 1
+        flow = _Flow(payload, float(size_bytes), self.path(src, dst), on_done)
+        self.flows.append(flow)
+        on_link = self._on_link
+        for link in flow.links:
+            users = on_link.get(link)
+            if users is None:
+                on_link[link] = [flow]
+            else:
+                users.append(flow)
         self.bytes_moved += size_bytes
         return self._reschedule(now_s)
 
@@ -133,18 +200,27 @@ class Network:
         for f in self.flows:
             (active if f.remaining_bytes > f.rate_bps * 1e-9 else done).append(f)
         self.flows = active
-        users = self._users
+        on_link = self._on_link
         for f in done:
             for link in f.links:
-                left = users[link] - 1
-                if left:
-                    users[link] = left
+                users = on_link[link]
+                if len(users) == 1:
+                    del on_link[link]
                 else:
-                    del users[link]
+                    users.remove(f)
         out = self._reschedule(now_s)
+        latency_s = self.config.transfer_latency_s
         for flow in done:
+            if latency_s > 0.0:
+                out.append((now_s + latency_s, EventPriority.TRANSFER, self._deliver, flow))
+                continue
             self.flows_done += 1
             more = flow.on_done(flow.payload, now_s)
             if more:
                 out.extend(more)
         return out
+
+    def _deliver(self, now_s: float, flow: _Flow) -> list[Scheduled] | None:
+        """Hand a finished flow over, ``transfer_latency_s`` after its last byte."""
+        self.flows_done += 1
+        return flow.on_done(flow.payload, now_s)

@@ -47,7 +47,10 @@ class GapHistogram:
         if value_s <= 0.0:
             return 0
         b = int((math.log10(value_s) - self.lo_exp) * self.per_decade)
-        return min(max(b, 0), len(self.counts) - 1)
+        if b < 0:
+            return 0
+        last = len(self.counts) - 1
+        return b if b < last else last
 
     def bin_value_s(self, b: int) -> float:
         """Geometric centre of bin ``b``."""
@@ -60,7 +63,10 @@ class GapHistogram:
             b = 0
         else:  # _bin, inline on the hot path
             b = int((math.log10(value_s) - self.lo_exp) * self.per_decade)
-            b = min(max(b, 0), len(counts) - 1)
+            if b < 0:
+                b = 0
+            elif b >= len(counts):
+                b = len(counts) - 1
         counts[b] += weight
         self.total_weight += weight
         self.weighted_sum_s += value_s * weight

@@ -19,7 +19,8 @@ from simulations.latency.regression import RegressionLatency
 from simulations.latency.roofline import RooflineLatency
 from simulations.latency.trivial import FixedLatency, ZeroLatency
 
-RunFn = Callable[[int, int, int, int], float]
+RunFn = Callable[[int, int, int, int], float]  # (batch, context_tokens, steps, tp_degree) -> seconds
+TpRunFn = Callable[[int, int, int], float]  # the same at one TP degree
 
 
 def _series(first: float, step: float, i0: int, i1: int) -> float:
@@ -43,14 +44,13 @@ def _affine_runs(model: LatencyModel) -> RunFn:
     return run
 
 
-def _roofline_runs(model: RooflineLatency) -> RunFn:
+def _roofline_runs_at(model: RooflineLatency, tp_degree: int) -> TpRunFn:
     # For a fixed batch and TP degree, compute and memory time are affine in context:
-    # coefficients are derived once per (batch, tp) from the model's own flops/bytes.
-    coefficients: dict[tuple[int, int], tuple[float, float, float, float, float]] = {}
+    # coefficients are derived once per batch from the model's own flops/bytes.
+    coefficients: dict[int, tuple[float, float, float, float, float]] = {}
 
-    def coeffs(batch: int, tp_degree: int) -> tuple[float, float, float, float, float]:
-        key = (batch, tp_degree)
-        found = coefficients.get(key)
+    def coeffs(batch: int) -> tuple[float, float, float, float, float]:
+        found = coefficients.get(batch)
         if found is None:
             shape0 = BatchShape(decode_requests=batch, decode_context_tokens=0)
             shape1 = BatchShape(decode_requests=batch, decode_context_tokens=1)
@@ -60,14 +60,17 @@ def _roofline_runs(model: RooflineLatency) -> RunFn:
             m0 = model.bytes_moved(shape0) / memory_div
             found = (c0, model.flops(shape1) / compute_div - c0, m0, model.bytes_moved(shape1) / memory_div - m0,
                      model.overhead_s + model.comm_time_s(shape0, tp_degree))
-            coefficients[key] = found
+            coefficients[batch] = found
         return found
 
-    def run(batch: int, context_tokens: int, steps: int, tp_degree: int = 1) -> float:
-        found = coefficients.get((batch, tp_degree))
-        c_int, c_slope, m_int, m_slope, fixed = coeffs(batch, tp_degree) if found is None else found
+    def run(batch: int, context_tokens: int, steps: int) -> float:
+        found = coefficients.get(batch)
+        c_int, c_slope, m_int, m_slope, fixed = coeffs(batch) if found is None else found
         c0 = c_int + c_slope * context_tokens
         m0 = m_int + m_slope * context_tokens
+        if steps == 1:
+            # What the general form below reduces to for one step, bit for bit: the bound at i = 0.
+            return fixed + (c0 if c0 >= m0 else m0)
         c_step = c_slope * batch
         m_step = m_slope * batch
         # Steps i < split have one bound, i >= split the other (the lines cross at most once).
@@ -91,6 +94,18 @@ def _roofline_runs(model: RooflineLatency) -> RunFn:
     return run
 
 
+def _roofline_runs(model: RooflineLatency) -> RunFn:
+    per_tp: dict[int, TpRunFn] = {}
+
+    def run(batch: int, context_tokens: int, steps: int, tp_degree: int = 1) -> float:
+        at_tp = per_tp.get(tp_degree)
+        if at_tp is None:
+            at_tp = per_tp[tp_degree] = _roofline_runs_at(model, tp_degree)
+        return at_tp(batch, context_tokens, steps)
+
+    return run
+
+
 def closed_form_runs(model: LatencyModel) -> RunFn | None:
     """The decode-run closed form for ``model``, or None when it has none (costed step by step)."""
     own = getattr(model, "decode_run_time_s", None)
@@ -101,3 +116,17 @@ def closed_form_runs(model: LatencyModel) -> RunFn | None:
     if type(model) in (RegressionLatency, FixedLatency, ZeroLatency):
         return _affine_runs(model)
     return None
+
+
+def closed_form_runs_at(model: LatencyModel, tp_degree: int) -> TpRunFn | None:
+    """``closed_form_runs`` at one TP degree, returning floats; None when ``model`` has no closed form."""
+    if type(model) is RooflineLatency and not callable(getattr(model, "decode_run_time_s", None)):
+        return _roofline_runs_at(model, tp_degree)  # the hot path: no per-call dispatch
+    run = closed_form_runs(model)
+    if run is None:
+        return None
+
+    def at_tp(batch: int, context_tokens: int, steps: int) -> float:
+        return float(run(batch, context_tokens, steps, tp_degree))
+
+    return at_tp

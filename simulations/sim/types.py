@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
-from orchestrator.core.types import Role
+from orchestrator.core.types import InstanceHealth, InstanceLoad, Role
 
 
 class BatchPolicy(str, Enum):
@@ -59,3 +61,47 @@ class SimRequest:
         self.last_token_s = 0.0
         self.decode_to: Any = None  # decode Instance after a disaggregated prefill
         self.prefill_from: Any = None  # prefill Instance holding the KV until the transfer ends
+
+
+# Fields of a load report that change while an instance runs; the rest are fixed by its spec.
+_CHANGING = ("health", "queued_prefill_tokens", "waiting_requests", "running_requests", "free_kv_blocks")
+# Filling the slots directly gives the object the constructor would, at a third of the cost (a
+# report is built at most once per instance per arrival); only valid while construction does
+# nothing but store the fields.
+_FILL_SLOTS = (
+    not hasattr(InstanceLoad, "__post_init__")
+    and set(InstanceLoad.__slots__) == {f.name for f in fields(InstanceLoad)}
+)
+
+
+class LoadReports:
+    """Builds one instance's ``InstanceLoad`` reports from a template holding its fixed fields."""
+
+    __slots__ = ("_template", "_fixed", "_set")
+
+    def __init__(self, template: InstanceLoad) -> None:
+        self._template = template
+
+        def setter(name: str) -> Callable[[InstanceLoad, object], None]:
+            return getattr(InstanceLoad, name).__set__  # type: ignore[no-any-return]
+
+        self._fixed = tuple((setter(n), getattr(template, n)) for n in InstanceLoad.__slots__ if n not in _CHANGING)
+        self._set = tuple(setter(n) for n in _CHANGING)
+
+    def build(self, health: InstanceHealth, queued_prefill_tokens: int, waiting_requests: int,
+              running_requests: int, free_kv_blocks: int) -> InstanceLoad:
+        """A report equal to the template with the changing fields replaced."""
+        if not _FILL_SLOTS:
+            return dataclasses.replace(
+                self._template, health=health, queued_prefill_tokens=queued_prefill_tokens,
+                waiting_requests=waiting_requests, running_requests=running_requests, free_kv_blocks=free_kv_blocks)
+        load: InstanceLoad = InstanceLoad.__new__(InstanceLoad)
+        for put, value in self._fixed:
+            put(load, value)
+        put_health, put_queued, put_waiting, put_running, put_free = self._set
+        put_health(load, health)
+        put_queued(load, queued_prefill_tokens)
+        put_waiting(load, waiting_requests)
+        put_running(load, running_requests)
+        put_free(load, free_kv_blocks)
+        return load

@@ -10,6 +10,7 @@ from sim_models import AffineModel
 
 from orchestrator.core.slo import SLOTarget
 from orchestrator.core.types import ClusterSnapshot, InstanceHealth, Role
+from simulations.latency.trivial import ZeroLatency
 from simulations.sim.cluster import ClusterSim, ControlDecision, SetHealth, colocated, disaggregated, place
 from simulations.sim.results import collect
 from simulations.traces.trace import Trace
@@ -109,3 +110,36 @@ def test_requests_too_large_for_the_kv_cache_are_rejected_not_lost() -> None:
     summary = collect(sim).summary
     assert summary["finished"] == 1 and summary["rejected"] == 1
     assert summary["rejected_reasons"] == {"exceeds_kv_capacity": 1}
+
+
+def test_request_overhead_delays_the_router_and_counts_in_ttft_and_e2e() -> None:
+    # Free steps and instant KV moves: the overhead is the only latency a request sees.
+    n = 200
+    trace = Trace("t", np.arange(n) * 0.5, np.full(n, 300), np.full(n, 20))
+    sim = ClusterSim(trace, ZeroLatency(), disaggregated(2, 2, request_overhead_s=0.25))
+    sim.run()
+    result = collect(sim)
+    assert result.summary["finished"] == n
+    assert np.all(result.ttft_s == 0.25) and np.all(result.e2e_s == 0.25)
+
+
+def test_request_overhead_shifts_every_request_by_the_same_delay() -> None:
+    # Nothing in the cluster reads absolute time, so a fixed overhead only shifts the run.
+    rng = np.random.default_rng(5)
+    n = 400
+    trace = Trace("t", np.cumsum(rng.integers(1, 64, n)) / 256.0, rng.integers(1, 3000, n), rng.integers(1, 300, n))
+    runs = []
+    for overhead_s in (0.0, 0.125):
+        sim = ClusterSim(trace, AffineModel(), disaggregated(2, 2, decode_kv_blocks=800, request_overhead_s=overhead_s))
+        sim.run()
+        runs.append(collect(sim))
+    base, delayed = runs
+    assert np.allclose(delayed.ttft_s, base.ttft_s + 0.125, rtol=0, atol=1e-9)
+    assert np.allclose(delayed.e2e_s, base.e2e_s + 0.125, rtol=0, atol=1e-9)
+    assert base.summary["preemptions"] == delayed.summary["preemptions"] > 0
+
+
+@pytest.mark.parametrize("overhead_s", [-0.001, float("nan"), float("inf")])
+def test_bad_request_overheads_are_rejected(overhead_s: float) -> None:
+    with pytest.raises(ValueError, match="request_overhead_s"):
+        colocated(1, request_overhead_s=overhead_s)

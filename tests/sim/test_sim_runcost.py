@@ -11,7 +11,7 @@ from simulations.latency.regression import RegressionLatency
 from simulations.latency.roofline import RooflineLatency, tp_scaling_for
 from simulations.latency.trivial import FixedLatency, ZeroLatency
 from simulations.sim.cost import StepCoster
-from simulations.sim.runcost import closed_form_runs
+from simulations.sim.runcost import closed_form_runs, closed_form_runs_at
 
 MODELS: dict[str, LatencyModel] = {
     "roofline-a100-13b": RooflineLatency.named("llama-2-13b", "a100-80gb"),
@@ -64,3 +64,61 @@ def test_coster_finds_the_step_boundary_after_an_instant() -> None:
     loop_coster = StepCoster(MODELS["fixed"], 1, use_closed_form=False)
     assert not loop_coster.has_closed_form
     assert [loop_coster.steps_by(4, 100, 10, t) for t in (0.0, 0.05, 0.04, 5.0)] == [1, 3, 2, 10]
+
+
+@pytest.mark.parametrize("name", ["roofline-a100-13b", "roofline-l40s-7b-overhead"])
+def test_a_one_step_run_is_the_step_time(name: str) -> None:
+    # The one-step shortcut must agree with the latency model on both sides of the roofline.
+    model = MODELS[name]
+    run = closed_form_runs(model)
+    assert run is not None
+    rng = random.Random(5)
+    for _ in range(300):
+        batch, context, tp = rng.randint(1, 600), rng.randint(0, 900_000), rng.choice([1, 2, 4])
+        step = model.step_time_s(BatchShape(decode_requests=batch, decode_context_tokens=context), tp)
+        assert run(batch, context, 1, tp) == pytest.approx(step, rel=1e-9, abs=0.0)
+        two = run(batch, context, 1, tp) + run(batch, context + batch, 1, tp)
+        assert run(batch, context, 2, tp) == pytest.approx(two, rel=1e-12)
+
+
+class _CountingModel:
+    """A pure latency model that counts its evaluations."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def step_time_s(self, shape: BatchShape, tp_degree: int = 1) -> float:
+        self.calls += 1
+        return 1e-3 + 1e-6 * shape.prefill_tokens + 1e-7 * shape.prefill_tokens_sq + 1e-5 * shape.decode_requests
+
+
+def test_mixed_steps_are_costed_once_per_shape_and_the_memo_stays_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _CountingModel()
+    coster = StepCoster(model, 1)
+    first = coster.mixed_step_s(100, 100 * 100, 1, 3, 900)
+    assert first == model.step_time_s(BatchShape(100, 100 * 100, 1, 3, 900))
+    calls = model.calls
+    assert coster.mixed_step_s(100, 100 * 100, 1, 3, 900) == first and model.calls == calls
+    assert coster.mixed_step_s(101, 101 * 101, 1, 3, 900) != first and model.calls == calls + 1
+    monkeypatch.setattr("simulations.sim.cost.STEP_MEMO_ENTRIES", 4)
+    for tokens in range(10):
+        coster.mixed_step_s(tokens, tokens * tokens, 1, 0, 0)
+    assert 1 <= len(coster._steps_s) <= 4
+    assert coster.mixed_step_s(9, 81, 1, 0, 0) == model.step_time_s(BatchShape(9, 81, 1, 0, 0))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_runs_at_one_tp_degree_equal_the_general_form(name: str) -> None:
+    model = MODELS[name]
+    general = closed_form_runs(model)
+    assert general is not None
+    rng = random.Random(9)
+    for tp in (1, 2, 8):
+        at_tp = closed_form_runs_at(model, tp)
+        assert at_tp is not None
+        for _ in range(40):
+            batch, context, steps = rng.randint(1, 512), rng.randint(0, 600_000), rng.randint(1, 300)
+            value = at_tp(batch, context, steps)
+            assert type(value) is float and value == general(batch, context, steps, tp)
+    assert closed_form_runs_at(_CountingModel(), 1) is None

@@ -135,3 +135,26 @@ def test_carried_orders_equal_a_fresh_sort_under_random_replacements() -> None:
         assert nxt.at_s == float(step) and nxt.version == step
         snap = nxt
     assert any(isinstance(k, tuple) and k[0] == "route_order" for k in snap.memo)
+
+
+@pytest.mark.parametrize("fill_slots", [True, False])
+def test_load_reports_equal_the_constructed_report(fill_slots: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from simulations.sim import types
+
+    monkeypatch.setattr(types, "_FILL_SLOTS", fill_slots)
+    template = InstanceLoad(instance_id="d3", role=Role.DECODE, node_id="node-1", total_kv_blocks=900,
+                            block_size=32, max_running_requests=64)
+    reports = types.LoadReports(template)
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        health = [InstanceHealth.HEALTHY, InstanceHealth.DRAINING][int(rng.integers(2))]
+        q, w, r, f = (int(v) for v in rng.integers(0, 1000, 4))
+        built = reports.build(health, q, w, r, f)
+        expected = dataclasses.replace(template, health=health, queued_prefill_tokens=q, waiting_requests=w,
+                                       running_requests=r, free_kv_blocks=f)
+        assert built == expected and hash(built) == hash(expected)
+        assert built.is_routable is (health is InstanceHealth.HEALTHY)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            built.free_kv_blocks = 0  # type: ignore[misc]

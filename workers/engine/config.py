@@ -155,6 +155,18 @@ class EngineRole(str, Enum):
     DECODE_ONLY = "decode_only"  # fresh prompts come prefilled; only recomputes run prompt chunks
 
 
+class KVReads(str, Enum):
+    """How attention reads a request's cached K/V."""
+
+    AUTO = "auto"  # VIEWS on CPU, GATHER on CUDA
+    # Read a context held in consecutive cache slots in place, one attention call per request; other
+    # contexts are gathered. Best where copying costs more than a call (CPU).
+    VIEWS = "views"
+    # Copy every context's blocks into padded batches, one attention call per group of similar
+    # lengths. Best where calls cost more than copies (CUDA).
+    GATHER = "gather"
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Knobs of one engine instance; defaults suit the tiny CPU model."""
@@ -170,6 +182,7 @@ class EngineConfig:
     role: EngineRole = EngineRole.COLOCATED
     seed: int = 0  # seeds the generator used by unseeded random sampling
     num_threads: int | None = 1  # torch intra-op threads on CPU; None leaves torch's setting
+    kv_reads: KVReads = KVReads.AUTO  # how attention reads cached K/V (results are the same either way)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -186,5 +199,9 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
+        if not isinstance(self.kv_reads, KVReads):
+            raise ValueError(
+                f"EngineConfig.kv_reads must be one of {[m.value for m in KVReads]}, got {self.kv_reads!r}"
+            )
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")

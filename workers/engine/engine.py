@@ -23,7 +23,7 @@ import torch
 
 from workers.engine.batch import build_batch
 from workers.engine.block_manager import BlockManager, OutOfKVBlocks
-from workers.engine.config import EngineConfig, EngineRole
+from workers.engine.config import EngineConfig, EngineRole, KVReads
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.kv_cache import KVCache, num_blocks_for_budget
 from workers.engine.kv_layout import KVLayout
@@ -45,6 +45,9 @@ from workers.engine.sampling_params import InvalidSamplingParams, SamplingParams
 from workers.engine.scheduler import ScheduledChunk, Scheduler, Sequence
 
 __all__ = ["LLMEngine", "OutOfKVBlocks"]
+
+# Room kept after a reservation's blocks for tokens it will generate, when the caller does not say.
+RESERVE_HEADROOM_TOKENS = 256
 
 
 class LLMEngine:
@@ -77,6 +80,9 @@ class LLMEngine:
         num_blocks = config.num_blocks or num_blocks_for_budget(self._layout, config.kv_cache_bytes)
         self.kv_cache = KVCache(self._layout, num_blocks, self.device)
         self.model.set_block_size(config.block_size)
+        self._kv_views = config.kv_reads is KVReads.VIEWS or (
+            config.kv_reads is KVReads.AUTO and self.device.type == "cpu"
+        )
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.role
@@ -276,14 +282,20 @@ class LLMEngine:
 
     def _run(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
         tables = [self.blocks.table(c.seq.request_id) for c in chunks]
-        batch = build_batch(chunks, tables, self.config.block_size, self.device, self._layout.dtype)
+        batch = build_batch(
+            chunks, tables, self.config.block_size, self.device, self._layout.dtype, self._kv_views
+        )
         hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_cache.layers)
         for chunk in batch.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
         if not batch.sample_rows:
             return []
-        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.logits(hidden.index_select(0, rows))
+        num_rows = len(batch.sample_rows)
+        if batch.sample_rows[-1] == num_rows - 1:  # rows 0..n-1 (ascending, distinct): a slice, no gather
+            logits = self.model.logits(hidden[:num_rows])
+        else:
+            rows = torch.tensor(batch.sample_rows, dtype=torch.long).to(self.device)
+            logits = self.model.logits(hidden.index_select(0, rows))
         seqs = [c.seq for c in batch.sample_chunks]
         new_tokens = sample(
             logits, [s.sampling for s in seqs], [s.num_output_tokens for s in seqs], self._generator
@@ -354,7 +366,9 @@ class LLMEngine:
         try:
             seq = Sequence(request_id, len(prompt), list(prompt), sampling, next(self._arrival))
             chunk = ScheduledChunk(seq, len(prompt))
-            batch = build_batch([chunk], [table], self.config.block_size, self.device, self._layout.dtype)
+            batch = build_batch(
+                [chunk], [table], self.config.block_size, self.device, self._layout.dtype, self._kv_views
+            )
             hidden = self.model(
                 batch.input_ids, batch.positions, batch.meta, self.kv_cache.layers, on_layer_kv
             )
@@ -365,15 +379,20 @@ class LLMEngine:
 
     # ----- disaggregation: decode side -----------------------------------------------------------
 
-    def reserve(self, request_id: str, num_tokens: int) -> list[int]:
-        """Allocate blocks for a prompt of ``num_tokens`` tokens; raises ``OutOfKVBlocks`` if they are not free."""
+    def reserve(self, request_id: str, num_tokens: int, max_tokens: int | None = None) -> list[int]:
+        """Allocate blocks for a prompt of ``num_tokens`` tokens; raises ``OutOfKVBlocks`` if they are not free.
+
+        ``max_tokens`` (output tokens the request may generate; default ``RESERVE_HEADROOM_TOKENS``)
+        only guides placement: room for them is kept after the prompt's blocks where free.
+        """
         if self.config.role is EngineRole.PREFILL_ONLY:
             raise WrongRole("a prefill-only engine does not take prefilled requests")
         self._check_new_id(request_id)
         if not isinstance(num_tokens, int) or num_tokens < 1:
             raise InvalidRequest(f"num_tokens must be a positive integer, got {num_tokens!r}")
         self._check_length(num_tokens)
-        table = self.blocks.ensure_capacity(request_id, num_tokens)
+        headroom = RESERVE_HEADROOM_TOKENS if max_tokens is None else max_tokens
+        table = self.blocks.ensure_capacity(request_id, num_tokens, num_tokens + headroom)
         self._reserved[request_id] = num_tokens
         return list(table)
 

@@ -2,17 +2,18 @@
 
 One forward runs every token scheduled in a step, flattened: decode tokens first
 (one per sequence), then prefill chunks. Dense layers (projections, MLP, norms)
-run once over all of them; attention runs per kind of work: one padded call per
-group of decodes of similar context length, one call per prefill chunk. New K/V
-are written into their cache slots before attention, so a chunk attends to
-earlier chunks through the cache.
+run once over all of them; attention runs per kind of work: one call per decode
+whose context is read in place (a view of consecutive cache slots), one padded
+call per group of gathered decodes of similar context length, one call per
+prefill chunk. New K/V are written into their cache slots before attention, so a
+chunk attends to earlier chunks through the cache.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -21,21 +22,29 @@ from torch import nn
 
 from workers.engine.config import ModelConfig, RopeScaling
 
+# Row counts for which CPU logits are computed as weight @ hidden.T (see LlamaModel.logits): measured
+# with MKL on AVX-512, the [rows, hidden] @ weight.T kernel is up to 2x slower there, and faster outside.
+_SKINNY_LOGITS_ROWS = range(4, 29)
+
 # Called as on_layer_kv(layer_idx, k, v) with [num_tokens, num_kv_heads, head_dim] post-RoPE tensors.
 LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(slots=True)
 class PrefillChunk:
-    """One sequence's chunk of prompt tokens inside the flat batch."""
+    """One sequence's chunk of prompt tokens inside the flat batch.
+
+    Attention reads the earlier context from ``context_slot`` (a view of consecutive cache
+    slots) or else from ``context_blocks`` (a gather); with neither set the chunk is the
+    whole context and attends to its own fresh K/V.
+    """
 
     q_start: int  # first index of the chunk in the flat batch
     q_len: int
     context_len: int  # tokens of this sequence in the cache after this step (earlier chunks + this one)
-    context_blocks: (
-        torch.Tensor | None
-    )  # blocks holding the context; None when the chunk is the whole context
-    mask: torch.Tensor | None  # [q_len, context_len] bool, True where attention is allowed
+    context_blocks: torch.Tensor | None  # blocks holding the context, to gather
+    mask: torch.Tensor | None  # [q_len, context_len] additive: 0 where attention is allowed, -inf elsewhere
+    context_slot: int | None = None  # first cache slot of a context held in consecutive slots
 
 
 @dataclass(slots=True)
@@ -51,11 +60,18 @@ class DecodeBatch:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """Where each new token's K/V goes and what each query attends to."""
+    """Where each new token's K/V goes and what each query attends to.
+
+    Flat rows are, in order: ``view_decodes`` (one per row from row 0), the rows of each
+    ``decodes`` group, then the ``prefills`` chunks.
+    """
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of every new token
     decodes: list[DecodeBatch]
     prefills: list[PrefillChunk]
+    # (first cache slot, context length) of single-token decodes whose context sits in consecutive
+    # slots: attention reads them in place, one call each, with no copy.
+    view_decodes: list[tuple[int, int]] = field(default_factory=list)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -86,14 +102,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        x32 = x.float()  # x itself when already fp32: never written in place
+        scale = x32.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        # The same operations as weight * (x * rsqrt(mean(x^2) + eps)), on fresh tensors in place.
+        return (x32 * scale).to(dtype).mul_(self.weight)
 
 
 class Attention(nn.Module):
@@ -121,55 +133,81 @@ class Attention(nn.Module):
         on_kv: Callable[[torch.Tensor, torch.Tensor], None] | None,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        v = v.contiguous()
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        # q and k rotate together: one RoPE over [tokens, heads + kv_heads, head_dim].
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads + kv_heads, head_dim)
+        qk = (qk * cos).add_(qk.roll(head_dim // 2, -1).mul_(sin))
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, kv_heads, head_dim)
         if on_kv is not None:
             on_kv(k, v)
-        # The cache is head-major ([kv_heads, slots, head_dim]) so that gathered blocks come out as
-        # [kv_heads, tokens, head_dim] with contiguous rows, the layout attention reads.
+        # The cache is head-major ([kv_heads, slots, head_dim]) so that a run of slots, viewed or
+        # gathered, comes out as [kv_heads, tokens, head_dim] with contiguous rows, the layout attention reads.
         k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-        k_blocks = k_cache.view(self.num_kv_heads, -1, self.block_size, self.head_dim)
-        v_blocks = v_cache.view(self.num_kv_heads, -1, self.block_size, self.head_dim)
 
-        out = torch.empty_like(q)
-        for d in meta.decodes:
-            per_seq = (self.num_kv_heads, d.num_seqs, -1, self.head_dim)
-            # Gathering whole blocks copies block_size tokens per index: far cheaper than per-token gathers.
-            keys = k_blocks.index_select(1, d.block_ids).view(per_seq)[:, :, : d.max_context].transpose(0, 1)
-            values = (
-                v_blocks.index_select(1, d.block_ids).view(per_seq)[:, :, : d.max_context].transpose(0, 1)
-            )
-            # Query heads sharing a KV head become that head's "query rows": GQA without repeating K/V.
-            group = self.num_heads // self.num_kv_heads
-            rows = slice(d.row_start, d.row_start + d.num_seqs)
-            qd = q[rows].view(d.num_seqs, self.num_kv_heads, group, self.head_dim)
-            att = F.scaled_dot_product_attention(qd, keys, values, attn_mask=d.mask)
-            out[rows] = att.reshape(d.num_seqs, self.num_heads, self.head_dim)
+        parts: list[torch.Tensor] = []  # attention outputs in flat-row order, [rows, heads, head_dim] each
+        # Query heads sharing a KV head become that head's "query rows": GQA without repeating K/V.
+        group = heads // kv_heads
+        if meta.view_decodes:
+            n = len(meta.view_decodes)
+            q_rows = q[:n].reshape(n, kv_heads, group, head_dim).split(1)
+            k_all, v_all = k_cache.unsqueeze(0), v_cache.unsqueeze(0)
+            sdpa = F.scaled_dot_product_attention
+            atts = [
+                sdpa(qi, k_all.narrow(2, slot, length), v_all.narrow(2, slot, length))
+                for qi, (slot, length) in zip(q_rows, meta.view_decodes, strict=True)
+            ]
+            parts.append(torch.cat(atts).view(n, heads, head_dim))
+        if meta.decodes:
+            k_blocks = k_cache.view(kv_heads, -1, self.block_size, head_dim)
+            v_blocks = v_cache.view(kv_heads, -1, self.block_size, head_dim)
+            for d in meta.decodes:
+                per_seq = (kv_heads, d.num_seqs, -1, head_dim)
+                # Gathering whole blocks copies block_size tokens per index: far cheaper than per-token gathers.
+                keys = k_blocks.index_select(1, d.block_ids).view(per_seq)[:, :, : d.max_context]
+                values = v_blocks.index_select(1, d.block_ids).view(per_seq)[:, :, : d.max_context]
+                qd = q[d.row_start : d.row_start + d.num_seqs].reshape(d.num_seqs, kv_heads, group, head_dim)
+                att = F.scaled_dot_product_attention(
+                    qd, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=d.mask
+                )
+                parts.append(att.reshape(d.num_seqs, heads, head_dim))
         for chunk in meta.prefills:
             sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
-            qc = q[sl].transpose(0, 1).unsqueeze(0)
-            if chunk.context_blocks is None:
-                keys, values = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
-            else:
-                shape = (self.num_kv_heads, -1, self.head_dim)
-                keys = k_blocks.index_select(1, chunk.context_blocks).view(shape)[:, : chunk.context_len]
-                values = v_blocks.index_select(1, chunk.context_blocks).view(shape)[:, : chunk.context_len]
+            keys, values = self._context(chunk, k[sl], v[sl], k_cache, v_cache)
             att = F.scaled_dot_product_attention(
-                qc,
+                q[sl].transpose(0, 1).unsqueeze(0),
                 keys.unsqueeze(0),
                 values.unsqueeze(0),
                 attn_mask=chunk.mask,
                 is_causal=chunk.mask is None and chunk.q_len > 1,
                 enable_gqa=True,
             )
-            out[sl] = att.squeeze(0).transpose(0, 1)
-        return self.o_proj(out.view(num_tokens, self.q_size))
+            parts.append(att.squeeze(0).transpose(0, 1))
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+    def _context(
+        self,
+        chunk: PrefillChunk,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V a prefill chunk attends to, ``[kv_heads, context_len, head_dim]`` each."""
+        if chunk.context_slot is not None:
+            span = slice(chunk.context_slot, chunk.context_slot + chunk.context_len)
+            return k_cache[:, span], v_cache[:, span]
+        if chunk.context_blocks is not None:
+            shape = (self.num_kv_heads, -1, self.head_dim)
+            k_blocks = k_cache.view(self.num_kv_heads, -1, self.block_size, self.head_dim)
+            v_blocks = v_cache.view(self.num_kv_heads, -1, self.block_size, self.head_dim)
+            keys = k_blocks.index_select(1, chunk.context_blocks).view(shape)[:, : chunk.context_len]
+            values = v_blocks.index_select(1, chunk.context_blocks).view(shape)[:, : chunk.context_len]
+            return keys, values
+        return k.transpose(0, 1), v.transpose(0, 1)
 
 
 class MLP(nn.Module):
@@ -183,7 +221,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -217,12 +255,18 @@ class LlamaModel(nn.Module):
 
     @staticmethod
     def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 cos and sin tables, ``[max_position_embeddings, head_dim]``, always on CPU."""
+        """fp32 cos and signed sin tables, ``[max_position_embeddings, head_dim]``, always on CPU.
+
+        The sin table's first half is negated, so a rotation is ``x * cos + x.roll(head_dim // 2, -1) * sin``:
+        the same products as ``x * cos + rotate_half(x) * sin`` (negation is exact), in fewer ops.
+        """
         with torch.device("cpu"):
             inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             freqs = torch.arange(cfg.max_position_embeddings).float()[:, None] * inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
-            return emb.cos(), emb.sin()
+            sin = emb.sin()
+            sin[:, : cfg.head_dim // 2].neg_()
+            return emb.cos(), sin
 
     @torch.inference_mode()
     def forward(
@@ -240,8 +284,9 @@ class LlamaModel(nn.Module):
         for idx, layer in enumerate(self.decoder_layers()):
             k_cache, v_cache = kv_caches[idx]
             on_kv = None if on_layer_kv is None else _bind_layer(on_layer_kv, idx)
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, meta, k_cache, v_cache, on_kv)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            # x is this forward's own tensor (the embedding lookup allocates it): residuals add in place.
+            x.add_(layer.self_attn(layer.input_layernorm(x), cos, sin, meta, k_cache, v_cache, on_kv))
+            x.add_(layer.mlp(layer.post_attention_layernorm(x)))
         return self.norm(x)
 
     def decoder_layers(self) -> list[DecoderLayer]:
@@ -256,7 +301,12 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits in fp32 for the given hidden states."""
-        return self.lm_head(hidden).float()
+        weight = self.lm_head.weight
+        if hidden.device.type == "cpu" and hidden.shape[0] in _SKINNY_LOGITS_ROWS:
+            # [vocab, hidden] @ [hidden, rows]: the same products, but a kernel that streams the large
+            # weight once instead of repacking it. The result is a transposed view.
+            return torch.mm(weight, hidden.t()).t().float()
+        return F.linear(hidden, weight).float()
 
 
 def _bind_layer(hook: LayerKVHook, layer_idx: int) -> Callable[[torch.Tensor, torch.Tensor], None]:

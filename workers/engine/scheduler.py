@@ -61,6 +61,11 @@ class Sequence:
         return self.token_ids[self.prompt_len :]
 
     @property
+    def max_num_tokens(self) -> int:
+        """Prompt plus the most output tokens the request may reach (a placement hint for its KV)."""
+        return self.prompt_len + self.sampling.max_tokens
+
+    @property
     def num_uncomputed(self) -> int:
         """Tokens whose K/V are not yet in the cache."""
         return len(self.token_ids) - self.num_computed_tokens
@@ -185,7 +190,7 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget, self._room_tokens(seq))
             if n <= 0:
                 continue
-            self.blocks.ensure_capacity(seq.request_id, seq.num_computed_tokens + n)
+            self.blocks.ensure_capacity(seq.request_id, seq.num_computed_tokens + n, seq.max_num_tokens)
             chunks.append(ScheduledChunk(seq, n))
             scheduled.add(id(seq))
             budget -= n
@@ -199,7 +204,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            self.blocks.ensure_capacity(seq.request_id, seq.num_computed_tokens + n)
+            self.blocks.ensure_capacity(seq.request_id, seq.num_computed_tokens + n, seq.max_num_tokens)
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
         return SchedulerOutput(chunks=tuple(chunks), preempted=tuple(preempted))

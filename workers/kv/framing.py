@@ -22,6 +22,7 @@ MAGIC = b"PDKV"
 _HEADER = struct.Struct("<4sB3xIIQQQ")
 HEADER_NBYTES = _HEADER.size
 MAX_CONTROL_PAYLOAD_NBYTES = 1 << 20
+TRAILER = struct.Struct("<Q")  # a layer's xxh3-64, sent after its payload so the sender hashes while sending
 
 
 class FrameKind(enum.IntEnum):
@@ -105,11 +106,16 @@ def send_frame(sock: socket.socket, frame: Frame, parts: Sequence[memoryview | b
     send_all(sock, pack_header(frame), *parts)
 
 
-def send_all(sock: socket.socket, *parts: memoryview | bytes) -> None:
-    """Send buffers in order; KVTransferTimeout on a stall, KVTransferError on a lost connection."""
+def send_all(sock: socket.socket, *parts: memoryview | bytes, more: bool = False) -> None:
+    """Send buffers in order; KVTransferTimeout on a stall, KVTransferError on a lost connection.
+
+    ``more=True`` tells the kernel more data follows at once (MSG_MORE), so a
+    small header is coalesced with the payload instead of going out alone.
+    """
+    flags = socket.MSG_MORE if more else 0
     try:
         for part in parts:
-            sock.sendall(part)
+            sock.sendall(part, flags)
     except TimeoutError:
         raise KVTransferTimeout(f"peer stopped reading (send stalled for {sock.gettimeout()}s)") from None
     except OSError as exc:
@@ -219,6 +225,9 @@ class Acceptor:
                 sock, _ = self._listener.accept()
             except OSError:
                 return  # listener closed
+            # replies are small frames (RING, FREE, ACK): without this, Nagle holds each one back until
+            # the peer's delayed ACK (~40 ms) whenever an earlier one is still unacknowledged
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             thread = threading.Thread(target=self._serve_and_close, args=(sock,), daemon=True)
             with self._lock:
                 self._connections[sock] = thread

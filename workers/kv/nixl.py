@@ -31,13 +31,11 @@ from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVBackendUnavailable, KVTransferError, KVTransferTimeout
 from workers.kv.framing import (
     HEADER_NBYTES,
-    Acceptor,
     Frame,
     FrameKind,
     await_verdict,
     connect,
     hard_close,
-    listen,
     raise_if_error,
     recv_control_payload,
     recv_frame,
@@ -46,7 +44,8 @@ from workers.kv.framing import (
     with_context,
 )
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
-from workers.kv.pipeline import HostStager, PendingTable, PendingTransfer, PipelinedSender
+from workers.kv.pipeline import HostStager, PendingTransfer, PipelinedSender
+from workers.kv.receiving import ReceivingSide
 
 # UCX's memory hooks (malloc/mmap interception) crashed torch's CPU tensors in this process; transfers use
 # buffers registered once, so the registration cache those hooks keep coherent is not needed.
@@ -74,24 +73,21 @@ class NixlEndpoint:
 
     def __init__(self, options: EndpointOptions | None = None) -> None:
         self._options = options or EndpointOptions()
-        listener = listen(self._options.host, self._options.port, 1 << 16)
-        self.address = f"{self._options.host}:{listener.getsockname()[1]}"
         self._agent = _agent("recv")
         self._agent_lock = threading.Lock()  # NIXL agent calls are serialized: registration is not thread-safe
         self._meta_version = 0  # bumped with every (de)registration, so senders never load older metadata
-        self._table = PendingTable(self.kind, self.address)
         self._lock = threading.Lock()
         self._free: list[torch.Tensor] = []
-        self._acceptor = Acceptor(listener, self._serve, name=f"kv-nixl-accept-{self.address}")
+        self._side = ReceivingSide(self.kind, self._options, self._serve, 1 << 16)
+        self.address = self._side.address
 
     def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
         """Register an incoming transfer and return its receiver."""
-        return self._table.register(request_id, num_tokens, spec, on_layer)
+        return self._side.expect(request_id, num_tokens, spec, on_layer)
 
     def close(self) -> None:
         """Stop accepting, fail pending transfers, deregister the rings."""
-        self._acceptor.close()
-        self._table.fail_all("endpoint closed")
+        self._side.close()
         with self._lock:
             rings, self._free = self._free, []
         for ring in rings:
@@ -121,7 +117,7 @@ class NixlEndpoint:
         try:
             from workers.kv.tcp import read_hello
 
-            pending = read_hello(sock, scratch, self._table)
+            pending = read_hello(sock, scratch, self._side.table)
             slot_nbytes = pending.descriptor.layer_nbytes
             ring = self._lease(slot_nbytes)
             num_slots = ring.numel() // slot_nbytes

@@ -1,12 +1,19 @@
 """The shm transport (same node): a reused ring of shared-memory slots plus a small control socket.
 
-Per request: the sender connects to the control socket and sends HELLO; the
-receiver leases a ring (a file in /dev/shm, mapped by both sides, reused
-across requests; the sender caches its mapping) and answers RING. For each
-layer the sender waits for a free slot, copies K||V into it (hashing each
-chunk while it is still in cache), and sends LAYER(slot, checksum); the
+The ring is an anonymous memory file (``memfd_create``) of the receiving
+process: it has no name in /dev/shm, the sender maps it through
+``/proc/<receiver pid>/fd/<fd>``, and the kernel frees it when the last
+process holding it exits -- a killed process leaves nothing behind.
+
+Per request: the sender takes a pooled control connection (or connects) and
+sends HELLO; the receiver leases a ring (reused across requests; the sender
+caches its mapping) and answers RING. For each layer the sender waits for a
+free slot, copies K||V into it in 256 KiB chunks, hashing each chunk right
+after its copy while it is in cache, and sends LAYER(slot, checksum); the
 receiver verifies the slot in place, hands views of it to the callback and
-answers FREE(slot). END -> ACK or ERROR as in tcp.
+answers FREE(slot), so the sender fills the next slot while the receiver
+verifies this one. END -> ACK or ERROR as in tcp; a connection that ended in
+ACK carries the sender's next request to the same receiver.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import json
 import mmap
 import os
 import socket
-import tempfile
 import threading
 import uuid
 from collections import deque
@@ -30,13 +36,11 @@ from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.framing import (
     HEADER_NBYTES,
-    Acceptor,
     Frame,
     FrameKind,
     await_verdict,
     connect,
     hard_close,
-    listen,
     raise_if_error,
     recv_control_payload,
     recv_frame,
@@ -45,47 +49,82 @@ from workers.kv.framing import (
     with_context,
 )
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
-from workers.kv.pipeline import HostStager, PendingTable, PendingTransfer, PipelinedSender
-from workers.kv.tcp import read_hello, send_hello
+from workers.kv.pipeline import HostStager, PendingTransfer, PipelinedSender
+from workers.kv.receiving import ReceivingSide
+from workers.kv.tcp import ConnectionPool, read_hello, send_hello, wait_for_next_request
 
 _PAGE = mmap.PAGESIZE
-_CHUNK_NBYTES = 1 << 20  # copy-then-hash granularity: the chunk is hashed while still in cache
-_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+_CHUNK_NBYTES = 256 << 10  # copy-then-hash granularity: the chunk is hashed while still in L2
 
 
 @dataclass
 class _Ring:
-    """A mapped file of ``num_slots`` slots of ``slot_nbytes`` each."""
+    """A mapped memory file of ``num_slots`` slots of ``slot_nbytes`` each."""
 
-    path: str
+    ring_id: str  # unique per ring: a /proc path is reused once its fd number is
+    path: str  # /proc/<owner pid>/fd/<fd>, how another process of the same user opens it
     num_slots: int
     slot_nbytes: int
     mm: mmap.mmap
     array: np.ndarray
+    fd: int | None = None  # held by the owning (receiving) process only
 
     def slot(self, index: int, nbytes: int) -> np.ndarray:
         """The first ``nbytes`` of slot ``index``."""
         start = index * self.slot_nbytes
         return self.array[start : start + nbytes]
 
+    def info(self) -> bytes:
+        """What the sender needs to map this ring (JSON)."""
+        fields = {"id": self.ring_id, "path": self.path, "num_slots": self.num_slots, "slot_nbytes": self.slot_nbytes}
+        return json.dumps(fields).encode()
+
     def close(self) -> None:
-        """Unmap (views must be gone)."""
+        """Unmap (views must be gone) and, in the owner, close the memory file."""
         del self.array
         try:
             self.mm.close()
         except BufferError:
             pass  # a caller still holds a view; the mapping goes with it
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
-def _map(path: str, nbytes: int, create: bool) -> tuple[mmap.mmap, np.ndarray]:
-    fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+def create_ring(num_slots: int, slot_nbytes: int) -> _Ring:
+    """A new ring in an anonymous memory file of this process, every page touched once."""
+    if not hasattr(os, "memfd_create"):
+        raise KVTransferError("the shm transport needs Linux (memfd_create); use tcp")
+    nbytes = num_slots * slot_nbytes
+    fd = os.memfd_create("pdserve-kv-ring", os.MFD_CLOEXEC)
     try:
-        if create:
-            os.ftruncate(fd, nbytes)
+        os.ftruncate(fd, nbytes)
         mm = mmap.mmap(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    array = np.frombuffer(mm, dtype=np.uint8)
+    array.fill(0)  # touch every page here, not during a transfer
+    path = f"/proc/{os.getpid()}/fd/{fd}"
+    return _Ring(uuid.uuid4().hex, path, num_slots, slot_nbytes, mm, array, fd)
+
+
+def map_ring(ring_id: str, path: str, num_slots: int, slot_nbytes: int) -> _Ring:
+    """Map another process's ring; KVTransferError if it is gone or not accessible."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        raise KVTransferError(
+            f"cannot open shared-memory ring {path}: {exc} (shm needs both processes on one node, "
+            "in one PID namespace, as the same user; use the tcp transport otherwise)"
+        ) from None
+    try:
+        if os.fstat(fd).st_size < num_slots * slot_nbytes:
+            raise KVTransferError(f"shared-memory ring {path} is smaller than announced")
+        mm = mmap.mmap(fd, num_slots * slot_nbytes)
     finally:
         os.close(fd)
-    return mm, np.frombuffer(mm, dtype=np.uint8)
+    return _Ring(ring_id, path, num_slots, slot_nbytes, mm, np.frombuffer(mm, dtype=np.uint8))
 
 
 class ShmEndpoint:
@@ -95,39 +134,29 @@ class ShmEndpoint:
 
     def __init__(self, options: EndpointOptions | None = None) -> None:
         self._options = options or EndpointOptions()
-        listener = listen(self._options.host, self._options.port, 1 << 16)
-        self.address = f"{self._options.host}:{listener.getsockname()[1]}"
-        self._table = PendingTable(self.kind, self.address)
         self._lock = threading.Lock()
         self._free: list[_Ring] = []
         self._all: list[_Ring] = []
-        self._acceptor = Acceptor(listener, self._serve, name=f"kv-shm-accept-{self.address}")
+        self._side = ReceivingSide(self.kind, self._options, self._serve, 1 << 16)
+        self.address = self._side.address
 
     def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
         """Register an incoming transfer and return its receiver."""
-        return self._table.register(request_id, num_tokens, spec, on_layer)
+        return self._side.expect(request_id, num_tokens, spec, on_layer)
 
     def close(self) -> None:
-        """Stop accepting, fail pending transfers, unmap and delete the rings."""
-        self._acceptor.close()
-        self._table.fail_all("endpoint closed")
+        """Stop accepting, fail pending transfers, release the rings."""
+        self._side.close()
         with self._lock:
             rings, self._all, self._free = self._all, [], []
         for ring in rings:
             ring.close()
-            try:
-                os.unlink(ring.path)
-            except FileNotFoundError:
-                pass
 
     def _discard(self, ring: _Ring) -> None:
         with self._lock:
-            self._all.remove(ring)
+            if ring in self._all:
+                self._all.remove(ring)
         ring.close()
-        try:
-            os.unlink(ring.path)
-        except FileNotFoundError:
-            pass
 
     def _lease(self, layer_nbytes: int) -> _Ring:
         with self._lock:
@@ -135,25 +164,26 @@ class ShmEndpoint:
                 if ring.slot_nbytes >= layer_nbytes:
                     return self._free.pop(i)
         slot_nbytes = -(-max(layer_nbytes, self._options.staging_nbytes) // _PAGE) * _PAGE
-        num_slots = max(2, self._options.shm_num_slots)
-        path = os.path.join(_SHM_DIR, f"pdserve-kv-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        mm, array = _map(path, num_slots * slot_nbytes, create=True)
-        array.fill(0)  # touch every page once, here, not during a transfer
-        ring = _Ring(path, num_slots, slot_nbytes, mm, array)
+        ring = create_ring(max(2, self._options.shm_num_slots), slot_nbytes)
         with self._lock:
             self._all.append(ring)
         return ring
 
     def _serve(self, sock: socket.socket) -> None:
-        sock.settimeout(self._options.stall_timeout_s)
         scratch = bytearray(HEADER_NBYTES)
+        while wait_for_next_request(sock) and self._serve_request(sock, scratch):
+            pass
+
+    def _serve_request(self, sock: socket.socket, scratch: bytearray) -> bool:
+        """Serve one request; True if it ended with ACK and the connection may carry another."""
+        sock.settimeout(self._options.stall_timeout_s)
         pending: PendingTransfer | None = None
         try:
-            pending = read_hello(sock, scratch, self._table)
+            pending = read_hello(sock, scratch, self._side.table)
             ring = self._lease(pending.descriptor.layer_nbytes)
             try:
-                info = json.dumps({"path": ring.path, "num_slots": ring.num_slots, "slot_nbytes": ring.slot_nbytes})
-                send_frame(sock, Frame(FrameKind.RING, nbytes=len(info)), [info.encode()])
+                info = ring.info()
+                send_frame(sock, Frame(FrameKind.RING, nbytes=len(info)), [info])
                 error = self._receive_layers(sock, scratch, pending, ring)
             except BaseException:
                 self._discard(ring)  # a stalled sender might still write into it: never reuse
@@ -163,14 +193,14 @@ class ShmEndpoint:
             if error is None:
                 pending.complete()
                 send_frame(sock, Frame(FrameKind.ACK))
-            else:
-                send_error(sock, error)
+                return True
+            send_error(sock, error)
         except (KVTransferError, OSError) as exc:
-            if pending is None:
-                send_error(sock, exc)
-                return
-            rid = pending.descriptor.request_id
-            send_error(sock, pending.fail(with_context(exc, rid, f"after {pending.layers_received()} layers")))
+            if pending is not None:
+                rid = pending.descriptor.request_id
+                exc = pending.fail(with_context(exc, rid, f"after {pending.layers_received()} layers"))
+            send_error(sock, exc)
+        return False
 
     def _receive_layers(
         self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, ring: _Ring
@@ -196,15 +226,41 @@ class ShmEndpoint:
             send_frame(sock, Frame(FrameKind.FREE, slot=frame.slot, tag=tag))
 
 
+def _copy_and_hash(slot: np.ndarray, parts: tuple[memoryview, memoryview], corrupt: bool) -> int:
+    """Copy ``parts`` into ``slot`` chunk by chunk, hashing each chunk right after its copy, while in L2.
+
+    A function of its own so no view of the ring outlives the copy (in a
+    traceback, say): the ring is unmapped only once every view is gone.
+    """
+    state = xxhash.xxh3_64()
+    offset = 0
+    for part in parts:
+        source = np.frombuffer(part, dtype=np.uint8)
+        for start in range(0, len(source), _CHUNK_NBYTES):
+            chunk = source[start : start + _CHUNK_NBYTES]
+            target = slot[offset : offset + len(chunk)]
+            target[:] = chunk
+            state.update(target.data)
+            offset += len(chunk)
+    if corrupt:
+        slot[0] ^= 0xFF  # damaged after hashing: the receiver must catch it
+    return int(state.intdigest())
+
+
 class ShmWire:
     """Sending half: copy each layer into a free slot and announce it on the control socket."""
 
     def __init__(self, descriptor: TransferDescriptor, options: SenderOptions, connector: ShmConnector) -> None:
         self._desc = descriptor
+        self._connector = connector
         self._tag = request_tag(descriptor.request_id)
         self._scratch = bytearray(HEADER_NBYTES)
         self._stager = HostStager()
-        self._sock = connect(descriptor.address, options.timeout_s, 1 << 16)
+        self._done = False
+        self._closed = False
+        sock = connector.pool.take(descriptor.address)
+        self._sock = sock or connect(descriptor.address, options.timeout_s, 1 << 16)
+        self._sock.settimeout(options.timeout_s)
         try:
             send_hello(self._sock, descriptor)
             frame = recv_frame(self._sock, self._scratch, "the RING reply")
@@ -212,10 +268,12 @@ class ShmWire:
             if frame.kind != FrameKind.RING:
                 raise KVTransferError(f"expected RING, got {frame.kind.name}")
             info = json.loads(recv_control_payload(self._sock, frame))
+            self._ring = connector.attach(
+                str(info["id"]), str(info["path"]), int(info["num_slots"]), int(info["slot_nbytes"])
+            )
         except BaseException:
-            self._sock.close()
+            hard_close(self._sock)
             raise
-        self._ring = connector.attach(info["path"], int(info["num_slots"]), int(info["slot_nbytes"]))
         self._free_slots: deque[int] = deque(range(self._ring.num_slots))
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
@@ -229,57 +287,53 @@ class ShmWire:
                 raise KVTransferError(f"expected FREE, got {frame.kind.name}")
             self._free_slots.append(frame.slot)
         slot_index = self._free_slots.popleft()
-        slot = self._ring.slot(slot_index, nbytes)
-        state = xxhash.xxh3_64()
-        offset = 0
-        for part in (k_bytes, v_bytes):
-            source = np.frombuffer(part, dtype=np.uint8)
-            for start in range(0, len(source), _CHUNK_NBYTES):
-                chunk = source[start : start + _CHUNK_NBYTES]
-                target = slot[offset : offset + len(chunk)]
-                target[:] = chunk
-                state.update(target.data)
-                offset += len(chunk)
-        if corrupt:
-            slot[0] ^= 0xFF
-        frame = Frame(FrameKind.LAYER, layer_idx, slot_index, nbytes, int(state.intdigest()), self._tag)
-        send_frame(self._sock, frame)
+        checksum = _copy_and_hash(self._ring.slot(slot_index, nbytes), (k_bytes, v_bytes), corrupt)
+        send_frame(self._sock, Frame(FrameKind.LAYER, layer_idx, slot_index, nbytes, checksum, self._tag))
 
     def finish(self) -> None:
         """Send END and wait for the receiver's verdict."""
         send_frame(self._sock, Frame(FrameKind.END, tag=self._tag))
         await_verdict(self._sock, self._desc.request_id, self._scratch)
+        self._done = True
 
     def close(self) -> None:
-        """Close the control connection (the ring mapping stays cached in the connector)."""
-        hard_close(self._sock)
+        """Keep a cleanly finished control connection for reuse; close any other (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._done:
+            self._connector.pool.release(self._desc.address, self._sock)
+        else:
+            hard_close(self._sock)
 
 
 class ShmConnector:
-    """Sending side of the shm transport; caches ring mappings so reused rings cost no page faults."""
+    """Sending side of the shm transport; caches ring mappings (no page faults on reuse) and connections."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._rings: dict[str, _Ring] = {}
+        self._rings: dict[str, _Ring] = {}  # by /proc path; replaced when the path names a new ring
+        self.pool = ConnectionPool()
 
-    def attach(self, path: str, num_slots: int, slot_nbytes: int) -> _Ring:
-        """Map a receiver's ring (once per process)."""
+    def attach(self, ring_id: str, path: str, num_slots: int, slot_nbytes: int) -> _Ring:
+        """Map a receiver's ring (once per process and ring)."""
         with self._lock:
             ring = self._rings.get(path)
-            if ring is None:
-                try:
-                    mm, array = _map(path, num_slots * slot_nbytes, create=False)
-                except OSError as exc:
-                    raise KVTransferError(f"cannot map shared-memory ring {path}: {exc}") from None
-                ring = self._rings[path] = _Ring(path, num_slots, slot_nbytes, mm, array)
-            return ring
+            if ring is not None and ring.ring_id == ring_id and ring.num_slots * ring.slot_nbytes >= num_slots * slot_nbytes:
+                return ring
+            stale, ring = ring, map_ring(ring_id, path, num_slots, slot_nbytes)
+            self._rings[path] = ring
+        if stale is not None:
+            stale.close()  # the receiver replaced it; no sender of this process uses it any more
+        return ring
 
     def open(self, descriptor: TransferDescriptor, options: SenderOptions) -> PipelinedSender:
         """Connect to the receiver, map its ring, and return a pipelined sender."""
         return PipelinedSender(descriptor, ShmWire(descriptor, options, self), options)
 
     def close(self) -> None:
-        """Unmap every cached ring."""
+        """Close idle connections and unmap every cached ring."""
+        self.pool.close()
         with self._lock:
             rings, self._rings = list(self._rings.values()), {}
         for ring in rings:

@@ -1,21 +1,24 @@
-"""The tcp transport: layer frames over pooled connections, read into a reused staging buffer.
+"""The tcp transport: layer frames over pooled connections, read into reused staging buffers.
 
 Per request: the sender takes a pooled connection (or connects) and sends
-HELLO (the descriptor), then one LAYER frame per layer (header, K||V, and an
-8-byte xxh3 trailer), then END. Because the checksum trails the payload,
-both sides hash each 1 MiB chunk right beside its socket copy, while it is
-in cache. The receiver reads each payload into its staging buffer with
-``recv_into``, verifies it, hands the layer to the callback, and after END
-answers ACK or ERROR. After a bad layer the receiver keeps draining the
-stream so the sender reads the verdict instead of a reset connection. A
-connection that ended in ACK is kept by the sender for the next request to
-the same receiver; any failure closes it on both sides.
+HELLO (the descriptor), then one LAYER frame per layer (header, K||V
+straight from the tensors' memory, and an 8-byte xxh3 trailer), then END.
+The checksum trails the payload so both sides hash each 256 KiB chunk
+right beside its socket copy, while it is in cache: the hash adds one pass
+over L2, not one over memory. The receiver reads each payload with
+``recv_into`` into a staging buffer and hands it, with its checksum, to the
+connection's ``LayerVerifier``, which compares and calls the engine's
+callback while the next layer is being read; after END it answers ACK or
+ERROR. After
+a bad layer the receiver keeps draining the stream so the sender reads the
+verdict instead of a reset connection. A connection that ended in ACK is
+kept by the sender for the next request to the same receiver; any failure
+closes it on both sides.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 
 import torch
@@ -26,13 +29,13 @@ from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.framing import (
     HEADER_NBYTES,
-    Acceptor,
+    TRAILER,
     Frame,
     FrameKind,
     await_verdict,
     connect,
     hard_close,
-    listen,
+    pack_header,
     raise_if_error,
     recv_control_payload,
     recv_frame,
@@ -51,6 +54,7 @@ from workers.kv.pipeline import (
     StagingPool,
     corrupted,
 )
+from workers.kv.receiving import LayerVerifier, ReceivingSide
 
 
 def read_hello(sock: socket.socket, scratch: bytearray, table: PendingTable) -> PendingTransfer:
@@ -71,8 +75,7 @@ def send_hello(sock: socket.socket, descriptor: TransferDescriptor) -> None:
     send_frame(sock, Frame(FrameKind.HELLO, nbytes=len(payload)), [payload])
 
 
-CHUNK_NBYTES = 1 << 20  # hash granularity: each chunk is hashed right next to its socket copy
-_TRAILER = struct.Struct("<Q")  # a LAYER payload is followed by its xxh3-64, so hashing streams with the bytes
+CHUNK_NBYTES = 256 << 10  # hash granularity: fits in L2 beside the socket copy of the same bytes
 
 
 def wait_for_next_request(sock: socket.socket) -> bool:
@@ -91,35 +94,37 @@ class TcpEndpoint:
 
     def __init__(self, options: EndpointOptions | None = None) -> None:
         self._options = options or EndpointOptions()
-        listener = listen(self._options.host, self._options.port, self._options.socket_buffer_nbytes)
-        self.address = f"{self._options.host}:{listener.getsockname()[1]}"
-        self._table = PendingTable(self.kind, self.address)
         self._staging = StagingPool(self._options.staging_nbytes)
         self._staging.release(self._staging.acquire(self._options.staging_nbytes))  # touch one buffer up front
-        self._acceptor = Acceptor(listener, self._serve, name=f"kv-tcp-accept-{self.address}")
+        self._side = ReceivingSide(self.kind, self._options, self._serve, self._options.socket_buffer_nbytes)
+        self.address = self._side.address
 
     def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
         """Register an incoming transfer and return its receiver."""
-        return self._table.register(request_id, num_tokens, spec, on_layer)
+        return self._side.expect(request_id, num_tokens, spec, on_layer)
 
     def close(self) -> None:
         """Stop accepting; pending transfers fail."""
-        self._acceptor.close()
-        self._table.fail_all("endpoint closed")
+        self._side.close()
         self._staging.clear()
 
     def _serve(self, sock: socket.socket) -> None:
         scratch = bytearray(HEADER_NBYTES)
-        while wait_for_next_request(sock) and self._serve_request(sock, scratch):
-            pass
+        verifier = LayerVerifier(self._staging, name=f"kv-tcp-verify-{self.address}")
+        try:
+            while wait_for_next_request(sock) and self._serve_request(sock, scratch, verifier):
+                pass
+        finally:
+            verifier.drain()
+            verifier.close()
 
-    def _serve_request(self, sock: socket.socket, scratch: bytearray) -> bool:
+    def _serve_request(self, sock: socket.socket, scratch: bytearray, verifier: LayerVerifier) -> bool:
         """Serve one request; True if it ended with ACK and the connection may carry another."""
         sock.settimeout(self._options.stall_timeout_s)
         pending: PendingTransfer | None = None
         try:
-            pending = read_hello(sock, scratch, self._table)
-            error = self._receive_layers(sock, scratch, pending)
+            pending = read_hello(sock, scratch, self._side.table)
+            error = self._receive_layers(sock, scratch, pending, verifier)
             if error is None:
                 pending.complete()
                 send_frame(sock, Frame(FrameKind.ACK))
@@ -127,42 +132,41 @@ class TcpEndpoint:
             send_error(sock, error)
         except (KVTransferError, OSError) as exc:
             if pending is not None:
+                verifier.drain()  # layers already read are settled before the transfer is failed
                 rid = pending.descriptor.request_id
                 exc = pending.fail(with_context(exc, rid, f"after {pending.layers_received()} layers"))
             send_error(sock, exc)
         return False
 
-    def _receive_layers(self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer) -> KVTransferError | None:
+    def _receive_layers(
+        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, verifier: LayerVerifier
+    ) -> KVTransferError | None:
         """Read frames until END; return the first delivery error (the stream is drained regardless)."""
         desc = pending.descriptor
         tag = request_tag(desc.request_id)
-        buffer = self._staging.acquire(desc.layer_nbytes)
-        view = buffer.numpy().data
-        trailer = bytearray(_TRAILER.size)
+        trailer = bytearray(TRAILER.size)
         trailer_view = memoryview(trailer)
-        error: KVTransferError | None = None
-        try:
-            while True:
-                frame = recv_frame(sock, scratch)
-                if frame.kind == FrameKind.END:
-                    return error
-                if frame.kind != FrameKind.LAYER or frame.tag != tag or frame.nbytes != desc.layer_nbytes:
-                    raise KVTransferError(f"unexpected frame {frame} (want LAYER of {desc.layer_nbytes} bytes)")
-                what = f"layer {frame.layer_idx}"
-                state = xxhash.xxh3_64()
+        while True:
+            frame = recv_frame(sock, scratch)
+            if frame.kind == FrameKind.END:
+                return verifier.drain()
+            if frame.kind != FrameKind.LAYER or frame.tag != tag or frame.nbytes != desc.layer_nbytes:
+                raise KVTransferError(f"unexpected frame {frame} (want LAYER of {desc.layer_nbytes} bytes)")
+            what = f"layer {frame.layer_idx}"
+            buffer = verifier.take(frame.nbytes, self._options.stall_timeout_s)
+            view = buffer.numpy().data
+            state = xxhash.xxh3_64()
+            try:
                 for start in range(0, frame.nbytes, CHUNK_NBYTES):
                     chunk = view[start : min(frame.nbytes, start + CHUNK_NBYTES)]
                     recv_into(sock, chunk, what)
                     state.update(chunk)  # hashed while still in cache
                 recv_into(sock, trailer_view, f"the checksum of {what}")
-                if error is None:
-                    try:
-                        expected = _TRAILER.unpack(trailer)[0]
-                        pending.deliver(frame.layer_idx, buffer[: frame.nbytes], expected, int(state.intdigest()))
-                    except KVTransferError as exc:
-                        error = exc
-        finally:
-            self._staging.release(buffer)
+            except BaseException:
+                verifier.give_back(buffer)
+                raise
+            expected = TRAILER.unpack(trailer)[0]
+            verifier.submit(pending, frame.layer_idx, buffer, frame.nbytes, expected, int(state.intdigest()))
 
 
 class TcpWire:
@@ -180,20 +184,20 @@ class TcpWire:
         send_hello(self._sock, descriptor)
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
-        """Send one LAYER frame."""
+        """Send one LAYER frame: header, K and V from the tensors' memory, then the checksum."""
         k_bytes, v_bytes = self._stager.parts(k, v)
-        frame = Frame(FrameKind.LAYER, layer_idx, 0, len(k_bytes) + len(v_bytes), 0, self._tag)
+        header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, len(k_bytes) + len(v_bytes), 0, self._tag))
         state = xxhash.xxh3_64()
         try:
-            send_frame(self._sock, frame)
+            send_all(self._sock, header, more=True)  # coalesced with the first chunk
             for part in (k_bytes, v_bytes):
                 for start in range(0, len(part), CHUNK_NBYTES):
                     chunk = part[start : start + CHUNK_NBYTES]
-                    state.update(chunk)  # hashed, then sent while still in cache
+                    state.update(chunk)  # brings the chunk into cache, so the socket copy reads it from there
                     if corrupt:
                         chunk, corrupt = corrupted(chunk), False
-                    send_all(self._sock, chunk)
-            send_all(self._sock, _TRAILER.pack(state.intdigest()))
+                    send_all(self._sock, chunk, more=True)
+            send_all(self._sock, TRAILER.pack(state.intdigest()))
         except KVTransferError as exc:
             self._raise_receiver_error()
             raise with_context(exc, self._desc.request_id, f"layer {layer_idx}") from None
@@ -224,28 +228,16 @@ class TcpWire:
         raise_if_error(self._sock, frame, self._desc.request_id)
 
 
-class TcpConnector:
-    """Sending side of the tcp transport: keeps finished connections per receiver for reuse."""
+class ConnectionPool:
+    """Connections that ended a request cleanly, kept per receiver address for the next request."""
 
     def __init__(self, max_idle_per_address: int = 4) -> None:
         self._max_idle = max_idle_per_address
         self._lock = threading.Lock()
         self._idle: dict[str, list[socket.socket]] = {}
 
-    def open(self, descriptor: TransferDescriptor, options: SenderOptions) -> PipelinedSender:
-        """Reuse or open a connection to the receiver and return a pipelined sender."""
-        sock = self._take(descriptor.address)
-        if sock is None:
-            sock = connect(descriptor.address, options.timeout_s, options.socket_buffer_nbytes)
-        sock.settimeout(options.timeout_s)
-        try:
-            wire = TcpWire(descriptor, sock, self)
-        except BaseException:
-            sock.close()
-            raise
-        return PipelinedSender(descriptor, wire, options)
-
-    def _take(self, address: str) -> socket.socket | None:
+    def take(self, address: str) -> socket.socket | None:
+        """A live idle connection to ``address``, or None."""
         while True:
             with self._lock:
                 idle = self._idle.get(address)
@@ -279,3 +271,31 @@ class TcpConnector:
         for socks in idle.values():
             for sock in socks:
                 sock.close()
+
+
+class TcpConnector:
+    """Sending side of the tcp transport: keeps finished connections per receiver for reuse."""
+
+    def __init__(self, max_idle_per_address: int = 4) -> None:
+        self._pool = ConnectionPool(max_idle_per_address)
+
+    def open(self, descriptor: TransferDescriptor, options: SenderOptions) -> PipelinedSender:
+        """Reuse or open a connection to the receiver and return a pipelined sender."""
+        sock = self._pool.take(descriptor.address)
+        if sock is None:
+            sock = connect(descriptor.address, options.timeout_s, options.socket_buffer_nbytes)
+        sock.settimeout(options.timeout_s)
+        try:
+            wire = TcpWire(descriptor, sock, self)
+        except BaseException:
+            sock.close()
+            raise
+        return PipelinedSender(descriptor, wire, options)
+
+    def release(self, address: str, sock: socket.socket) -> None:
+        """Keep a cleanly finished connection for the next request to the same receiver."""
+        self._pool.release(address, sock)
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        self._pool.close()

@@ -5,11 +5,20 @@ once to the receiver's control socket, sends PAIR(pair id), and both sides
 build a 2-rank group (sender rank 0, receiver rank 1) over a PrefixStore
 named by the pair id: gloo for CPU staging, NCCL when the receiver's
 staging is on CUDA. The pair (control socket + group) is cached and reused
-for later requests; requests on one pair are sent one after another.
+for later requests.
 
-Per request on the pair: HELLO (descriptor) -> ACK or ERROR, then per layer a LAYER header
-(checksum) on the control socket followed by ``send(k)``, ``send(v)`` on the
-group into the receiver's staging buffer, then END -> ACK or ERROR.
+Requests on one pair are serialised: a sender process sends one request at a
+time to a given receiver endpoint (``open`` waits for the pair's lock), so
+concurrent requests between the same two processes queue behind each other.
+Point-to-point ops on one group are matched in posting order, and keeping
+one request per pair at a time keeps that order unambiguous.
+
+Per request on the pair: HELLO (descriptor) -> ACK or ERROR, then per layer
+a LAYER header on the control socket, ``send(k)``, ``send(v)`` on the group
+into a staging buffer of the receiver, and the layer's checksum as an 8-byte
+trailer on the control socket (the sender hashes while the group moves the
+bytes); the receiver's ``LayerVerifier`` checks and delivers layer i while
+layer i+1 arrives in the other staging buffer. END -> ACK or ERROR.
 """
 
 from __future__ import annotations
@@ -29,22 +38,24 @@ from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError, KVTransferTimeout
 from workers.kv.framing import (
     HEADER_NBYTES,
-    Acceptor,
+    TRAILER,
     Frame,
     FrameKind,
     await_verdict,
     connect,
     hard_close,
-    listen,
     recv_control_payload,
     recv_frame,
+    recv_into,
+    send_all,
     send_error,
     send_frame,
     split_address,
     with_context,
 )
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
-from workers.kv.pipeline import PendingTable, PendingTransfer, PipelinedSender, StagingPool
+from workers.kv.pipeline import PendingTransfer, PipelinedSender, StagingPool
+from workers.kv.receiving import LayerVerifier, ReceivingSide
 from workers.kv.tcp import read_hello, send_hello
 
 _SENDER_RANK, _RECEIVER_RANK = 0, 1
@@ -78,24 +89,21 @@ class TorchDistEndpoint:
         self._options = options or EndpointOptions()
         if self._options.device == "cuda" and not torch.cuda.is_available():
             raise KVTransferError("torch_dist endpoint with device='cuda' but CUDA is not available")
-        listener = listen(self._options.host, self._options.port, 1 << 16)
-        self.address = f"{self._options.host}:{listener.getsockname()[1]}"
         self._store = dist.TCPStore(
             self._options.host, 0, is_master=True, wait_for_workers=False,
             timeout=datetime.timedelta(seconds=self._options.stall_timeout_s),
         )
-        self._table = PendingTable(self.kind, self.address, device=self._options.device)
         self._staging = StagingPool(self._options.staging_nbytes, device=self._options.device)
-        self._acceptor = Acceptor(listener, self._serve_pair, name=f"kv-dist-accept-{self.address}")
+        self._side = ReceivingSide(self.kind, self._options, self._serve_pair, 1 << 16, device=self._options.device)
+        self.address = self._side.address
 
     def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
         """Register an incoming transfer and return its receiver."""
-        return self._table.register(request_id, num_tokens, spec, on_layer)
+        return self._side.expect(request_id, num_tokens, spec, on_layer)
 
     def close(self) -> None:
         """Stop accepting; pending transfers fail."""
-        self._acceptor.close()
-        self._table.fail_all("endpoint closed")
+        self._side.close()
         self._staging.clear()
 
     def _serve_pair(self, sock: socket.socket) -> None:
@@ -111,10 +119,15 @@ class TorchDistEndpoint:
         except (KVTransferError, OSError, RuntimeError) as exc:
             send_error(sock, exc)
             return
-        while self._serve_request(sock, scratch, group):
-            pass
+        verifier = LayerVerifier(self._staging, name=f"kv-dist-verify-{pair_id[:8]}")
+        try:
+            while self._serve_request(sock, scratch, group, verifier):
+                pass
+        finally:
+            verifier.drain()
+            verifier.close()
 
-    def _serve_request(self, sock: socket.socket, scratch: bytearray, group: Any) -> bool:
+    def _serve_request(self, sock: socket.socket, scratch: bytearray, group: Any, verifier: LayerVerifier) -> bool:
         """Serve one request on the pair; False when the pair is over (closed or broken)."""
         sock.settimeout(None)  # an idle pair may wait for its next request indefinitely
         try:
@@ -127,12 +140,12 @@ class TorchDistEndpoint:
         pending: PendingTransfer | None = None
         try:
             try:
-                pending = read_hello(sock, scratch, self._table)
+                pending = read_hello(sock, scratch, self._side.table)
             except KVTransferError as exc:  # rejected before any tensor moved: the pair stays usable
                 send_error(sock, exc)
                 return True
             send_frame(sock, Frame(FrameKind.ACK))  # accepted: tensors may follow on the group
-            error = self._receive_layers(sock, scratch, pending, group)
+            error = self._receive_layers(sock, scratch, pending, group, verifier)
             if error is None:
                 pending.complete()
                 send_frame(sock, Frame(FrameKind.ACK))
@@ -141,37 +154,33 @@ class TorchDistEndpoint:
             return True
         except (KVTransferError, OSError) as exc:
             if pending is not None:
+                verifier.drain()  # layers already received are settled before the transfer is failed
                 rid = pending.descriptor.request_id
                 exc = pending.fail(with_context(exc, rid, f"after {pending.layers_received()} layers"))
             send_error(sock, exc)
             return False  # the stream position is unknown: drop the pair, the sender builds a new one
 
     def _receive_layers(
-        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, group: Any
+        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, group: Any, verifier: LayerVerifier
     ) -> KVTransferError | None:
         desc = pending.descriptor
         tag = request_tag(desc.request_id)
         half = desc.tensor_nbytes
-        buffer = self._staging.acquire(desc.layer_nbytes)
-        error: KVTransferError | None = None
-        try:
-            while True:
-                frame = recv_frame(sock, scratch)
-                if frame.kind == FrameKind.END:
-                    return error
-                if frame.kind != FrameKind.LAYER or frame.tag != tag or frame.nbytes != desc.layer_nbytes:
-                    raise KVTransferError(f"unexpected frame {frame} (want LAYER of {desc.layer_nbytes} bytes)")
-                what = f"layer {frame.layer_idx}"
-                works = [group.recv([buffer[:half]], _SENDER_RANK, 0), group.recv([buffer[half : 2 * half]], _SENDER_RANK, 0)]
-                for work in works:  # both posted before waiting: K and V share one round trip
-                    _wait(work, what)
-                if error is None:
-                    try:
-                        pending.deliver(frame.layer_idx, buffer[: 2 * half], frame.checksum)
-                    except KVTransferError as exc:
-                        error = exc
-        finally:
-            self._staging.release(buffer)
+        trailer = bytearray(TRAILER.size)
+        while True:
+            frame = recv_frame(sock, scratch)
+            if frame.kind == FrameKind.END:
+                return verifier.drain()
+            if frame.kind != FrameKind.LAYER or frame.tag != tag or frame.nbytes != desc.layer_nbytes:
+                raise KVTransferError(f"unexpected frame {frame} (want LAYER of {desc.layer_nbytes} bytes)")
+            what = f"layer {frame.layer_idx}"
+            # a buffer whose receive failed is not given back: the group may still write into it
+            buffer = verifier.take(desc.layer_nbytes, self._options.stall_timeout_s)
+            works = [group.recv([buffer[:half]], _SENDER_RANK, 0), group.recv([buffer[half : 2 * half]], _SENDER_RANK, 0)]
+            for work in works:  # both posted before waiting: K and V share one round trip
+                _wait(work, what)
+            recv_into(sock, memoryview(trailer), f"the checksum of {what}")
+            verifier.submit(pending, frame.layer_idx, buffer, 2 * half, TRAILER.unpack(trailer)[0])
 
 
 @dataclass
@@ -198,24 +207,26 @@ class TorchDistWire:
         await_verdict(pair.sock, descriptor.request_id, self._scratch)  # accepted before tensors flow
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
-        """Send one layer: header with checksum, then K and V through the group."""
+        """Send one layer: header, K and V through the group, then the checksum (hashed while they move)."""
         device = self._pair.device
         k_wire = (k.cuda() if device == "cuda" else k.cpu()).reshape(-1).view(torch.uint8)
         v_wire = (v.cuda() if device == "cuda" else v.cpu()).reshape(-1).view(torch.uint8)
+        k_sent = k_wire
+        if corrupt:
+            k_sent = k_wire.clone()
+            k_sent[0] ^= 0xFF
+        send_frame(self._pair.sock, Frame(FrameKind.LAYER, layer_idx, 0, 2 * k_wire.numel(), 0, self._tag))
+        what = f"request {self._desc.request_id!r} layer {layer_idx}"
+        works = [self._pair.group.send([k_sent], _RECEIVER_RANK, 0), self._pair.group.send([v_wire], _RECEIVER_RANK, 0)]
         if device == "cuda":
             checksum = device_checksum(torch.cat([k_wire, v_wire]))
-        else:
+        else:  # gloo's own thread moves the bytes meanwhile; xxh3 releases the GIL
             checksum = checksum_parts((k_wire.numpy().data, v_wire.numpy().data))
-        if corrupt:
-            k_wire = k_wire.clone()
-            k_wire[0] ^= 0xFF
-        send_frame(self._pair.sock, Frame(FrameKind.LAYER, layer_idx, 0, 2 * k_wire.numel(), checksum, self._tag))
-        what = f"request {self._desc.request_id!r} layer {layer_idx}"
-        works = [self._pair.group.send([k_wire], _RECEIVER_RANK, 0), self._pair.group.send([v_wire], _RECEIVER_RANK, 0)]
         for work in works:
             _wait(work, what)
         if device == "cuda":
             torch.cuda.current_stream().synchronize()  # K/V must outlive the NCCL send
+        send_all(self._pair.sock, TRAILER.pack(checksum))
 
     def finish(self) -> None:
         """Send END and wait for the receiver's verdict."""

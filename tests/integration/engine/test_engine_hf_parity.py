@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.engine.config import EngineConfig
+from workers.engine.config import EngineConfig, KVReads
 from workers.engine.engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 
@@ -65,12 +65,14 @@ def test_one_at_a_time_matches_transformers(hf_tiny_model_dir: Path, cases_and_r
         assert engine.free_blocks == engine.total_blocks, f"blocks leaked after prompt {i}"
 
 
+@pytest.mark.parametrize("kv_reads", [KVReads.VIEWS, KVReads.GATHER])
 def test_batched_with_chunked_prefill_matches_transformers(
-    hf_tiny_model_dir: Path, cases_and_reference
+    hf_tiny_model_dir: Path, cases_and_reference, kv_reads: KVReads
 ) -> None:
     cases, reference = cases_and_reference
     # A 64-token budget splits every long prompt into chunks and mixes them with decodes.
-    engine = LLMEngine(hf_tiny_model_dir, EngineConfig(num_blocks=512, max_num_batched_tokens=64))
+    config = EngineConfig(num_blocks=512, max_num_batched_tokens=64, kv_reads=kv_reads)
+    engine = LLMEngine(hf_tiny_model_dir, config)
     assert _run_all(engine, cases) == reference
     assert engine.free_blocks == engine.total_blocks
     assert engine.num_preemptions == 0

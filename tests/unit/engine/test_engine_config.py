@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 import torch
 
-from workers.engine.config import EngineConfig, ModelConfig, ModelConfigError, UnsupportedArchitecture
+from workers.engine.config import (
+    EngineConfig,
+    KVReads,
+    ModelConfig,
+    ModelConfigError,
+    UnsupportedArchitecture,
+)
 from workers.engine.kv_layout import KVLayout
 from workers.engine.model import rope_inv_freq
 
@@ -86,6 +92,9 @@ def test_engine_config_validates_knobs() -> None:
         EngineConfig(block_size=0)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         EngineConfig(max_num_batched_tokens=0)
+    with pytest.raises(ValueError, match="kv_reads must be one of"):
+        EngineConfig(kv_reads="views")  # type: ignore[arg-type]
+    assert EngineConfig(kv_reads=KVReads.GATHER).kv_reads is KVReads.GATHER
 
 
 def test_kv_layout_bytes() -> None:
