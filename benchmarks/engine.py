@@ -11,6 +11,11 @@ spent descheduled; the "cpu ratio" column compares those and is steadier than th
 wall-clock ratio when other processes share the cores (on a quiet machine the two agree).
 
     python benchmarks/engine.py [--reps 5] [--batch 16] [--max-tokens 64] [--model-dir DIR]
+                                [--max-num-batched-tokens N]
+
+``--max-num-batched-tokens`` sets pdserve's per-step token budget (the engine's
+default, 512, keeps colocated decode steps short; a larger budget prefills in
+fewer, larger steps; transformers prefills the whole padded batch at once).
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ def main() -> int:
     parser.add_argument(
         "--model-dir", type=Path, default=None, help="model to use (default: a fresh tiny Llama)"
     )
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=None,
+        help="pdserve's per-step token budget (default: the engine's default)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -73,7 +82,9 @@ def main() -> int:
     scratch = None if args.model_dir else tempfile.TemporaryDirectory(prefix="pdserve-bench-")
     model_dir = args.model_dir or create_tiny_model(Path(scratch.name if scratch else "."))
     hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    engine = LLMEngine(model_dir, EngineConfig(kv_cache_bytes=512 * 1024 * 1024))
+    budget = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
+    engine_config = EngineConfig(kv_cache_bytes=512 * 1024 * 1024, **budget)
+    engine = LLMEngine(model_dir, engine_config)
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
     single = [[rng.randrange(10, vocab) for _ in range(args.single_prompt_tokens)]]
@@ -128,7 +139,8 @@ def main() -> int:
         assert hf_tokens == pd_tokens, (hf_tokens, pd_tokens)
         rows.append((name, pd_tokens, hf_tokens / hf_s, pd_tokens / pd_s, hf_cpu / pd_cpu))
 
-    print(f"model: {model_dir}  (torch threads: {torch.get_num_threads()}, reps: {args.reps}, median)")
+    print(f"model: {model_dir}  (torch threads: {torch.get_num_threads()}, reps: {args.reps}, median, "
+          f"pdserve token budget {engine_config.max_num_batched_tokens})")
     print(f"mixed prompt lengths: {sorted(mixed_lens)}")
     print(f"output lengths: {args.max_tokens} each, or mixed: {sorted(mixed_out)}")
     header = f"{'case':<36}{'tokens':>8}{'transformers tok/s':>21}{'pdserve tok/s':>16}{'ratio':>8}"

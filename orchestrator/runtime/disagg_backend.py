@@ -367,7 +367,8 @@ class DisaggregatedBackend:
             # The reservation must outlive P's prefill queue, which under load can exceed the
             # transfer timeout; it lasts as long as the request may. Every failure path below
             # aborts it explicitly, so the worker's reaper only matters if this router dies.
-            res = await d.reserve(rid, request.prompt_token_ids, self._remaining_s(request))
+            res = await d.reserve(rid, request.prompt_token_ids, self._remaining_s(request),
+                                  request.sampling.max_tokens)
         except WorkerCallError as exc:
             raise self._handover(exc, d_id, request) from None
         self._active[rid].add(p_id)

@@ -78,9 +78,13 @@ class WorkerClient:
         """Close the channel."""
         await self._channel.close()
 
-    async def reserve(self, request_id: str, prompt: tuple[int, ...], timeout_s: float) -> Reservation:
-        """Decode.ReserveKV."""
-        req = pb.ReserveKVRequest(request_id=request_id, prompt_token_ids=prompt, timeout_s=timeout_s)
+    async def reserve(
+        self, request_id: str, prompt: tuple[int, ...], timeout_s: float, max_tokens: int = 0
+    ) -> Reservation:
+        """Decode.ReserveKV (``max_tokens``: the request's output budget, 0 if unknown)."""
+        req = pb.ReserveKVRequest(
+            request_id=request_id, prompt_token_ids=prompt, timeout_s=timeout_s, max_tokens=max_tokens
+        )
         try:
             return convert.reservation_from_pb(await self._decode.ReserveKV(req, timeout=timeout_s))
         except grpc.RpcError as exc:

@@ -95,8 +95,13 @@ class DecodeWorker:
         self._lock = threading.Lock()
 
     # --- disaggregated path -------------------------------------------------------------
-    def reserve(self, request_id: str, prompt_token_ids: tuple[int, ...], timeout_s: float) -> Reservation:
-        """Reserve blocks for the prompt and open a receiver; returns its descriptor."""
+    def reserve(
+        self, request_id: str, prompt_token_ids: tuple[int, ...], timeout_s: float, max_tokens: int | None = None
+    ) -> Reservation:
+        """Reserve blocks for the prompt and open a receiver; returns its descriptor.
+
+        ``max_tokens`` (the request's output budget, when known) only guides block placement.
+        """
         self._reap()
         num_tokens = len(prompt_token_ids)
         if num_tokens < 1:
@@ -105,7 +110,7 @@ class DecodeWorker:
             if request_id in self._pending:
                 raise WorkerError(f"request {request_id!r} already has a reservation")
         try:
-            blocks = self.loop.call(lambda e: e.reserve(request_id, num_tokens))
+            blocks = self.loop.call(lambda e: e.reserve(request_id, num_tokens, max_tokens))
         except OutOfKVBlocks as exc:
             raise NoRoom(f"cannot reserve KV for {num_tokens} tokens now: {exc}") from exc
         except Exception as exc:

@@ -95,7 +95,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
     async def ReserveKV(self, request: pb.ReserveKVRequest, context: grpc.aio.ServicerContext) -> pb.ReserveKVResponse:
         try:
             res = await asyncio.to_thread(
-                self.worker.reserve, request.request_id, tuple(request.prompt_token_ids), request.timeout_s or 30.0
+                self.worker.reserve, request.request_id, tuple(request.prompt_token_ids), request.timeout_s or 30.0,
+                request.max_tokens or None,
             )
         except Exception as exc:
             await _fail(context, exc)

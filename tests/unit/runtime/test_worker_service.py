@@ -130,3 +130,23 @@ def test_other_transports_carry_the_kv_too(tiny_model_dir: Path, reference: tupl
         prefill.stop()
         decode.stop()
     assert tuple(tokens) == reference
+
+
+def test_a_reservation_keeps_room_for_the_output_budget_the_router_sends(
+    hosts: tuple[WorkerHost, WorkerHost],
+) -> None:
+    _, decode = hosts
+
+    async def run() -> None:
+        d = WorkerClient(decode.endpoint().grpc_address)
+        # 60 prompt tokens + 100 output tokens = 10 blocks of 16; the worker's default room is 256 tokens
+        await d.reserve("room-a", PROMPT, timeout_s=10, max_tokens=100)
+        await d.reserve("room-b", PROMPT, timeout_s=10)
+        a, b = decode.loop.call(lambda e: (list(e.blocks.table("room-a")), list(e.blocks.table("room-b"))))
+        assert a == list(range(a[0], a[0] + 4)) and b[0] == a[0] + 10
+        assert await d.abort("room-a") and await d.abort("room-b")
+        load = await d.load(reported_at_s=0.0)
+        assert load.free_kv_blocks == load.total_kv_blocks
+        await d.close()
+
+    asyncio.run(run())
