@@ -170,6 +170,25 @@ def send_error(sock: socket.socket, error: BaseException) -> None:
         pass
 
 
+def next_layer_frame(
+    sock: socket.socket, scratch: bytearray, tag: int, layer_nbytes: int, num_slots: int | None = None
+) -> Frame | None:
+    """Receiver side: the next LAYER frame of the request tagged ``tag``, or None at END.
+
+    Anything else (another request's tag, a wrong size, a slot outside ``num_slots``) is a
+    protocol error: the stream position is lost, so it raises KVTransferError.
+    """
+    frame = recv_frame(sock, scratch)
+    if frame.kind == FrameKind.END:
+        return None
+    if (
+        frame.kind != FrameKind.LAYER or frame.tag != tag or frame.nbytes != layer_nbytes
+        or (num_slots is not None and frame.slot >= num_slots)
+    ):
+        raise KVTransferError(f"unexpected frame {frame} (want LAYER of {layer_nbytes} bytes)")
+    return frame
+
+
 def await_verdict(sock: socket.socket, request_id: str, scratch: bytearray) -> None:
     """Sender side: read the receiver's ACK, or raise the error it reported."""
     frame = recv_frame(sock, scratch, "the receiver's acknowledgement")

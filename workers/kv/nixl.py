@@ -22,11 +22,9 @@ import uuid
 from collections import deque
 from typing import Any
 
-import numpy as np
 import torch
-import xxhash
 
-from workers.kv.checksum import request_tag
+from workers.kv.checksum import copy_and_checksum, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVBackendUnavailable, KVTransferError, KVTransferTimeout
 from workers.kv.framing import (
@@ -36,6 +34,7 @@ from workers.kv.framing import (
     await_verdict,
     connect,
     hard_close,
+    next_layer_frame,
     raise_if_error,
     recv_control_payload,
     recv_frame,
@@ -58,8 +57,6 @@ except ImportError as exc:  # optional dependency
     raise KVBackendUnavailable(
         "KV transport 'nixl' needs NIXL: pip install nixl-cu12 && pip install --no-deps nixl"
     ) from exc
-
-_CHUNK_NBYTES = 1 << 20
 
 
 def _agent(role: str) -> Any:
@@ -158,11 +155,9 @@ class NixlEndpoint:
         tag = request_tag(desc.request_id)
         error: KVTransferError | None = None
         while True:
-            frame = recv_frame(sock, scratch)
-            if frame.kind == FrameKind.END:
+            frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, num_slots)
+            if frame is None:
                 return error
-            if frame.kind != FrameKind.LAYER or frame.tag != tag or frame.nbytes != desc.layer_nbytes or frame.slot >= num_slots:
-                raise KVTransferError(f"unexpected frame {frame} (want LAYER of {desc.layer_nbytes} bytes)")
             if error is None:
                 start = frame.slot * desc.layer_nbytes
                 try:
@@ -212,22 +207,10 @@ class NixlWire:
                 raise KVTransferError(f"expected FREE, got {frame.kind.name}")
             self._free_slots.append(frame.slot)
         slot = self._free_slots.popleft()
-        local = self._staging.numpy()
-        state = xxhash.xxh3_64()
-        offset = 0
-        for part in (k_bytes, v_bytes):
-            source = np.frombuffer(part, dtype=np.uint8)
-            for start in range(0, len(source), _CHUNK_NBYTES):
-                chunk = source[start : start + _CHUNK_NBYTES]
-                target = local[offset : offset + len(chunk)]
-                target[:] = chunk
-                state.update(target.data)
-                offset += len(chunk)
-        if corrupt:
-            local[0] ^= 0xFF
+        checksum = copy_and_checksum(self._staging.numpy(), (k_bytes, v_bytes), corrupt)
         self._connector.write(self._staging, nbytes, self._remote, self._ring_addr + slot * self._slot_nbytes,
                               self._options.timeout_s)
-        send_frame(self._sock, Frame(FrameKind.LAYER, layer_idx, slot, nbytes, int(state.intdigest()), self._tag))
+        send_frame(self._sock, Frame(FrameKind.LAYER, layer_idx, slot, nbytes, checksum, self._tag))
 
     def finish(self) -> None:
         """Send END and wait for the receiver's verdict."""

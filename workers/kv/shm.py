@@ -29,9 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import xxhash
 
-from workers.kv.checksum import request_tag
+from workers.kv.checksum import copy_and_checksum, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.framing import (
@@ -41,6 +40,7 @@ from workers.kv.framing import (
     await_verdict,
     connect,
     hard_close,
+    next_layer_frame,
     raise_if_error,
     recv_control_payload,
     recv_frame,
@@ -54,7 +54,6 @@ from workers.kv.receiving import ReceivingSide
 from workers.kv.tcp import ConnectionPool, read_hello, send_hello, wait_for_next_request
 
 _PAGE = mmap.PAGESIZE
-_CHUNK_NBYTES = 256 << 10  # copy-then-hash granularity: the chunk is hashed while still in L2
 
 
 @dataclass
@@ -209,14 +208,9 @@ class ShmEndpoint:
         tag = request_tag(desc.request_id)
         error: KVTransferError | None = None
         while True:
-            frame = recv_frame(sock, scratch)
-            if frame.kind == FrameKind.END:
+            frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, ring.num_slots)
+            if frame is None:
                 return error
-            if (
-                frame.kind != FrameKind.LAYER or frame.tag != tag
-                or frame.nbytes != desc.layer_nbytes or frame.slot >= ring.num_slots
-            ):
-                raise KVTransferError(f"unexpected frame {frame} (want LAYER of {desc.layer_nbytes} bytes)")
             if error is None:
                 try:
                     payload = torch.from_numpy(ring.slot(frame.slot, frame.nbytes))
@@ -224,27 +218,6 @@ class ShmEndpoint:
                 except KVTransferError as exc:
                     error = exc
             send_frame(sock, Frame(FrameKind.FREE, slot=frame.slot, tag=tag))
-
-
-def _copy_and_hash(slot: np.ndarray, parts: tuple[memoryview, memoryview], corrupt: bool) -> int:
-    """Copy ``parts`` into ``slot`` chunk by chunk, hashing each chunk right after its copy, while in L2.
-
-    A function of its own so no view of the ring outlives the copy (in a
-    traceback, say): the ring is unmapped only once every view is gone.
-    """
-    state = xxhash.xxh3_64()
-    offset = 0
-    for part in parts:
-        source = np.frombuffer(part, dtype=np.uint8)
-        for start in range(0, len(source), _CHUNK_NBYTES):
-            chunk = source[start : start + _CHUNK_NBYTES]
-            target = slot[offset : offset + len(chunk)]
-            target[:] = chunk
-            state.update(target.data)
-            offset += len(chunk)
-    if corrupt:
-        slot[0] ^= 0xFF  # damaged after hashing: the receiver must catch it
-    return int(state.intdigest())
 
 
 class ShmWire:
@@ -287,7 +260,8 @@ class ShmWire:
                 raise KVTransferError(f"expected FREE, got {frame.kind.name}")
             self._free_slots.append(frame.slot)
         slot_index = self._free_slots.popleft()
-        checksum = _copy_and_hash(self._ring.slot(slot_index, nbytes), (k_bytes, v_bytes), corrupt)
+        # a call of its own, so no view of the ring outlives the copy (the ring unmaps once all are gone)
+        checksum = copy_and_checksum(self._ring.slot(slot_index, nbytes), (k_bytes, v_bytes), corrupt)
         send_frame(self._sock, Frame(FrameKind.LAYER, layer_idx, slot_index, nbytes, checksum, self._tag))
 
     def finish(self) -> None:

@@ -35,6 +35,7 @@ from workers.kv.framing import (
     await_verdict,
     connect,
     hard_close,
+    next_layer_frame,
     pack_header,
     raise_if_error,
     recv_control_payload,
@@ -147,11 +148,9 @@ class TcpEndpoint:
         trailer = bytearray(TRAILER.size)
         trailer_view = memoryview(trailer)
         while True:
-            frame = recv_frame(sock, scratch)
-            if frame.kind == FrameKind.END:
+            frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes)
+            if frame is None:
                 return verifier.drain()
-            if frame.kind != FrameKind.LAYER or frame.tag != tag or frame.nbytes != desc.layer_nbytes:
-                raise KVTransferError(f"unexpected frame {frame} (want LAYER of {desc.layer_nbytes} bytes)")
             what = f"layer {frame.layer_idx}"
             buffer = verifier.take(frame.nbytes, self._options.stall_timeout_s)
             view = buffer.numpy().data

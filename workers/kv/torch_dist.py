@@ -44,6 +44,7 @@ from workers.kv.framing import (
     await_verdict,
     connect,
     hard_close,
+    next_layer_frame,
     recv_control_payload,
     recv_frame,
     recv_into,
@@ -168,11 +169,9 @@ class TorchDistEndpoint:
         half = desc.tensor_nbytes
         trailer = bytearray(TRAILER.size)
         while True:
-            frame = recv_frame(sock, scratch)
-            if frame.kind == FrameKind.END:
+            frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes)
+            if frame is None:
                 return verifier.drain()
-            if frame.kind != FrameKind.LAYER or frame.tag != tag or frame.nbytes != desc.layer_nbytes:
-                raise KVTransferError(f"unexpected frame {frame} (want LAYER of {desc.layer_nbytes} bytes)")
             what = f"layer {frame.layer_idx}"
             # a buffer whose receive failed is not given back: the group may still write into it
             buffer = verifier.take(desc.layer_nbytes, self._options.stall_timeout_s)
