@@ -34,7 +34,6 @@ from workers.kv.framing import (
     await_verdict,
     connect,
     hard_close,
-    next_layer_frame,
     raise_if_error,
     recv_control_payload,
     recv_frame,
@@ -44,7 +43,7 @@ from workers.kv.framing import (
 )
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
 from workers.kv.pipeline import HostStager, PendingTransfer, PipelinedSender
-from workers.kv.receiving import ReceivingSide
+from workers.kv.receiving import ReceivingSide, receive_slot_layers
 
 # UCX's memory hooks (malloc/mmap interception) crashed torch's CPU tensors in this process; transfers use
 # buffers registered once, so the registration cache those hooks keep coherent is not needed.
@@ -128,7 +127,10 @@ class NixlEndpoint:
             })
             try:
                 send_frame(sock, Frame(FrameKind.RING, nbytes=len(info)), [info.encode()])
-                error = self._receive_layers(sock, scratch, pending, ring, num_slots)
+                error = receive_slot_layers(
+                    sock, scratch, pending, num_slots,
+                    lambda slot, nbytes: ring[slot * slot_nbytes : slot * slot_nbytes + nbytes],
+                )
             except BaseException:
                 self._deregister(ring)  # a late WRITE must not land in a reused ring
                 raise
@@ -148,23 +150,6 @@ class NixlEndpoint:
             rid = pending.descriptor.request_id
             send_error(sock, pending.fail(with_context(exc, rid, f"after {pending.layers_received()} layers")))
 
-    def _receive_layers(
-        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, ring: torch.Tensor, num_slots: int
-    ) -> KVTransferError | None:
-        desc = pending.descriptor
-        tag = request_tag(desc.request_id)
-        error: KVTransferError | None = None
-        while True:
-            frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, num_slots)
-            if frame is None:
-                return error
-            if error is None:
-                start = frame.slot * desc.layer_nbytes
-                try:
-                    pending.deliver(frame.layer_idx, ring[start : start + frame.nbytes], frame.checksum)
-                except KVTransferError as exc:
-                    error = exc
-            send_frame(sock, Frame(FrameKind.FREE, slot=frame.slot, tag=tag))
 
 
 class NixlWire:

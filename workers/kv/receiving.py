@@ -23,9 +23,10 @@ from collections.abc import Callable
 
 import torch
 
+from workers.kv.checksum import request_tag
 from workers.kv.descriptor import TransportKind
 from workers.kv.errors import KVTransferError
-from workers.kv.framing import Acceptor, listen
+from workers.kv.framing import Acceptor, Frame, FrameKind, listen, next_layer_frame, send_frame
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback
 from workers.kv.pipeline import PendingTable, PendingTransfer, StagingPool
 
@@ -138,3 +139,30 @@ class LayerVerifier:
             with self._idle:
                 self._outstanding -= 1
                 self._idle.notify_all()
+
+
+def receive_slot_layers(
+    sock: socket.socket,
+    scratch: bytearray,
+    pending: PendingTransfer,
+    num_slots: int,
+    slot_payload: Callable[[int, int], torch.Tensor],
+) -> KVTransferError | None:
+    """Slot transports (shm, nixl): deliver each announced slot, free it, stop at END; the first error.
+
+    ``slot_payload(slot, nbytes)`` is a view of the slot's bytes. After a failed delivery the
+    stream is still drained (every slot freed), so the sender reaches END and reads the verdict.
+    """
+    desc = pending.descriptor
+    tag = request_tag(desc.request_id)
+    error: KVTransferError | None = None
+    while True:
+        frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, num_slots)
+        if frame is None:
+            return error
+        if error is None:
+            try:
+                pending.deliver(frame.layer_idx, slot_payload(frame.slot, frame.nbytes), frame.checksum)
+            except KVTransferError as exc:
+                error = exc
+        send_frame(sock, Frame(FrameKind.FREE, slot=frame.slot, tag=tag))

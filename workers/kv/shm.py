@@ -40,7 +40,6 @@ from workers.kv.framing import (
     await_verdict,
     connect,
     hard_close,
-    next_layer_frame,
     raise_if_error,
     recv_control_payload,
     recv_frame,
@@ -50,7 +49,7 @@ from workers.kv.framing import (
 )
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
 from workers.kv.pipeline import HostStager, PendingTransfer, PipelinedSender
-from workers.kv.receiving import ReceivingSide
+from workers.kv.receiving import ReceivingSide, receive_slot_layers
 from workers.kv.tcp import ConnectionPool, read_hello, send_hello, wait_for_next_request
 
 _PAGE = mmap.PAGESIZE
@@ -183,7 +182,10 @@ class ShmEndpoint:
             try:
                 info = ring.info()
                 send_frame(sock, Frame(FrameKind.RING, nbytes=len(info)), [info])
-                error = self._receive_layers(sock, scratch, pending, ring)
+                error = receive_slot_layers(
+                    sock, scratch, pending, ring.num_slots,
+                    lambda slot, nbytes: torch.from_numpy(ring.slot(slot, nbytes)),
+                )
             except BaseException:
                 self._discard(ring)  # a stalled sender might still write into it: never reuse
                 raise
@@ -201,23 +203,6 @@ class ShmEndpoint:
             send_error(sock, exc)
         return False
 
-    def _receive_layers(
-        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, ring: _Ring
-    ) -> KVTransferError | None:
-        desc = pending.descriptor
-        tag = request_tag(desc.request_id)
-        error: KVTransferError | None = None
-        while True:
-            frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, ring.num_slots)
-            if frame is None:
-                return error
-            if error is None:
-                try:
-                    payload = torch.from_numpy(ring.slot(frame.slot, frame.nbytes))
-                    pending.deliver(frame.layer_idx, payload, frame.checksum)
-                except KVTransferError as exc:
-                    error = exc
-            send_frame(sock, Frame(FrameKind.FREE, slot=frame.slot, tag=tag))
 
 
 class ShmWire:
