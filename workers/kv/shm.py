@@ -30,14 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.kv.checksum import copy_and_checksum, request_tag
+from workers.kv.checksum import copy_and_checksum
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.framing import (
     HEADER_NBYTES,
     Frame,
     FrameKind,
-    await_verdict,
     connect,
     hard_close,
     raise_if_error,
@@ -48,9 +47,9 @@ from workers.kv.framing import (
     with_context,
 )
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
-from workers.kv.pipeline import HostStager, PendingTransfer, PipelinedSender
+from workers.kv.pipeline import PendingTransfer, PipelinedSender
 from workers.kv.receiving import ReceivingSide, receive_slot_layers
-from workers.kv.tcp import ConnectionPool, read_hello, send_hello, wait_for_next_request
+from workers.kv.tcp import ConnectionPool, PooledWire, read_hello, send_hello, wait_for_next_request
 
 _PAGE = mmap.PAGESIZE
 
@@ -205,20 +204,13 @@ class ShmEndpoint:
 
 
 
-class ShmWire:
+class ShmWire(PooledWire):
     """Sending half: copy each layer into a free slot and announce it on the control socket."""
 
     def __init__(self, descriptor: TransferDescriptor, options: SenderOptions, connector: ShmConnector) -> None:
-        self._desc = descriptor
-        self._connector = connector
-        self._tag = request_tag(descriptor.request_id)
-        self._scratch = bytearray(HEADER_NBYTES)
-        self._stager = HostStager()
-        self._done = False
-        self._closed = False
-        sock = connector.pool.take(descriptor.address)
-        self._sock = sock or connect(descriptor.address, options.timeout_s, 1 << 16)
-        self._sock.settimeout(options.timeout_s)
+        sock = connector.pool.take(descriptor.address) or connect(descriptor.address, options.timeout_s, 1 << 16)
+        sock.settimeout(options.timeout_s)
+        super().__init__(descriptor, sock, connector.pool)
         try:
             send_hello(self._sock, descriptor)
             frame = recv_frame(self._sock, self._scratch, "the RING reply")
@@ -248,22 +240,6 @@ class ShmWire:
         # a call of its own, so no view of the ring outlives the copy (the ring unmaps once all are gone)
         checksum = copy_and_checksum(self._ring.slot(slot_index, nbytes), (k_bytes, v_bytes), corrupt)
         send_frame(self._sock, Frame(FrameKind.LAYER, layer_idx, slot_index, nbytes, checksum, self._tag))
-
-    def finish(self) -> None:
-        """Send END and wait for the receiver's verdict."""
-        send_frame(self._sock, Frame(FrameKind.END, tag=self._tag))
-        await_verdict(self._sock, self._desc.request_id, self._scratch)
-        self._done = True
-
-    def close(self) -> None:
-        """Keep a cleanly finished control connection for reuse; close any other (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._done:
-            self._connector.pool.release(self._desc.address, self._sock)
-        else:
-            hard_close(self._sock)
 
 
 class ShmConnector:

@@ -168,18 +168,45 @@ class TcpEndpoint:
             verifier.submit(pending, frame.layer_idx, buffer, frame.nbytes, expected, int(state.intdigest()))
 
 
-class TcpWire:
-    """Sending half: one connection, frames written with ``sendall`` straight from the tensors."""
+class PooledWire:
+    """A sending request's control connection: END, the receiver's verdict, then back to a pool.
 
-    def __init__(self, descriptor: TransferDescriptor, sock: socket.socket, connector: TcpConnector) -> None:
+    A connection that ended in ACK is at a clean frame boundary and carries the next request
+    to the same receiver; any other is closed, since its stream position is unknown.
+    """
+
+    def __init__(self, descriptor: TransferDescriptor, sock: socket.socket, pool: ConnectionPool) -> None:
         self._desc = descriptor
         self._sock = sock
-        self._connector = connector
+        self._pool = pool
         self._tag = request_tag(descriptor.request_id)
         self._stager = HostStager()
         self._scratch = bytearray(HEADER_NBYTES)
         self._done = False
         self._closed = False
+
+    def finish(self) -> None:
+        """Send END and wait for the receiver's verdict."""
+        send_frame(self._sock, Frame(FrameKind.END, tag=self._tag))
+        await_verdict(self._sock, self._desc.request_id, self._scratch)
+        self._done = True
+
+    def close(self) -> None:
+        """Return a cleanly finished connection to the pool; close any other (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._done:
+            self._pool.release(self._desc.address, self._sock)
+        else:
+            hard_close(self._sock)
+
+
+class TcpWire(PooledWire):
+    """Sending half: one connection, frames written with ``sendall`` straight from the tensors."""
+
+    def __init__(self, descriptor: TransferDescriptor, sock: socket.socket, pool: ConnectionPool) -> None:
+        super().__init__(descriptor, sock, pool)
         send_hello(self._sock, descriptor)
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
@@ -201,21 +228,6 @@ class TcpWire:
             self._raise_receiver_error()
             raise with_context(exc, self._desc.request_id, f"layer {layer_idx}") from None
 
-    def finish(self) -> None:
-        """Send END and wait for the receiver's verdict."""
-        send_frame(self._sock, Frame(FrameKind.END, tag=self._tag))
-        await_verdict(self._sock, self._desc.request_id, self._scratch)
-        self._done = True
-
-    def close(self) -> None:
-        """Return a cleanly finished connection to the pool; close any other (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._done:
-            self._connector.release(self._desc.address, self._sock)
-        else:
-            hard_close(self._sock)
 
     def _raise_receiver_error(self) -> None:
         """After a failed send, surface the ERROR the receiver may have sent before closing."""
@@ -285,15 +297,11 @@ class TcpConnector:
             sock = connect(descriptor.address, options.timeout_s, options.socket_buffer_nbytes)
         sock.settimeout(options.timeout_s)
         try:
-            wire = TcpWire(descriptor, sock, self)
+            wire = TcpWire(descriptor, sock, self._pool)
         except BaseException:
             sock.close()
             raise
         return PipelinedSender(descriptor, wire, options)
-
-    def release(self, address: str, sock: socket.socket) -> None:
-        """Keep a cleanly finished connection for the next request to the same receiver."""
-        self._pool.release(address, sock)
 
     def close(self) -> None:
         """Close every idle connection."""
