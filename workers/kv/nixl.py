@@ -41,9 +41,9 @@ from workers.kv.framing import (
     send_frame,
     with_context,
 )
-from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
+from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import HostStager, PendingTransfer, PipelinedSender
-from workers.kv.receiving import ReceivingSide, receive_slot_layers
+from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers
 
 # UCX's memory hooks (malloc/mmap interception) crashed torch's CPU tensors in this process; transfers use
 # buffers registered once, so the registration cache those hooks keep coherent is not needed.
@@ -62,7 +62,7 @@ def _agent(role: str) -> Any:
     return nixl_agent(f"pdserve-kv-{role}-{uuid.uuid4().hex[:12]}", nixl_agent_config(backends=["UCX"]))
 
 
-class NixlEndpoint:
+class NixlEndpoint(SideEndpoint):
     """Receiving endpoint: control listener, a NIXL agent, registered rings reused across requests."""
 
     kind = TransportKind.NIXL
@@ -76,10 +76,6 @@ class NixlEndpoint:
         self._free: list[torch.Tensor] = []
         self._side = ReceivingSide(self.kind, self._options, self._serve, 1 << 16)
         self.address = self._side.address
-
-    def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
-        """Register an incoming transfer and return its receiver."""
-        return self._side.expect(request_id, num_tokens, spec, on_layer)
 
     def close(self) -> None:
         """Stop accepting, fail pending transfers, deregister the rings."""

@@ -57,6 +57,16 @@ class ReceivingSide:
         self.table.fail_all("endpoint closed")
 
 
+class SideEndpoint:
+    """Base of the network endpoints: ``expect`` registers with the endpoint's ``ReceivingSide``."""
+
+    _side: ReceivingSide
+
+    def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
+        """Register an incoming transfer and return its receiver."""
+        return self._side.expect(request_id, num_tokens, spec, on_layer)
+
+
 _Job = tuple[PendingTransfer, int, torch.Tensor, torch.Tensor, int, "int | None"]
 _STOP = None
 

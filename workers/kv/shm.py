@@ -46,9 +46,9 @@ from workers.kv.framing import (
     send_frame,
     with_context,
 )
-from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
+from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import PendingTransfer, PipelinedSender
-from workers.kv.receiving import ReceivingSide, receive_slot_layers
+from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers
 from workers.kv.tcp import ConnectionPool, PooledWire, read_hello, send_hello, wait_for_next_request
 
 _PAGE = mmap.PAGESIZE
@@ -124,7 +124,7 @@ def map_ring(ring_id: str, path: str, num_slots: int, slot_nbytes: int) -> _Ring
     return _Ring(ring_id, path, num_slots, slot_nbytes, mm, np.frombuffer(mm, dtype=np.uint8))
 
 
-class ShmEndpoint:
+class ShmEndpoint(SideEndpoint):
     """Receiving endpoint: control listener plus a pool of rings reused across requests."""
 
     kind = TransportKind.SHM
@@ -136,10 +136,6 @@ class ShmEndpoint:
         self._all: list[_Ring] = []
         self._side = ReceivingSide(self.kind, self._options, self._serve, 1 << 16)
         self.address = self._side.address
-
-    def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
-        """Register an incoming transfer and return its receiver."""
-        return self._side.expect(request_id, num_tokens, spec, on_layer)
 
     def close(self) -> None:
         """Stop accepting, fail pending transfers, release the rings."""

@@ -46,7 +46,7 @@ from workers.kv.framing import (
     send_frame,
     with_context,
 )
-from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
+from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import (
     HostStager,
     PendingTable,
@@ -55,7 +55,7 @@ from workers.kv.pipeline import (
     StagingPool,
     corrupted,
 )
-from workers.kv.receiving import LayerVerifier, ReceivingSide
+from workers.kv.receiving import LayerVerifier, ReceivingSide, SideEndpoint
 
 
 def read_hello(sock: socket.socket, scratch: bytearray, table: PendingTable) -> PendingTransfer:
@@ -88,7 +88,7 @@ def wait_for_next_request(sock: socket.socket) -> bool:
         return False
 
 
-class TcpEndpoint:
+class TcpEndpoint(SideEndpoint):
     """Receiving endpoint: a listening socket; each sender connection is served by its own thread."""
 
     kind = TransportKind.TCP
@@ -99,10 +99,6 @@ class TcpEndpoint:
         self._staging.release(self._staging.acquire(self._options.staging_nbytes))  # touch one buffer up front
         self._side = ReceivingSide(self.kind, self._options, self._serve, self._options.socket_buffer_nbytes)
         self.address = self._side.address
-
-    def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
-        """Register an incoming transfer and return its receiver."""
-        return self._side.expect(request_id, num_tokens, spec, on_layer)
 
     def close(self) -> None:
         """Stop accepting; pending transfers fail."""

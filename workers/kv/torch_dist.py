@@ -54,9 +54,9 @@ from workers.kv.framing import (
     split_address,
     with_context,
 )
-from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
+from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import PendingTransfer, PipelinedSender, StagingPool
-from workers.kv.receiving import LayerVerifier, ReceivingSide
+from workers.kv.receiving import LayerVerifier, ReceivingSide, SideEndpoint
 from workers.kv.tcp import read_hello, send_hello
 
 _SENDER_RANK, _RECEIVER_RANK = 0, 1
@@ -81,7 +81,7 @@ def _wait(work: Any, what: str) -> None:
         raise cls(f"{what}: {exc}") from None
 
 
-class TorchDistEndpoint:
+class TorchDistEndpoint(SideEndpoint):
     """Receiving endpoint: control listener, a TCPStore for pair rendezvous, one thread per pair."""
 
     kind = TransportKind.TORCH_DIST
@@ -97,10 +97,6 @@ class TorchDistEndpoint:
         self._staging = StagingPool(self._options.staging_nbytes, device=self._options.device)
         self._side = ReceivingSide(self.kind, self._options, self._serve_pair, 1 << 16, device=self._options.device)
         self.address = self._side.address
-
-    def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
-        """Register an incoming transfer and return its receiver."""
-        return self._side.expect(request_id, num_tokens, spec, on_layer)
 
     def close(self) -> None:
         """Stop accepting; pending transfers fail."""
