@@ -13,6 +13,7 @@ import enum
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -209,6 +210,28 @@ def raise_if_error(sock: socket.socket, frame: Frame, request_id: str) -> None:
     raise KVTransferError(f"receiver rejected request {request_id!r}: {message}")
 
 
+LINGER_S = 2.0  # how long a rejecting receiver keeps reading so its ERROR frame is not reset away
+
+
+def _drain_before_close(sock: socket.socket) -> None:
+    """Half-close, then read and drop what the peer still sends, until it closes or LINGER_S passes.
+
+    Closing a socket with unread data makes the kernel send a reset, which can destroy an ERROR
+    frame the sender has not read yet (it is still writing layers of a rejected request); after
+    a half-close the sender reads the ERROR and closes, and the close here is clean.
+    """
+    deadline = time.monotonic() + LINGER_S
+    scratch = bytearray(1 << 16)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (left_s := deadline - time.monotonic()) > 0:
+            sock.settimeout(left_s)
+            if sock.recv_into(scratch) == 0:
+                return
+    except OSError:  # reset, timeout or already shut: nothing more to save
+        return
+
+
 def hard_close(sock: socket.socket) -> None:
     """Shut down and close; a thread blocked on the socket wakes with an error."""
     try:
@@ -256,6 +279,8 @@ class Acceptor:
         try:
             self._serve(sock)
         finally:
+            if not self._closed:
+                _drain_before_close(sock)
             sock.close()
             with self._lock:
                 self._connections.pop(sock, None)
