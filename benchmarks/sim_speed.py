@@ -6,8 +6,10 @@ under the roofline model). Prints, per size, wall time, requests/s,
 simulated output tokens/s and events, the per-request time relative to the
 smallest size (linear growth keeps it near 1.0; from CPU time, which a
 shared machine distorts less than wall time), peak RSS, and — as the
-same-run baseline — the speed-up of step-batched decode runs over costing
-every decode step as its own event.
+same-run baselines — the speed-up of step-batched decode runs over costing
+every decode step as its own event and, when the compiled simulator is
+built (``python -m simulations.native build``), its speed-up over the pure
+Python modules (run in a subprocess with ``PDSERVE_SIM_PURE=1``).
 
     python benchmarks/sim_speed.py                 # 100k, 300k, 1M requests
     python benchmarks/sim_speed.py --requests 50000
@@ -17,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import simulations.sim  # noqa: E402
 from simulations.experiments.specs import ClusterKnobs, Placement, build_cluster, load_latency  # noqa: E402
 from simulations.sim.cluster import ClusterConfig, ClusterSim  # noqa: E402
 from simulations.traces import load_trace, scale_rate, tile  # noqa: E402
@@ -60,6 +65,15 @@ def _reference_loop_cpu_s() -> float:
     return time.process_time() - c0
 
 
+def _pure_cpu_s(args: argparse.Namespace, n: int) -> float:
+    """CPU seconds of one ``n``-request run by the pure-Python simulator, in a fresh process."""
+    env = dict(os.environ, PDSERVE_SIM_PURE="1")
+    cmd = [sys.executable, __file__, "--cpu-only", str(n), "--rate-scale", str(args.rate_scale),
+           "--prefill", str(args.prefill), "--decode", str(args.decode), "--latency", args.latency]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=None, help="one run of N requests instead of 100k/300k/1M")
@@ -70,17 +84,22 @@ def main() -> int:
     parser.add_argument("--baseline-requests", type=int, default=20_000,
                         help="size of the decode-runs vs single-steps comparison (0 to skip)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per size (median reported)")
+    parser.add_argument("--cpu-only", type=int, default=0, help=argparse.SUPPRESS)  # the pure-Python baseline run
     args = parser.parse_args()
 
     base = load_trace(TRACE if Path(TRACE).exists() else "azure-conv")
     latency = load_latency(args.latency)
     config = build_cluster(Placement(prefill=args.prefill, decode=args.decode), latency, ClusterKnobs(),
                            timeline_bucket_s=60.0)
+    if args.cpu_only:
+        print(_run(scale_rate(tile(base, args.cpu_only), args.rate_scale), config, args.latency)[1])
+        return 0
     sizes = [args.requests] if args.requests else [100_000, 300_000, 1_000_000]
     print(f"trace {base.name} ({len(base)} rows) tiled, rate x{args.rate_scale:g}; {config.label}; {args.latency}")
     ref_s = _reference_loop_cpu_s()
     print(f"reference: 1e7-iteration Python loop takes {ref_s:.2f} CPU s here "
           f"(a quiet modern core: ~0.4-0.6 s); scale req/cpu_s by it to compare machines")
+    print(f"simulator: {simulations.sim.MODE} modules; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     if args.baseline_requests:
         small = scale_rate(tile(base, args.baseline_requests), args.rate_scale)
@@ -88,6 +107,11 @@ def main() -> int:
         _, steps_s, _, _ = _run(small, dataclasses.replace(config, jump_decode_steps=False), args.latency)
         print(f"baseline ({args.baseline_requests} requests, CPU s): one event per decode step {steps_s:.2f} s, "
               f"decode runs {runs_s:.2f} s -> {steps_s / runs_s:.1f}x faster")
+        if simulations.sim.MODE == "compiled":
+            pure_s = _pure_cpu_s(args, args.baseline_requests)
+            n = args.baseline_requests
+            print(f"baseline ({n} requests, CPU s): pure Python {pure_s:.2f} s ({n / pure_s:,.0f} req/cpu_s), "
+                  f"compiled {runs_s:.2f} s ({n / runs_s:,.0f} req/cpu_s) -> {pure_s / runs_s:.1f}x faster")
 
     print(f"{'requests':>10} {'wall_s':>8} {'req/s':>9} {'cpu_s':>8} {'req/cpu_s':>9} {'sim_tok/s':>11} "
           f"{'events':>10} {'cpu_us/req':>10} {'ratio':>6} {'peak_rss_MB':>11}")
@@ -109,7 +133,8 @@ def main() -> int:
         last_req_per_s = n / wall_s
         del trace
     print(f"target {TARGET_REQ_PER_S:,} req/s (wall, at 1M): {last_req_per_s:,.0f} req/s at {sizes[-1]:,} requests "
-          f"-> {last_req_per_s / TARGET_REQ_PER_S:.2f}x of target")
+          f"-> {last_req_per_s / TARGET_REQ_PER_S:.2f}x of target; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

@@ -24,6 +24,9 @@ setup() {
     fi
     echo "$want" >"$stamp"
   fi
+  # The simulator's optional compiled modules (mypyc); without them it runs as pure Python.
+  "$PY" -m simulations.native build --if-stale >/dev/null 2>&1 \
+    || echo "warning: compiled simulator not built; it runs as pure Python" >&2
 }
 
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}

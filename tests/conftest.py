@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# The simulator runs its Python modules in-process even when its compiled build exists: some
+# tests subclass ClusterSim, which compiled classes forbid (tests/sim/test_sim_native.py
+# compares the two builds in subprocesses).
+os.environ["PDSERVE_SIM_PURE"] = "1"
 
 # One intra-op thread: tests share 2 cores, and logits are only bit-stable at a fixed thread count.
 torch.set_num_threads(1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from orchestrator.core._plain import plain
 from orchestrator.core.slo import OverloadAction
 from orchestrator.core.types import STABLE_MEMO, ClusterSnapshot, InstanceLoad, RequestInfo, Role
 
@@ -33,6 +34,7 @@ class RejectReason(str, Enum):
     QUEUE_FULL = "queue_full"
 
 
+@plain
 @dataclass(frozen=True, slots=True)
 class AdmissionConfig:
     """Limits admission enforces; defaults suit the embedded tiny model."""
@@ -46,6 +48,7 @@ class AdmissionConfig:
     prefill_tokens_per_s: float = 8192.0
 
 
+@plain
 @dataclass(frozen=True, slots=True)
 class AdmissionDecision:
     """Admission's answer; ``reason`` is set exactly when it is not ADMIT."""

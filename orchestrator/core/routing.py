@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from orchestrator.core._plain import plain
 from orchestrator.core.types import ClusterSnapshot, InstanceLoad, RequestInfo, Role
 
 
@@ -31,6 +32,7 @@ class RouteMode(str, Enum):
     COLOCATED = "colocated"  # a colocated instance runs both phases
 
 
+@plain
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
     """Knobs of the routing policy."""
@@ -40,6 +42,7 @@ class RoutingConfig:
     decode_batch_weight: float = 1.0
 
 
+@plain
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
     """Where a request runs; ``prefill_instance_id`` is None unless DISAGGREGATED."""
@@ -49,6 +52,7 @@ class RouteDecision:
     prefill_instance_id: str | None = None
 
 
+@plain
 @dataclass(frozen=True, slots=True)
 class NoRoute:
     """No instance can take the request; ``reason`` is for the error message."""

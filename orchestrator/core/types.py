@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from orchestrator.core._plain import plain
+
 
 class Role(str, Enum):
     """What an instance runs."""
@@ -27,6 +29,7 @@ class InstanceHealth(str, Enum):
     UNHEALTHY = "unhealthy"
 
 
+@plain
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
     """What policies know about a request before it runs (no token ids)."""
@@ -39,6 +42,7 @@ class RequestInfo:
     priority: int = 0
 
 
+@plain
 @dataclass(frozen=True, slots=True)
 class InstanceLoad:
     """One instance's load report, as the controller last received it."""
@@ -73,6 +77,7 @@ class InstanceLoad:
 STABLE_MEMO = "stable"
 
 
+@plain
 @dataclass(frozen=True, slots=True)
 class ClusterSnapshot:
     """All instances' loads at ``at_s``; ``version`` increases with every publish."""

@@ -8,7 +8,7 @@ step O(1) to cost regardless of batch size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,4 +32,15 @@ class LatencyModel(Protocol):
 
     def step_time_s(self, shape: BatchShape, tp_degree: int = 1) -> float:
         """Seconds one step of ``shape`` takes with tensor parallelism ``tp_degree``."""
+        ...
+
+
+@runtime_checkable
+class DecodeRunLatency(Protocol):
+    """Optional capability: total time of ``steps`` consecutive pure-decode steps."""
+
+    def decode_run_time_s(
+        self, decode_requests: int, context_tokens: int, steps: int, tp_degree: int = 1
+    ) -> float:
+        """Sum over i < steps of step_time_s(decode_requests, context_tokens + i * decode_requests)."""
         ...

@@ -28,7 +28,7 @@ from typing import Protocol
 from orchestrator.core.admission import AdmissionConfig, AdmissionOutcome, admit
 from orchestrator.core.routing import NoRoute, RouteMode, RoutingConfig, carry_orders, route
 from orchestrator.core.slo import OverloadAction
-from orchestrator.core.types import ClusterSnapshot, InstanceHealth, InstanceLoad, RequestInfo, Role
+from orchestrator.core.types import ClusterSnapshot, InstanceHealth, InstanceLoad, Role
 from simulations.latency.base import LatencyModel
 from simulations.sim.cost import StepCoster
 from simulations.sim.events import EventLoop, EventPriority, Scheduled
@@ -245,7 +245,7 @@ class ClusterSim:
             self._admit(req, now_s, out)
             return out
         # Behind a queue: only a full queue turns it away now; otherwise it waits its turn (FIFO).
-        info = RequestInfo(str(idx), req.prompt_tokens, req.output_tokens, req.arrival_s)
+        info = req.request_info()
         decision = admit(self.snapshot(now_s), info, self.config.admission, len(self.router_queue))
         if decision.outcome is AdmissionOutcome.REJECT:
             assert decision.reason is not None
@@ -256,7 +256,7 @@ class ClusterSim:
 
     def _admit(self, req: SimRequest, now_s: float, out: list[Scheduled]) -> bool:
         """Admit and route ``req``; False when it must stay queued at the router."""
-        info = RequestInfo(str(req.idx), req.prompt_tokens, req.output_tokens, req.arrival_s)
+        info = req.request_info()
         snap = self.snapshot(now_s)
         queued = self.router_queue
         depth = len(queued) - 1 if queued and queued[0] is req else len(queued)
@@ -349,8 +349,8 @@ class ClusterSim:
             return [(now_s + self.config.control_interval_s, EventPriority.CONTROL, self._on_control, None)]
         return None
 
-    def apply(self, decision: ControlDecision) -> None:
-        """Carry out one controller decision."""
+    def apply(self, decision: object) -> None:
+        """Carry out one controller decision (a ``ControlDecision``; anything else raises TypeError)."""
         if isinstance(decision, SetHealth):
             inst = self._by_id.get(decision.instance_id)
             if inst is None:

@@ -12,22 +12,12 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
 
-from simulations.latency.base import BatchShape, LatencyModel
+# DecodeRunLatency lives with the model interface: a runtime-checkable Protocol cannot be compiled.
+from simulations.latency.base import BatchShape, DecodeRunLatency, LatencyModel
 from simulations.sim.runcost import closed_form_runs_at
 
-
-@runtime_checkable
-class DecodeRunLatency(Protocol):
-    """Optional capability: total time of ``steps`` consecutive pure-decode steps."""
-
-    def decode_run_time_s(
-        self, decode_requests: int, context_tokens: int, steps: int, tp_degree: int = 1
-    ) -> float:
-        """Sum over i < steps of step_time_s(decode_requests, context_tokens + i * decode_requests)."""
-        ...
-
+__all__ = ["STEP_MEMO_ENTRIES", "DecodeRunLatency", "StepCoster"]
 
 # Most memoized step shapes one StepCoster keeps (a few MB).
 STEP_MEMO_ENTRIES = 1 << 16

@@ -116,17 +116,29 @@ class Network:
         """Set every flow's max-min fair rate by progressive filling (see the module docstring)."""
         capacity = self._capacity_bps
         on_link = self._on_link
+        # A flow alone on both its links gets its slower link's capacity: filling would pop one of
+        # its two links (share = capacity / 1) and touch no other link, so settle it here.
+        todo = 0
+        for flow in self.flows:
+            out_link, in_link = flow.links
+            if len(on_link[out_link]) == 1 and len(on_link[in_link]) == 1:
+                out_bps = capacity[out_link]
+                in_bps = capacity[in_link]
+                flow.rate_bps = in_bps if in_bps < out_bps else out_bps
+            else:
+                flow.rate_bps = -1.0
+                todo += 1
         left_bps: dict[str, float] = {}
         unfixed: dict[str, int] = {}
         heap: list[tuple[float, str]] = []
         for link, users in on_link.items():
+            n = len(users)
+            if n == 1 and users[0].rate_bps >= 0.0:
+                continue  # the link of a flow settled above
             left_bps[link] = capacity[link]
-            unfixed[link] = len(users)
-            heap.append((capacity[link] / len(users), link))
+            unfixed[link] = n
+            heap.append((capacity[link] / n, link))
         heapq.heapify(heap)
-        for flow in self.flows:
-            flow.rate_bps = -1.0
-        todo = len(self.flows)
         pop = heapq.heappop
         push = heapq.heappush
         while todo:

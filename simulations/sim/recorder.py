@@ -15,6 +15,11 @@ from enum import IntEnum
 import numpy as np
 import numpy.typing as npt
 
+# Defined outside this module so it can be compiled (see simulations.native).
+from simulations.sim.errors import ConservationError
+
+__all__ = ["ConservationError", "GapHistogram", "Recorder", "RequestStatus"]
+
 
 class RequestStatus(IntEnum):
     """Terminal state of a request; every request ends in exactly one."""
@@ -22,10 +27,6 @@ class RequestStatus(IntEnum):
     PENDING = 0
     FINISHED = 1
     REJECTED = 2
-
-
-class ConservationError(RuntimeError):
-    """A request was lost or completed twice: the simulator is wrong, not the workload."""
 
 
 class GapHistogram:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
-from orchestrator.core.types import InstanceHealth, InstanceLoad, Role
+from orchestrator.core.types import InstanceHealth, InstanceLoad, RequestInfo, Role
 
 
 class BatchPolicy(str, Enum):
@@ -45,6 +45,7 @@ class SimRequest:
     __slots__ = (
         "idx", "prompt_tokens", "output_tokens", "arrival_s", "generated", "prefill_target",
         "prefill_done", "reserved_blocks", "offset", "end_step", "last_token_s", "decode_to", "prefill_from",
+        "info",
     )
 
     def __init__(self, idx: int, prompt_tokens: int, output_tokens: int, arrival_s: float) -> None:
@@ -61,6 +62,14 @@ class SimRequest:
         self.last_token_s = 0.0
         self.decode_to: Any = None  # decode Instance after a disaggregated prefill
         self.prefill_from: Any = None  # prefill Instance holding the KV until the transfer ends
+        self.info: RequestInfo | None = None  # what admission and routing see; built on first use
+
+    def request_info(self) -> RequestInfo:
+        """The ``RequestInfo`` admission and routing get (one object per request, however often it is retried)."""
+        info = self.info
+        if info is None:
+            info = self.info = _INFO.build(self.idx, self.prompt_tokens, self.output_tokens, self.arrival_s)
+        return info
 
 
 # Fields of a load report that change while an instance runs; the rest are fixed by its spec.
@@ -72,6 +81,42 @@ _FILL_SLOTS = (
     not hasattr(InstanceLoad, "__post_init__")
     and set(InstanceLoad.__slots__) == {f.name for f in fields(InstanceLoad)}
 )
+
+
+_INFO_ARGS = ("request_id", "prompt_tokens", "max_output_tokens", "arrival_s")  # the rest keep their defaults
+
+
+class _RequestInfos:
+    """Builds ``RequestInfo``s with the default SLO class and priority, by filling slots when valid."""
+
+    __slots__ = ("_fill", "_set", "_defaults")
+
+    def __init__(self) -> None:
+        names = {f.name for f in fields(RequestInfo)}
+        self._fill = not hasattr(RequestInfo, "__post_init__") and set(getattr(RequestInfo, "__slots__", ())) == names
+        self._set: tuple[Callable[[RequestInfo, object], None], ...] = ()
+        self._defaults: tuple[tuple[Callable[[RequestInfo, object], None], object], ...] = ()
+        if self._fill:
+            self._set = tuple(getattr(RequestInfo, n).__set__ for n in _INFO_ARGS)
+            self._defaults = tuple((getattr(RequestInfo, f.name).__set__, f.default) for f in fields(RequestInfo)
+                                   if f.name not in _INFO_ARGS)
+
+    def build(self, idx: int, prompt_tokens: int, output_tokens: int, arrival_s: float) -> RequestInfo:
+        """``RequestInfo(str(idx), prompt_tokens, output_tokens, arrival_s)``, a third of the cost."""
+        if not self._fill:
+            return RequestInfo(str(idx), prompt_tokens, output_tokens, arrival_s)
+        info: RequestInfo = RequestInfo.__new__(RequestInfo)
+        put_id, put_prompt, put_output, put_arrival = self._set
+        put_id(info, str(idx))
+        put_prompt(info, prompt_tokens)
+        put_output(info, output_tokens)
+        put_arrival(info, arrival_s)
+        for put, value in self._defaults:
+            put(info, value)
+        return info
+
+
+_INFO = _RequestInfos()
 
 
 class LoadReports:

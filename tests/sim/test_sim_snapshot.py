@@ -158,3 +158,26 @@ def test_load_reports_equal_the_constructed_report(fill_slots: bool, monkeypatch
         assert built.is_routable is (health is InstanceHealth.HEALTHY)
         with pytest.raises(dataclasses.FrozenInstanceError):
             built.free_kv_blocks = 0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("fill_slots", [True, False])
+def test_request_infos_equal_the_constructed_ones(fill_slots: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from simulations.sim import types
+
+    builder = types._RequestInfos()
+    assert builder._fill  # RequestInfo is a plain slotted dataclass: the fast path applies
+    monkeypatch.setattr(builder, "_fill", fill_slots)
+    for idx, prompt, output, arrival_s in ((0, 1, 1, 0.0), (17, 4096, 300, 12.5), (999_999, 70_000, 1, 3e5)):
+        built = builder.build(idx, prompt, output, arrival_s)
+        expected = RequestInfo(str(idx), prompt, output, arrival_s)
+        assert built == expected and hash(built) == hash(expected) and repr(built) == repr(expected)
+        assert (built.slo_class, built.priority) == ("default", 0)
+
+
+def test_a_request_keeps_one_request_info_across_retries() -> None:
+    from simulations.sim.types import SimRequest
+
+    req = SimRequest(5, 100, 20, 1.5)
+    first = req.request_info()
+    assert first is req.request_info()
+    assert first == RequestInfo("5", 100, 20, 1.5)
