@@ -11,22 +11,29 @@ spent descheduled; the "cpu ratio" column compares those and is steadier than th
 wall-clock ratio when other processes share the cores (on a quiet machine the two agree).
 
     python benchmarks/engine.py [--reps 5] [--batch 16] [--max-tokens 64] [--model-dir DIR]
-                                [--max-num-batched-tokens N]
+                                [--max-num-batched-tokens N] [--row-major-weights]
 
 ``--max-num-batched-tokens`` sets pdserve's per-step token budget (the engine's
 default, 512, keeps colocated decode steps short; a larger budget prefills in
 fewer, larger steps; transformers prefills the whole padded batch at once).
+``--row-major-weights`` also times pdserve with its projection weights in nn.Linear's usual
+row-major layout (what ``LlamaModel.use_column_major_weights`` changes), interleaved with runs
+in the column-major layout the engine uses on CPU.
+The load average is printed: other processes on the cores, and their memory traffic, shift both
+columns; compare ratios from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _time_pair(
@@ -49,6 +56,18 @@ def _time_pair(
     return medians[0], medians[1], tokens[0], tokens[1]
 
 
+def _load_average() -> str:
+    """The machine's load averages, to judge how much other work shared the cores."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _linear_weights(engine: Any) -> dict[Any, Any]:
+    """Every projection module of the engine's model with its current weight."""
+    from torch import nn
+
+    return {m: m.weight for m in engine.model.modules() if isinstance(m, nn.Linear)}
+
+
 def main() -> int:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(
@@ -66,6 +85,11 @@ def main() -> int:
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=None,
         help="pdserve's per-step token budget (default: the engine's default)",
+    )
+    parser.add_argument(
+        "--row-major-weights", action="store_true",
+        help="also time pdserve with row-major projection weights (nn.Linear's usual layout) "
+             "and print column-major / row-major",
     )
     args = parser.parse_args()
 
@@ -133,12 +157,38 @@ def main() -> int:
         (f"batch {args.batch} mixed prompts+outputs", mixed, mixed_out),
     ]
     rows = []
+    load_before = _load_average()
     for name, prompts, out_lens in cases:
         hf_run, pd_run = run_transformers(prompts, out_lens), run_pdserve(prompts, out_lens)
         (hf_s, hf_cpu), (pd_s, pd_cpu), hf_tokens, pd_tokens = _time_pair(hf_run, pd_run, args.reps)
         assert hf_tokens == pd_tokens, (hf_tokens, pd_tokens)
         rows.append((name, pd_tokens, hf_tokens / hf_s, pd_tokens / pd_s, hf_cpu / pd_cpu))
 
+    layout_rows = []
+    if args.row_major_weights:
+        column_major = _linear_weights(engine)
+        row_major = {m: torch.nn.Parameter(w.detach().contiguous(), requires_grad=False)
+                     for m, w in column_major.items()}
+
+        def with_weights(weights: dict[torch.nn.Linear, torch.nn.Parameter],
+                         run: Callable[[], int]) -> Callable[[], int]:
+            def go() -> int:
+                for module, weight in weights.items():
+                    module.weight = weight
+                return run()
+
+            return go
+
+        for name, prompts, out_lens in cases:
+            run = run_pdserve(prompts, out_lens)
+            (_, row_cpu), (_, col_cpu), _, _ = _time_pair(
+                with_weights(row_major, run), with_weights(column_major, run), args.reps
+            )
+            layout_rows.append((name, row_cpu / col_cpu))
+        for module, weight in column_major.items():
+            module.weight = weight
+
+    print(f"load average (1, 5, 15 min): before {load_before}, after {_load_average()}")
     print(f"model: {model_dir}  (torch threads: {torch.get_num_threads()}, reps: {args.reps}, median, "
           f"pdserve token budget {engine_config.max_num_batched_tokens})")
     print(f"mixed prompt lengths: {sorted(mixed_lens)}")
@@ -149,6 +199,8 @@ def main() -> int:
         print(
             f"{name:<36}{tokens:>8}{hf_tps:>21.1f}{pd_tps:>16.1f}{pd_tps / hf_tps:>7.2f}x{cpu_ratio:>10.2f}x"
         )
+    for name, speedup in layout_rows:
+        print(f"{name:<36} pdserve column-major / row-major weights (cpu): {speedup:.2f}x")
     if scratch is not None:
         scratch.cleanup()
     return 0

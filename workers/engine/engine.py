@@ -63,6 +63,8 @@ class LLMEngine:
         self.model_dir = Path(model_dir)
         self.model_config = load_model_config(self.model_dir)
         self.model = load_model(self.model_dir, device=config.device, dtype=config.dtype)
+        if self.device.type == "cpu":
+            self.model.use_column_major_weights()
         has_tokenizer = (self.model_dir / "tokenizer.json").is_file()
         self.tokenizer: TokenizerInfo | None = load_tokenizer(self.model_dir) if has_tokenizer else None
         eos = set(self.model_config.eos_token_ids)

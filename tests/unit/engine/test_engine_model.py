@@ -61,3 +61,44 @@ def test_logits_equal_the_plain_projection_at_every_row_count(rows: int) -> None
     assert logits.shape == (rows, 3000) and logits.dtype == torch.float32
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(logits.max(dim=-1).indices, expected.max(dim=-1).indices)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 28, 29, 64])
+def test_column_major_weights_keep_values_and_logits(rows: int) -> None:
+    model = LlamaModel(_config())
+    torch.nn.init.normal_(model.lm_head.weight, std=0.05)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    hidden = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+    expected = F.linear(hidden, before["lm_head.weight"])
+    mlp = model.decoder_layers()[0].mlp
+    with torch.inference_mode():
+        expected_mlp = mlp(hidden)
+    assert model.use_column_major_weights() == 5  # qkv, o, gate/up and down of the layer, and the head
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+        if param.dim() == 2 and name != "embed_tokens.weight":
+            assert param.stride() == (1, param.shape[0]), name
+    with torch.inference_mode():
+        torch.testing.assert_close(mlp(hidden), expected_mlp, rtol=1e-5, atol=1e-6)
+    logits = model.logits(hidden)
+    assert logits.shape == (rows, 3000) and logits.is_contiguous()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits.max(dim=-1).indices, expected.max(dim=-1).indices)
+
+
+def test_a_tied_lm_head_stays_row_major() -> None:
+    cfg = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 300,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 128,
+            "tie_word_embeddings": True,
+        }
+    )
+    model = LlamaModel(cfg)
+    assert model.use_column_major_weights() == 4  # the layer's projections, not the head
+    assert model.lm_head.weight is model.embed_tokens.weight and model.lm_head.weight.is_contiguous()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.engine.sampler import position_seed, sample
+from workers.engine.sampler import greedy_tokens, position_seed, sample
 from workers.engine.sampling_params import SamplingParams
 
 
@@ -60,3 +60,16 @@ def test_seed_and_position_make_draws_reproducible() -> None:
 def test_greedy_ties_pick_the_first_maximum() -> None:
     logits = torch.tensor([[1.0, 5.0, 5.0, 2.0], [7.0, 0.0, 7.0, 7.0]])
     assert sample(logits, [SamplingParams(), SamplingParams()], [0, 0], torch.Generator()) == [1, 0]
+
+
+def test_greedy_tokens_agree_across_layouts_and_keep_the_first_maximum() -> None:
+    logits = torch.randn(16, 5000, generator=torch.Generator().manual_seed(5))
+    logits[3, [17, 900, 4999]] = 50.0  # a three-way tie: the first one wins
+    logits[9, -1] = 60.0
+    expected = [int(i) for i in logits.max(dim=-1).indices]
+    assert expected[3] == 17 and expected[9] == 4999
+    assert greedy_tokens(logits) == expected  # contiguous rows: the numpy scan
+    transposed = logits.t().contiguous().t()  # same values, column-major: the torch kernel
+    assert not transposed.is_contiguous()
+    assert greedy_tokens(transposed) == expected
+    assert greedy_tokens(logits.double()) == expected
