@@ -258,7 +258,11 @@ def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS) ->
             gbps = {name: nbytes / statistics.median(ts) / 1e9 for name, ts in times.items()}
             print(f"{mb:>5} " + " ".join(f"{gbps[n]:>12.2f}" for n in names), flush=True)
             for k in kinds:
-                ratios = ", ".join(f"{gbps[k] / gbps[c]:.2f}x {c}" for c in CEILINGS_OF[k])
+                # per-round ratios too: on a shared host the load drifts between rounds, less within one
+                ratios = ", ".join(
+                    f"{gbps[k] / gbps[c]:.2f}x {c} (per round {_paired_ratio(times[c], times[k]):.2f}x)"
+                    for c in CEILINGS_OF[k]
+                )
                 lines.append(f"{mb:>5} MB {k:>11}: {ratios}")
             del methods
     finally:
@@ -268,6 +272,11 @@ def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS) ->
     print("ratio to the ceilings of each path (medians of the same run):")
     print("\n".join(lines))
     print(f"load average after: {_load()}")
+
+
+def _paired_ratio(ceiling_s: list[float], transport_s: list[float]) -> float:
+    """Median over rounds of (ceiling time / transport time) measured in the same round."""
+    return statistics.median(c / t for c, t in zip(ceiling_s, transport_s, strict=True))
 
 
 def _load() -> str:

@@ -1,8 +1,23 @@
-"""Per-layer checksums: xxh3-64 over the layer's bytes (K then V), ~8 GB/s on one core."""
+"""Per-layer checksums: xxh3-64 chained over fixed 512 KiB blocks of the layer's bytes (K then V).
+
+A layer's checksum is defined over the concatenation K||V cut into blocks
+of ``BLOCK_NBYTES`` (the last one shorter): ``h = 0``, then for each block
+``h = xxh3_64(block, seed=h)``. A flipped byte changes its block's digest
+and so every seed after it, so a damaged byte anywhere in the layer is
+caught; a layer no larger than one block has the plain xxh3-64 (seed 0).
+
+Why blocks: the one-shot xxh3 call is ~20% faster than the streaming state
+on this hardware (~33 GB/s on cache-hot data, ~9 GB/s from memory), and a
+block is hashed right beside its copy (socket or shared-memory slot) while
+it is still in L2, so the checksum adds one pass over cache, not one over
+memory. Senders and receivers cut the same grid, whatever pieces they hold
+(``block_views``); a block that straddles K and V is hashed through the
+streaming state, which gives the same digest as the one-shot call.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,44 +26,81 @@ import xxhash
 if TYPE_CHECKING:
     import torch
 
-COPY_CHUNK_NBYTES = 256 << 10  # copy-then-hash granularity: each chunk is hashed while still in L2
+BLOCK_NBYTES = 512 << 10  # a block and its copy fit in one core's 2 MiB L2 together
+
+
+class ChunkedChecksum:
+    """Running layer checksum, fed the layer's bytes in order, in pieces of any size."""
+
+    __slots__ = ("_value", "_state", "_filled")
+
+    def __init__(self) -> None:
+        self._value = 0
+        self._state: xxhash.xxh3_64 | None = None  # a block begun but not completed
+        self._filled = 0  # bytes of the current block seen so far
+
+    def update(self, data: memoryview) -> None:
+        """Add the next bytes of the layer."""
+        if self._filled == 0 and len(data) == BLOCK_NBYTES:  # the common case: exactly one aligned block
+            self._value = xxhash.xxh3_64_intdigest(data, self._value)
+            return
+        while len(data):
+            take = min(BLOCK_NBYTES - self._filled, len(data))
+            if self._state is None:
+                self._state = xxhash.xxh3_64(seed=self._value)
+            self._state.update(data[:take])
+            self._filled += take
+            data = data[take:]
+            if self._filled == BLOCK_NBYTES:
+                self._value, self._state, self._filled = self._state.intdigest(), None, 0
+
+    def digest(self) -> int:
+        """The checksum of everything fed so far."""
+        return int(self._state.intdigest() if self._state is not None else self._value)
+
+
+def block_views(parts: Iterable[memoryview]) -> Iterator[memoryview]:
+    """``parts`` cut at the block grid of their concatenation (a straddling block yields two pieces)."""
+    offset = 0  # position in the concatenation
+    for part in parts:
+        start = 0
+        while start < len(part):
+            end = min(len(part), start + BLOCK_NBYTES - offset % BLOCK_NBYTES)
+            yield part[start:end]
+            offset += end - start
+            start = end
 
 
 def checksum_parts(parts: Iterable[memoryview]) -> int:
     """Checksum of the concatenation of ``parts`` (equal to hashing them as one buffer)."""
-    state = xxhash.xxh3_64()
-    for part in parts:
-        state.update(part)
-    return int(state.intdigest())
+    state = ChunkedChecksum()
+    for piece in block_views(parts):
+        state.update(piece)
+    return state.digest()
 
 
 def checksum_buffer(buffer: memoryview) -> int:
     """Checksum of one contiguous buffer."""
-    state = xxhash.xxh3_64()
-    state.update(buffer)  # the streaming update releases the GIL for large inputs; the one-shot call did not here
-    return int(state.intdigest())
+    return checksum_parts((buffer,))
 
 
 def copy_and_checksum(target: np.ndarray, parts: Iterable[memoryview], corrupt: bool = False) -> int:
     """Copy ``parts`` one after another into the uint8 array ``target``; checksum of what was copied.
 
-    Each chunk is hashed right after its copy, from the target, while it is in cache: one pass
+    Each block is hashed right after its copy, from the target, while it is in cache: one pass
     over memory instead of two. ``corrupt`` flips a byte after hashing (fault-injection tests).
     Callers that hand in a view of a shared mapping keep no reference to it past this call.
     """
-    state = xxhash.xxh3_64()
+    state = ChunkedChecksum()
     offset = 0
-    for part in parts:
-        source = np.frombuffer(part, dtype=np.uint8)
-        for start in range(0, len(source), COPY_CHUNK_NBYTES):
-            chunk = source[start : start + COPY_CHUNK_NBYTES]
-            piece = target[offset : offset + len(chunk)]
-            piece[:] = chunk
-            state.update(piece.data)
-            offset += len(chunk)
+    for piece in block_views(parts):
+        end = offset + len(piece)
+        np.copyto(target[offset:end], np.frombuffer(piece, dtype=np.uint8))
+        state.update(target.data[offset:end])
+        offset = end
     if corrupt:
         target[0] ^= 0xFF  # damaged after hashing: the receiver must catch it
-    return int(state.intdigest())
+    return state.digest()
 
 
 def request_tag(request_id: str) -> int:

@@ -4,7 +4,10 @@ Every frame starts with a fixed 40-byte header: magic, kind, layer index,
 slot, payload length, checksum, and a 64-bit tag of the request id. Layer
 payloads are read straight into a reused staging buffer with ``recv_into``.
 Sockets carry a timeout, so a silent peer raises KVTransferTimeout and a
-vanished one KVTransferError; nothing blocks forever.
+vanished one KVTransferError; nothing blocks forever. Bulk paths use
+``set_stall_timeout``: a blocking socket whose timeout the kernel enforces
+(SO_RCVTIMEO / SO_SNDTIMEO), so each read or write is one system call
+instead of a poll plus a call per piece that happens to be ready.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ MAGIC = b"PDKV"
 _HEADER = struct.Struct("<4sB3xIIQQQ")
 HEADER_NBYTES = _HEADER.size
 MAX_CONTROL_PAYLOAD_NBYTES = 1 << 20
-TRAILER = struct.Struct("<Q")  # a layer's xxh3-64, sent after its payload so the sender hashes while sending
+TRAILER = struct.Struct("<Q")  # a layer's checksum, sent after its payload so the sender hashes while sending
 
 
 class FrameKind(enum.IntEnum):
@@ -102,6 +105,26 @@ def connect(address: str, timeout_s: float, buffer_nbytes: int) -> socket.socket
     return sock
 
 
+_TIMEVAL = struct.Struct("@ll")
+
+
+def set_stall_timeout(sock: socket.socket, timeout_s: float | None) -> None:
+    """Blocking mode, each send or receive failing after ``timeout_s`` without progress (None: never)."""
+    sock.settimeout(None)
+    seconds = timeout_s or 0.0  # a zero timeval means no timeout
+    timeval = _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _stall_timeout(sock: socket.socket) -> float:
+    """The socket's timeout, whichever way it was set (for messages)."""
+    if sock.gettimeout() is not None:
+        return float(sock.gettimeout() or 0.0)
+    seconds, micros = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size))
+    return seconds + micros / 1e6
+
+
 def send_frame(sock: socket.socket, frame: Frame, parts: Sequence[memoryview | bytes] = ()) -> None:
     """Send a header and its payload parts."""
     send_all(sock, pack_header(frame), *parts)
@@ -117,8 +140,24 @@ def send_all(sock: socket.socket, *parts: memoryview | bytes, more: bool = False
     try:
         for part in parts:
             sock.sendall(part, flags)
-    except TimeoutError:
-        raise KVTransferTimeout(f"peer stopped reading (send stalled for {sock.gettimeout()}s)") from None
+    except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
+        raise KVTransferTimeout(f"peer stopped reading (send stalled for {_stall_timeout(sock)}s)") from None
+    except OSError as exc:
+        raise KVTransferError(f"connection lost while sending: {exc}") from None
+
+
+def send_joined(sock: socket.socket, first: bytes, second: memoryview, more: bool = False) -> None:
+    """Send two buffers with one system call (a header and the start of its payload), as ``send_all``."""
+    flags = socket.MSG_MORE if more else 0
+    try:
+        sent = sock.sendmsg([first, second], [], flags)
+        if sent < len(first):
+            sock.sendall(memoryview(first)[sent:], flags)
+            sent = len(first)
+        if sent - len(first) < len(second):
+            sock.sendall(second[sent - len(first) :], flags)
+    except (TimeoutError, BlockingIOError):
+        raise KVTransferTimeout(f"peer stopped reading (send stalled for {_stall_timeout(sock)}s)") from None
     except OSError as exc:
         raise KVTransferError(f"connection lost while sending: {exc}") from None
 
@@ -128,9 +167,9 @@ def recv_into(sock: socket.socket, view: memoryview, what: str) -> None:
     got, total = 0, len(view)
     while got < total:
         try:
-            n = sock.recv_into(view[got:], total - got)
-        except TimeoutError:
-            raise KVTransferTimeout(f"peer silent for {sock.gettimeout()}s while reading {what}") from None
+            n = sock.recv_into(view[got:], total - got, socket.MSG_WAITALL)  # one call, on a blocking socket
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
+            raise KVTransferTimeout(f"peer silent for {_stall_timeout(sock)}s while reading {what}") from None
         except OSError as exc:
             raise KVTransferError(f"connection lost while reading {what}: {exc}") from None
         if n == 0:

@@ -4,7 +4,7 @@ Like shm, but the bytes move by a NIXL (UCX) one-sided WRITE instead of a
 shared mapping, so the receiver may be on another host. The receiver
 registers a ring of slots with its NIXL agent and answers HELLO with RING
 (its agent metadata and the ring's address); per layer the sender copies
-K||V into its own registered buffer (hashing each chunk while in cache),
+K||V into its own registered buffer (hashing each block while in cache),
 WRITEs it into a free slot, waits for completion, and sends LAYER(slot,
 checksum) on the control socket; the receiver verifies the slot in place and
 answers FREE. END -> ACK or ERROR as in tcp.

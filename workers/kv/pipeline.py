@@ -3,7 +3,9 @@
 Sending: ``PipelinedSender.send_layer`` validates and queues the layer's
 tensors (a bounded queue, so memory in flight is bounded) and returns; a
 background thread hands each layer to the transport's ``SenderWire``, so
-layer i is on the wire while the model computes layer i+1.
+layer i is on the wire while the model computes layer i+1. The threads are
+kept and reused across transfers (``SendThreads``): starting one costs
+0.1-1 ms, a tenth of a 16 MB transfer.
 
 Receiving: the endpoint's I/O thread reads a layer into a reused staging
 buffer (or a shared-memory slot) and ``PendingTransfer.deliver`` -- called
@@ -13,9 +15,11 @@ there or on the connection's ``LayerVerifier`` thread (workers.kv.receiving)
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -88,6 +92,47 @@ class SenderWire(Protocol):
         ...
 
 
+class SendThreads:
+    """Daemon threads that run senders' loops, reused across transfers; an idle one exits after ``idle_s``."""
+
+    def __init__(self, idle_s: float = 60.0) -> None:
+        self._idle_s = idle_s
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has none of the parent's threads
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for a job that no submitted job has claimed yet
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on an idle thread, or on a new one if none is idle."""
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1
+        self._jobs.put(job)
+        if spawn:
+            threading.Thread(target=self._loop, name="kv-send", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # more idle threads than queued jobs: this one may go
+                        self._idle -= 1
+                        return
+                continue  # a job was claimed for the idle threads and is about to be queued
+            try:
+                job()
+            finally:
+                with self._lock:
+                    self._idle += 1
+
+
+SEND_THREADS = SendThreads()
 _STOP = object()
 _Item = tuple[int, torch.Tensor, torch.Tensor, "torch.cuda.Event | None"]
 
@@ -107,8 +152,8 @@ class PipelinedSender:
         self._wire_s = 0.0
         self._t_first: float | None = None
         self._shape = (descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
-        self._thread = threading.Thread(target=self._run, name=f"kv-send-{descriptor.request_id}", daemon=True)
-        self._thread.start()
+        self._stopped = threading.Event()  # set when the sending loop returned
+        SEND_THREADS.submit(self._run)
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Queue one layer's K/V; blocks only while ``max_inflight_layers`` layers are still unsent."""
@@ -152,9 +197,9 @@ class PipelinedSender:
             raise KVTransferError(f"request {self._desc.request_id!r}: finish() with layers {missing} never sent")
         self._closed = True
         self._queue.put(_STOP)
-        self._thread.join(timeout=self._options.timeout_s * 2)
+        self._stopped.wait(timeout=self._options.timeout_s * 2)
         try:
-            if self._thread.is_alive():
+            if not self._stopped.is_set():
                 raise KVTransferTimeout(f"request {self._desc.request_id!r}: sending did not finish in time")
             self._raise_if_failed()
             t0 = time.perf_counter()
@@ -176,7 +221,7 @@ class PipelinedSender:
         if not self._closed:
             self._closed = True
             self._queue.put(_STOP)  # the thread drains the queue once the error is set
-        self._thread.join(timeout=self._options.timeout_s)
+        self._stopped.wait(timeout=self._options.timeout_s)
 
     def __enter__(self) -> PipelinedSender:
         return self
@@ -190,6 +235,12 @@ class PipelinedSender:
             raise self._error
 
     def _run(self) -> None:
+        try:
+            self._send_queued()
+        finally:
+            self._stopped.set()
+
+    def _send_queued(self) -> None:
         fault = self._options.fault
         while True:
             item = self._queue.get()
@@ -231,6 +282,7 @@ class PendingTransfer:
         self._lock = threading.RLock()
         self._dtype = torch_dtype(descriptor.dtype)
         self._shape = (descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
+        self._view_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by payload address; emptied at the end
 
     @property
     def descriptor(self) -> TransferDescriptor:
@@ -258,9 +310,7 @@ class PendingTransfer:
             actual = device_checksum(payload) if payload.is_cuda else checksum_buffer(payload.numpy().data)
         if actual != checksum:
             raise self.fail(KVChecksumError(rid, layer_idx, f"sender {checksum:#018x}, received {actual:#018x}"))
-        half = self._desc.tensor_nbytes
-        k = payload[:half].view(self._dtype).view(self._shape)
-        v = payload[half : 2 * half].view(self._dtype).view(self._shape)
+        k, v = self._views(payload)
         with self._lock:
             if self._error is not None:  # failed (timed out, cancelled) while this layer was verified
                 raise self._error
@@ -269,6 +319,19 @@ class PendingTransfer:
             except Exception as exc:
                 raise self.fail(KVTransferError(f"request {rid!r}: on_layer({layer_idx}) failed: {exc!r}")) from exc
             self._progress.layers.add(layer_idx)
+
+    def _views(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V views of a payload; cached per buffer, since transports reuse a few (~15 us saved a layer)."""
+        key = payload.data_ptr()
+        views = self._view_cache.get(key)
+        if views is None:
+            half = self._desc.tensor_nbytes
+            k = payload[:half].view(self._dtype).view(self._shape)
+            v = payload[half : 2 * half].view(self._dtype).view(self._shape)
+            if len(self._view_cache) >= 8:  # a transport that does not reuse buffers
+                self._view_cache.clear()
+            views = self._view_cache[key] = (k, v)
+        return views
 
     def complete(self) -> None:
         """The sender marked the end; succeed if every layer landed."""
@@ -282,6 +345,7 @@ class PendingTransfer:
                 )
             self._progress.t_done = time.perf_counter()
             self._done.set()
+            self._view_cache.clear()  # no view of a reused buffer outlives the transfer
         self._table.remove(self._desc.request_id)
 
     def fail(self, error: KVTransferError) -> KVTransferError:
@@ -290,6 +354,7 @@ class PendingTransfer:
             if self._error is None and not self._done.is_set():
                 self._error = error
                 self._done.set()
+            self._view_cache.clear()
             recorded = self._error or error
         self._table.remove(self._desc.request_id)
         return recorded

@@ -6,14 +6,17 @@ process: it has no name in /dev/shm, the sender maps it through
 process holding it exits -- a killed process leaves nothing behind.
 
 Per request: the sender takes a pooled control connection (or connects) and
-sends HELLO; the receiver leases a ring (reused across requests; the sender
-caches its mapping) and answers RING. For each layer the sender waits for a
-free slot, copies K||V into it in 256 KiB chunks, hashing each chunk right
-after its copy while it is in cache, and sends LAYER(slot, checksum); the
-receiver verifies the slot in place, hands views of it to the callback and
-answers FREE(slot), so the sender fills the next slot while the receiver
-verifies this one. END -> ACK or ERROR as in tcp; a connection that ended in
-ACK carries the sender's next request to the same receiver.
+sends HELLO; on a new connection (or when the layers outgrow its slots) the
+receiver leases a ring and answers RING, and the connection keeps that ring
+for its later requests, which start without a RING round trip (rings are
+reused across connections too; the sender caches its mapping). For each
+layer the sender waits for a free slot, copies K||V into it block by block
+(workers.kv.checksum), hashing each block right after its copy while it is
+in cache, and sends LAYER(slot, checksum); the receiver verifies the slot in
+place, hands views of it to the callback and answers FREE(slot), so the
+sender fills the next slot while the receiver verifies this one. END -> ACK
+or ERROR as in tcp; a connection that ended in ACK carries the sender's next
+request to the same receiver.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import socket
 import threading
 import uuid
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -124,6 +128,13 @@ def map_ring(ring_id: str, path: str, num_slots: int, slot_nbytes: int) -> _Ring
     return _Ring(ring_id, path, num_slots, slot_nbytes, mm, np.frombuffer(mm, dtype=np.uint8))
 
 
+@dataclass
+class _HeldRing:
+    """The ring a receiving connection leased: kept across its requests, so the sender needs no RING again."""
+
+    ring: _Ring | None = None
+
+
 class ShmEndpoint(SideEndpoint):
     """Receiving endpoint: control listener plus a pool of rings reused across requests."""
 
@@ -162,30 +173,48 @@ class ShmEndpoint(SideEndpoint):
             self._all.append(ring)
         return ring
 
+    def _release(self, ring: _Ring) -> None:
+        with self._lock:
+            self._free.append(ring)
+
     def _serve(self, sock: socket.socket) -> None:
         scratch = bytearray(HEADER_NBYTES)
-        while wait_for_next_request(sock) and self._serve_request(sock, scratch):
-            pass
+        held = _HeldRing()
+        try:
+            while wait_for_next_request(sock) and self._serve_request(sock, scratch, held):
+                pass
+        finally:
+            if held.ring is not None:
+                self._release(held.ring)
 
-    def _serve_request(self, sock: socket.socket, scratch: bytearray) -> bool:
+    def _ring_for(self, sock: socket.socket, held: _HeldRing, layer_nbytes: int) -> _Ring:
+        """The connection's ring if its slots are large enough (the sender has it mapped), else a new lease, sent as RING."""
+        if held.ring is not None and held.ring.slot_nbytes >= layer_nbytes:
+            return held.ring
+        if held.ring is not None:
+            self._release(held.ring)
+        held.ring = ring = self._lease(layer_nbytes)
+        info = ring.info()
+        send_frame(sock, Frame(FrameKind.RING, nbytes=len(info)), [info])
+        return ring
+
+    def _serve_request(self, sock: socket.socket, scratch: bytearray, held: _HeldRing) -> bool:
         """Serve one request; True if it ended with ACK and the connection may carry another."""
         sock.settimeout(self._options.stall_timeout_s)
         pending: PendingTransfer | None = None
         try:
             pending = read_hello(sock, scratch, self._side.table)
-            ring = self._lease(pending.descriptor.layer_nbytes)
             try:
-                info = ring.info()
-                send_frame(sock, Frame(FrameKind.RING, nbytes=len(info)), [info])
+                ring = self._ring_for(sock, held, pending.descriptor.layer_nbytes)
                 error = receive_slot_layers(
                     sock, scratch, pending, ring.num_slots,
                     lambda slot, nbytes: torch.from_numpy(ring.slot(slot, nbytes)),
                 )
             except BaseException:
-                self._discard(ring)  # a stalled sender might still write into it: never reuse
+                if held.ring is not None:  # a stalled sender might still write into it: never reuse
+                    self._discard(held.ring)
+                    held.ring = None
                 raise
-            with self._lock:
-                self._free.append(ring)
             if error is None:
                 pending.complete()
                 send_frame(sock, Frame(FrameKind.ACK))
@@ -209,18 +238,26 @@ class ShmWire(PooledWire):
         super().__init__(descriptor, sock, connector.pool)
         try:
             send_hello(self._sock, descriptor)
-            frame = recv_frame(self._sock, self._scratch, "the RING reply")
-            raise_if_error(self._sock, frame, descriptor.request_id)
-            if frame.kind != FrameKind.RING:
-                raise KVTransferError(f"expected RING, got {frame.kind.name}")
-            info = json.loads(recv_control_payload(self._sock, frame))
-            self._ring = connector.attach(
-                str(info["id"]), str(info["path"]), int(info["num_slots"]), int(info["slot_nbytes"])
-            )
+            # the receiver keeps a connection's ring while its slots are large enough, and then sends no RING
+            known = connector.rings_by_connection.get(self._sock)
+            if known is not None and known.slot_nbytes >= descriptor.layer_nbytes:
+                self._ring = known
+            else:
+                self._ring = self._read_ring(connector)
+                connector.rings_by_connection[self._sock] = self._ring
         except BaseException:
             hard_close(self._sock)
             raise
         self._free_slots: deque[int] = deque(range(self._ring.num_slots))
+
+    def _read_ring(self, connector: ShmConnector) -> _Ring:
+        """Read the RING reply and map the ring it describes."""
+        frame = recv_frame(self._sock, self._scratch, "the RING reply")
+        raise_if_error(self._sock, frame, self._desc.request_id)
+        if frame.kind != FrameKind.RING:
+            raise KVTransferError(f"expected RING, got {frame.kind.name}")
+        info = json.loads(recv_control_payload(self._sock, frame))
+        return connector.attach(str(info["id"]), str(info["path"]), int(info["num_slots"]), int(info["slot_nbytes"]))
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         """Copy one layer into a free slot and announce it."""
@@ -245,6 +282,8 @@ class ShmConnector:
         self._lock = threading.Lock()
         self._rings: dict[str, _Ring] = {}  # by /proc path; replaced when the path names a new ring
         self.pool = ConnectionPool()
+        # the ring each live control connection last announced (entries go with their sockets)
+        self.rings_by_connection: weakref.WeakKeyDictionary[socket.socket, _Ring] = weakref.WeakKeyDictionary()
 
     def attach(self, ring_id: str, path: str, num_slots: int, slot_nbytes: int) -> _Ring:
         """Map a receiver's ring (once per process and ring)."""

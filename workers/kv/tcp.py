@@ -1,19 +1,21 @@
-"""The tcp transport: layer frames over pooled connections, read into reused staging buffers.
+"""The tcp transport: layer frames over pooled connections, read into a reused staging buffer.
 
 Per request: the sender takes a pooled connection (or connects) and sends
 HELLO (the descriptor), then one LAYER frame per layer (header, K||V
-straight from the tensors' memory, and an 8-byte xxh3 trailer), then END.
-The checksum trails the payload so both sides hash each 256 KiB chunk
-right beside its socket copy, while it is in cache: the hash adds one pass
-over L2, not one over memory. The receiver reads each payload with
-``recv_into`` into a staging buffer and hands it, with its checksum, to the
-connection's ``LayerVerifier``, which compares and calls the engine's
-callback while the next layer is being read; after END it answers ACK or
-ERROR. After
-a bad layer the receiver keeps draining the stream so the sender reads the
-verdict instead of a reset connection. A connection that ended in ACK is
-kept by the sender for the next request to the same receiver; any failure
-closes it on both sides.
+straight from the tensors' memory, and an 8-byte checksum trailer), then
+END. The checksum (workers.kv.checksum) trails the payload so both sides
+hash each block right after its socket copy, while it is in cache: the
+hash adds one pass over L2, not one over memory. The receiver reads each
+payload with ``recv_into`` into the connection's staging buffer, compares
+the checksums and calls the engine's callback on the connection thread,
+then reads the next layer: while the callback runs, the kernel's socket
+buffer (``socket_buffer_nbytes``) keeps taking the sender's bytes, so no
+second thread (and no per-layer hand-off between two threads, which cost
+more than the callback on a loaded two-core host) is needed. After END
+the receiver answers ACK or ERROR. After a bad layer it keeps draining the
+stream so the sender reads the verdict instead of a reset connection. A
+connection that ended in ACK is kept by the sender for the next request to
+the same receiver; any failure closes it on both sides.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ import socket
 import threading
 
 import torch
-import xxhash
 
-from workers.kv.checksum import request_tag
+from workers.kv.checksum import ChunkedChecksum, block_views, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.framing import (
@@ -44,6 +45,8 @@ from workers.kv.framing import (
     send_all,
     send_error,
     send_frame,
+    send_joined,
+    set_stall_timeout,
     with_context,
 )
 from workers.kv.interface import EndpointOptions, SenderOptions
@@ -55,7 +58,7 @@ from workers.kv.pipeline import (
     StagingPool,
     corrupted,
 )
-from workers.kv.receiving import LayerVerifier, ReceivingSide, SideEndpoint
+from workers.kv.receiving import ReceivingSide, SideEndpoint
 
 
 def read_hello(sock: socket.socket, scratch: bytearray, table: PendingTable) -> PendingTransfer:
@@ -76,12 +79,9 @@ def send_hello(sock: socket.socket, descriptor: TransferDescriptor) -> None:
     send_frame(sock, Frame(FrameKind.HELLO, nbytes=len(payload)), [payload])
 
 
-CHUNK_NBYTES = 256 << 10  # hash granularity: fits in L2 beside the socket copy of the same bytes
-
-
 def wait_for_next_request(sock: socket.socket) -> bool:
     """Block until the sender starts another request on a reused connection; False once it closed it."""
-    sock.settimeout(None)  # an idle pooled connection may wait indefinitely; closing the endpoint wakes it
+    set_stall_timeout(sock, None)  # an idle pooled connection may wait indefinitely; closing the endpoint wakes it
     try:
         return bool(sock.recv(1, socket.MSG_PEEK))
     except OSError:
@@ -107,21 +107,20 @@ class TcpEndpoint(SideEndpoint):
 
     def _serve(self, sock: socket.socket) -> None:
         scratch = bytearray(HEADER_NBYTES)
-        verifier = LayerVerifier(self._staging, name=f"kv-tcp-verify-{self.address}")
+        staging = ConnectionStaging(self._staging)
         try:
-            while wait_for_next_request(sock) and self._serve_request(sock, scratch, verifier):
+            while wait_for_next_request(sock) and self._serve_request(sock, scratch, staging):
                 pass
         finally:
-            verifier.drain()
-            verifier.close()
+            staging.close()
 
-    def _serve_request(self, sock: socket.socket, scratch: bytearray, verifier: LayerVerifier) -> bool:
+    def _serve_request(self, sock: socket.socket, scratch: bytearray, staging: ConnectionStaging) -> bool:
         """Serve one request; True if it ended with ACK and the connection may carry another."""
-        sock.settimeout(self._options.stall_timeout_s)
+        set_stall_timeout(sock, self._options.stall_timeout_s)
         pending: PendingTransfer | None = None
         try:
             pending = read_hello(sock, scratch, self._side.table)
-            error = self._receive_layers(sock, scratch, pending, verifier)
+            error = self._receive_layers(sock, scratch, pending, staging)
             if error is None:
                 pending.complete()
                 send_frame(sock, Frame(FrameKind.ACK))
@@ -129,39 +128,59 @@ class TcpEndpoint(SideEndpoint):
             send_error(sock, error)
         except (KVTransferError, OSError) as exc:
             if pending is not None:
-                verifier.drain()  # layers already read are settled before the transfer is failed
                 rid = pending.descriptor.request_id
                 exc = pending.fail(with_context(exc, rid, f"after {pending.layers_received()} layers"))
             send_error(sock, exc)
         return False
 
     def _receive_layers(
-        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, verifier: LayerVerifier
+        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, staging: ConnectionStaging
     ) -> KVTransferError | None:
         """Read frames until END; return the first delivery error (the stream is drained regardless)."""
         desc = pending.descriptor
         tag = request_tag(desc.request_id)
         trailer = bytearray(TRAILER.size)
         trailer_view = memoryview(trailer)
+        error: KVTransferError | None = None
         while True:
             frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes)
             if frame is None:
-                return verifier.drain()
+                return error
             what = f"layer {frame.layer_idx}"
-            buffer = verifier.take(frame.nbytes, self._options.stall_timeout_s)
-            view = buffer.numpy().data
-            state = xxhash.xxh3_64()
-            try:
-                for start in range(0, frame.nbytes, CHUNK_NBYTES):
-                    chunk = view[start : min(frame.nbytes, start + CHUNK_NBYTES)]
-                    recv_into(sock, chunk, what)
-                    state.update(chunk)  # hashed while still in cache
-                recv_into(sock, trailer_view, f"the checksum of {what}")
-            except BaseException:
-                verifier.give_back(buffer)
-                raise
-            expected = TRAILER.unpack(trailer)[0]
-            verifier.submit(pending, frame.layer_idx, buffer, frame.nbytes, expected, int(state.intdigest()))
+            buffer = staging.get(frame.nbytes)
+            checksum = ChunkedChecksum()
+            for block in block_views((buffer.numpy().data[: frame.nbytes],)):
+                recv_into(sock, block, what)
+                checksum.update(block)  # hashed while still in cache
+            recv_into(sock, trailer_view, f"the checksum of {what}")
+            if error is None:
+                try:
+                    expected = TRAILER.unpack(trailer)[0]
+                    pending.deliver(frame.layer_idx, buffer[: frame.nbytes], expected, checksum.digest())
+                except KVTransferError as exc:
+                    error = exc
+
+
+class ConnectionStaging:
+    """The one staging buffer a receiving connection reads every layer into (grown for larger layers)."""
+
+    def __init__(self, pool: StagingPool) -> None:
+        self._pool = pool
+        self._buffer: torch.Tensor | None = None
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        """A buffer of at least ``nbytes``."""
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            if self._buffer is not None:
+                self._pool.release(self._buffer)
+            self._buffer = self._pool.acquire(nbytes)
+        return self._buffer
+
+    def close(self) -> None:
+        """Return the buffer to the endpoint's pool."""
+        if self._buffer is not None:
+            self._pool.release(self._buffer)
+            self._buffer = None
 
 
 class PooledWire:
@@ -209,17 +228,17 @@ class TcpWire(PooledWire):
         """Send one LAYER frame: header, K and V from the tensors' memory, then the checksum."""
         k_bytes, v_bytes = self._stager.parts(k, v)
         header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, len(k_bytes) + len(v_bytes), 0, self._tag))
-        state = xxhash.xxh3_64()
+        checksum = ChunkedChecksum()
         try:
-            send_all(self._sock, header, more=True)  # coalesced with the first chunk
-            for part in (k_bytes, v_bytes):
-                for start in range(0, len(part), CHUNK_NBYTES):
-                    chunk = part[start : start + CHUNK_NBYTES]
-                    state.update(chunk)  # brings the chunk into cache, so the socket copy reads it from there
-                    if corrupt:
-                        chunk, corrupt = corrupted(chunk), False
-                    send_all(self._sock, chunk, more=True)
-            send_all(self._sock, TRAILER.pack(state.intdigest()))
+            for i, block in enumerate(block_views((k_bytes, v_bytes))):
+                wire_block = corrupted(block) if corrupt else block
+                corrupt = False
+                if i == 0:
+                    send_joined(self._sock, header, wire_block, more=True)  # one system call for both
+                else:
+                    send_all(self._sock, wire_block, more=True)
+                checksum.update(block)  # the socket copy just read it: hashed from cache, not from memory
+            send_all(self._sock, TRAILER.pack(checksum.digest()))
         except KVTransferError as exc:
             self._raise_receiver_error()
             raise with_context(exc, self._desc.request_id, f"layer {layer_idx}") from None
@@ -291,7 +310,7 @@ class TcpConnector:
         sock = self._pool.take(descriptor.address)
         if sock is None:
             sock = connect(descriptor.address, options.timeout_s, options.socket_buffer_nbytes)
-        sock.settimeout(options.timeout_s)
+        set_stall_timeout(sock, options.timeout_s)
         try:
             wire = TcpWire(descriptor, sock, self._pool)
         except BaseException:

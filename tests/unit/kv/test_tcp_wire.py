@@ -8,9 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-import xxhash
 
-from workers.kv.checksum import request_tag
+from workers.kv.checksum import checksum_buffer, request_tag
 from workers.kv.errors import KVChecksumError, KVTransferError
 from workers.kv.framing import HEADER_NBYTES, Frame, FrameKind, pack_header, recv_frame
 from workers.kv.interface import EndpointOptions, KVSpec
@@ -45,10 +44,10 @@ def test_byte_flipped_in_flight_is_caught(endpoint: TcpEndpoint) -> None:
     rx = endpoint.expect("raw", NUM_TOKENS, SPEC, lambda i, k, v: landed.append(i))
     sock = _raw_sender(endpoint, rx.descriptor.to_json())
     good = torch.arange(2 * NUM_TOKENS * 4, dtype=torch.float32).numpy().tobytes()
-    sock.sendall(_layer_frame("raw", 0, good, xxhash.xxh3_64_intdigest(good)))
+    sock.sendall(_layer_frame("raw", 0, good, checksum_buffer(memoryview(good))))
     bad = bytearray(good)
     bad[17] ^= 0x01  # one bit flipped after the checksum was taken
-    sock.sendall(_layer_frame("raw", 1, bytes(bad), xxhash.xxh3_64_intdigest(good)))
+    sock.sendall(_layer_frame("raw", 1, bytes(bad), checksum_buffer(memoryview(good))))
     sock.sendall(pack_header(Frame(FrameKind.END, tag=request_tag("raw"))))
     with pytest.raises(KVChecksumError, match="'raw' layer 1"):
         rx.wait(5)
@@ -73,3 +72,38 @@ def test_garbage_and_truncated_streams_fail_cleanly(endpoint: TcpEndpoint) -> No
     sock.close()
     with pytest.raises(KVTransferError, match="closed the connection while reading layer 0"):
         rx.wait(5)
+
+
+def test_sender_to_a_receiver_that_stopped_reading_times_out() -> None:
+    """A peer that accepts but never reads: the kernel's send timeout ends the transfer, nothing hangs."""
+    import time
+
+    from workers.kv.descriptor import TransferDescriptor, TransportKind
+    from workers.kv.errors import KVTransferTimeout
+    from workers.kv.interface import SenderOptions
+    from workers.kv.tcp import TcpConnector
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    spec = KVSpec(num_layers=4, num_kv_heads=8, head_dim=128, dtype="float32")
+    num_tokens = 2048  # 8 MiB per layer: more than both socket buffers hold
+    descriptor = TransferDescriptor(
+        request_id="deaf", kind=TransportKind.TCP, address=f"127.0.0.1:{listener.getsockname()[1]}",
+        num_tokens=num_tokens, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, dtype=spec.dtype, device="cpu",
+    )
+    connector = TcpConnector()
+    try:
+        sender = connector.open(descriptor, SenderOptions(timeout_s=1.0, socket_buffer_nbytes=1 << 20))
+        peer, _ = listener.accept()  # accepted, never read
+        k = torch.zeros(num_tokens, spec.num_kv_heads, spec.head_dim)
+        t0 = time.monotonic()
+        with pytest.raises(KVTransferTimeout):
+            for i in range(spec.num_layers):
+                sender.send_layer(i, k, k)
+            sender.finish()
+        assert time.monotonic() - t0 < 5.0
+        sender.abort()
+        peer.close()
+    finally:
+        connector.close()
+        listener.close()
