@@ -7,12 +7,15 @@ simulated output tokens/s and events, the per-request time relative to the
 smallest size (linear growth keeps it near 1.0; from CPU time, which a
 shared machine distorts less than wall time), peak RSS, and — as the
 same-run baselines — the speed-up of step-batched decode runs over costing
-every decode step as its own event and, when the compiled simulator is
-built (``python -m simulations.native build``), its speed-up over the pure
-Python modules (run in a subprocess with ``PDSERVE_SIM_PURE=1``).
+every decode step as its own event, of a router view refreshed every
+``--router-refresh-s`` (the live router's 0.2 s by default) over one rebuilt
+on every arrival (0), and, when the compiled simulator is built
+(``python -m simulations.native build``), its speed-up over the pure Python
+modules (run in a subprocess with ``PDSERVE_SIM_PURE=1``).
 
     python benchmarks/sim_speed.py                 # 100k, 300k, 1M requests
     python benchmarks/sim_speed.py --requests 50000
+    python benchmarks/sim_speed.py --router-refresh-s 0   # the router sees every load change at once
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ def _pure_cpu_s(args: argparse.Namespace, n: int) -> float:
     """CPU seconds of one ``n``-request run by the pure-Python simulator, in a fresh process."""
     env = dict(os.environ, PDSERVE_SIM_PURE="1")
     cmd = [sys.executable, __file__, "--cpu-only", str(n), "--rate-scale", str(args.rate_scale),
-           "--prefill", str(args.prefill), "--decode", str(args.decode), "--latency", args.latency]
+           "--prefill", str(args.prefill), "--decode", str(args.decode), "--latency", args.latency,
+           "--router-refresh-s", str(args.router_refresh_s)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return float(done.stdout.split()[-1])
 
@@ -81,6 +85,8 @@ def main() -> int:
     parser.add_argument("--prefill", type=int, default=8)
     parser.add_argument("--decode", type=int, default=8)
     parser.add_argument("--latency", default="roofline:a100-80gb:llama-2-13b")
+    parser.add_argument("--router-refresh-s", type=float, default=ClusterKnobs().router_refresh_s,
+                        help="how often the router's view is rebuilt (0: on every arrival)")
     parser.add_argument("--baseline-requests", type=int, default=20_000,
                         help="size of the decode-runs vs single-steps comparison (0 to skip)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per size (median reported)")
@@ -89,13 +95,14 @@ def main() -> int:
 
     base = load_trace(TRACE if Path(TRACE).exists() else "azure-conv")
     latency = load_latency(args.latency)
-    config = build_cluster(Placement(prefill=args.prefill, decode=args.decode), latency, ClusterKnobs(),
-                           timeline_bucket_s=60.0)
+    config = build_cluster(Placement(prefill=args.prefill, decode=args.decode), latency,
+                           ClusterKnobs(router_refresh_s=args.router_refresh_s), timeline_bucket_s=60.0)
     if args.cpu_only:
         print(_run(scale_rate(tile(base, args.cpu_only), args.rate_scale), config, args.latency)[1])
         return 0
     sizes = [args.requests] if args.requests else [100_000, 300_000, 1_000_000]
-    print(f"trace {base.name} ({len(base)} rows) tiled, rate x{args.rate_scale:g}; {config.label}; {args.latency}")
+    print(f"trace {base.name} ({len(base)} rows) tiled, rate x{args.rate_scale:g}; {config.label}; {args.latency}; "
+          f"router view refreshed every {args.router_refresh_s:g} s")
     ref_s = _reference_loop_cpu_s()
     print(f"reference: 1e7-iteration Python loop takes {ref_s:.2f} CPU s here "
           f"(a quiet modern core: ~0.4-0.6 s); scale req/cpu_s by it to compare machines")
@@ -107,6 +114,16 @@ def main() -> int:
         _, steps_s, _, _ = _run(small, dataclasses.replace(config, jump_decode_steps=False), args.latency)
         print(f"baseline ({args.baseline_requests} requests, CPU s): one event per decode step {steps_s:.2f} s, "
               f"decode runs {runs_s:.2f} s -> {steps_s / runs_s:.1f}x faster")
+        if args.router_refresh_s:
+            # Alternated and repeated: the two differ by less than a shared machine's noise.
+            every, refreshed = [], [runs_s]
+            for _ in range(3):
+                every.append(_run(small, dataclasses.replace(config, router_refresh_s=0.0), args.latency)[1])
+                refreshed.append(_run(small, config, args.latency)[1])
+            every_s, refreshed_s = statistics.median(every), statistics.median(refreshed)
+            print(f"baseline ({args.baseline_requests} requests, median CPU s): router view rebuilt on every arrival "
+                  f"{every_s:.2f} s, every {args.router_refresh_s:g} s {refreshed_s:.2f} s "
+                  f"-> {every_s / refreshed_s:.2f}x faster")
         if simulations.sim.MODE == "compiled":
             pure_s = _pure_cpu_s(args, args.baseline_requests)
             n = args.baseline_requests

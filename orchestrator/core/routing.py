@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 from orchestrator.core._plain import plain
-from orchestrator.core.types import ClusterSnapshot, InstanceLoad, RequestInfo, Role
+from orchestrator.core.types import ClusterSnapshot, InstanceLoad, RequestInfo, Role, booked_load
 
 
 class RouteMode(str, Enum):
@@ -186,19 +186,20 @@ def apply_route(snapshot: ClusterSnapshot, request: RequestInfo, decision: Route
     if decode is not None:
         blocks = decode.blocks_for(request.prompt_tokens + 1)
         local_prefill = decision.prefill_instance_id is None
-        changed[decode.instance_id] = replace(
+        changed[decode.instance_id] = booked_load(
             decode,
-            free_kv_blocks=max(0, decode.free_kv_blocks - blocks),
-            waiting_requests=decode.waiting_requests + 1,
             queued_prefill_tokens=decode.queued_prefill_tokens + (request.prompt_tokens if local_prefill else 0),
+            waiting_requests=decode.waiting_requests + 1,
+            free_kv_blocks=max(0, decode.free_kv_blocks - blocks),
         )
     if decision.prefill_instance_id is not None:
         prefill = snapshot.get(decision.prefill_instance_id)
         if prefill is not None:
-            changed[prefill.instance_id] = replace(
+            changed[prefill.instance_id] = booked_load(
                 prefill,
                 queued_prefill_tokens=prefill.queued_prefill_tokens + request.prompt_tokens,
                 waiting_requests=prefill.waiting_requests + 1,
+                free_kv_blocks=prefill.free_kv_blocks,
             )
     moves: list[tuple[InstanceLoad, InstanceLoad, int]] = []
     for instance_id, new in changed.items():

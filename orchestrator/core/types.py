@@ -7,7 +7,7 @@ its instance models. Policies read it and return decisions; they never mutate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 
 from orchestrator.core._plain import plain
@@ -70,6 +70,30 @@ class InstanceLoad:
     def blocks_for(self, tokens: int) -> int:
         """KV blocks needed to hold ``tokens`` tokens on this instance."""
         return -(-tokens // self.block_size)
+
+
+_BOOKED_FIELDS = ("queued_prefill_tokens", "waiting_requests", "free_kv_blocks")
+_KEPT_FIELDS = tuple(f.name for f in fields(InstanceLoad) if f.name not in _BOOKED_FIELDS)
+# Filling a new report's slots skips the dataclass __init__ and ``replace``'s field lookups (a router
+# books a copy per request); valid while every field is a slot and nothing runs after __init__.
+_FILL_LOAD = not hasattr(InstanceLoad, "__post_init__") and set(InstanceLoad.__slots__) == {
+    f.name for f in fields(InstanceLoad)}
+
+
+def booked_load(inst: InstanceLoad, queued_prefill_tokens: int, waiting_requests: int,
+                free_kv_blocks: int) -> InstanceLoad:
+    """``replace(inst, ...)`` with these three fields: the report as a router books a request into it."""
+    if not _FILL_LOAD:
+        return replace(inst, queued_prefill_tokens=queued_prefill_tokens, waiting_requests=waiting_requests,
+                       free_kv_blocks=free_kv_blocks)
+    new: InstanceLoad = object.__new__(InstanceLoad)
+    put = object.__setattr__
+    for name in _KEPT_FIELDS:
+        put(new, name, getattr(inst, name))
+    put(new, "queued_prefill_tokens", queued_prefill_tokens)
+    put(new, "waiting_requests", waiting_requests)
+    put(new, "free_kv_blocks", free_kv_blocks)
+    return new
 
 
 # Memo keys starting with this hold structures that depend only on positions, ids, roles and

@@ -35,19 +35,28 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node for placement")
     parser.add_argument("--short-prompt-tokens", type=int, default=32,
                         help="routing: prompts up to this many tokens prefill on the decode instance")
+    parser.add_argument("--router-refresh-s", type=float, default=None,
+                        help="seconds between refreshes of the router's view of the instances' loads; in "
+                             "between, each routing decision is booked into the view, as the live router does "
+                             "(default: the live router's interval, 0.2; 0 = perfect, instant information)")
 
 
 def knobs_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """ClusterKnobs from parsed arguments."""
+    from dataclasses import replace
+
     from simulations.experiments.specs import ClusterKnobs
     from simulations.sim.instance import BatchPolicy
 
-    return ClusterKnobs(
+    knobs = ClusterKnobs(
         block_size=args.block_size, max_batched_tokens=args.max_batched_tokens,
         max_running_requests=args.max_running, colocated_policy=BatchPolicy(args.policy),
         kv_blocks=args.kv_blocks, gpus_per_node=args.gpus_per_node, inter_node_gbps=args.inter_node_gbps,
         short_prompt_tokens=args.short_prompt_tokens,
     )
+    if args.router_refresh_s is not None:
+        knobs = replace(knobs, router_refresh_s=args.router_refresh_s)
+    return knobs
 
 
 def latency_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]

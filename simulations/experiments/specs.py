@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from orchestrator.core.slo import SLOTarget
 from simulations.latency.base import LatencyModel
 from simulations.latency.overhead import Overheads, with_step_overheads
-from simulations.sim.cluster import ClusterConfig, PoolSpec
+from simulations.sim.cluster import LIVE_ROUTER_REFRESH_S, ClusterConfig, PoolSpec
 from simulations.sim.instance import BatchPolicy
 from simulations.sim.network import LinkConfig
 from simulations.traces.trace import Trace
@@ -164,6 +164,7 @@ class ClusterKnobs:
     inter_node_gbps: float = 25.0
     intra_node_gbps: float | None = None  # None: the GPU's link bandwidth
     short_prompt_tokens: int = 32
+    router_refresh_s: float = LIVE_ROUTER_REFRESH_S  # 0: the router sees every load change at once
 
 
 def build_cluster(placement: Placement, latency: LatencySetup, knobs: ClusterKnobs,
@@ -193,6 +194,7 @@ def build_cluster(placement: Placement, latency: LatencySetup, knobs: ClusterKno
         request_overhead_s=latency.overheads.request_s,
         routing=RoutingConfig(short_prompt_tokens=knobs.short_prompt_tokens),
         timeline_bucket_s=timeline_bucket_s,
+        router_refresh_s=knobs.router_refresh_s,
     )
 
 

@@ -2,8 +2,8 @@
 
 A request's life in the simulator mirrors the live system:
 1. arrival (from the trace, plus ``request_overhead_s`` for the hops before
-   the router) -> ``admit`` over the current ``ClusterSnapshot``:
-   admit, queue at the router (retried as instances make progress), or reject;
+   the router) -> ``admit`` over the router's view of the cluster:
+   admit, queue at the router (retried when the view refreshes), or reject;
 2. ``route`` picks P and D (disaggregated), D alone (short prompt or no
    prefill pool), or a colocated instance; the same functions run in the
    live router;
@@ -12,7 +12,15 @@ A request's life in the simulator mirrors the live system:
 4. D decodes; the request finishes or is explicitly rejected — never lost
    (``Recorder.check_conservation`` at the end of every run).
 
-A controller tick (optional) hands the snapshot to a ``ControlPolicy`` and
+The router's view is what the live router sees: a snapshot of the instances
+taken at most ``router_refresh_s`` ago, with every routing decision since booked
+into it by the core's ``apply_route``. With ``router_refresh_s = 0`` the view
+is rebuilt on every arrival (a router with perfect, instant information) and
+queued requests are retried after every step that made progress; otherwise
+they are retried when the view next refreshes, as the live router's waiting
+requests see the cluster change only through a fresher view.
+
+A controller tick (optional) hands a fresh snapshot to a ``ControlPolicy`` and
 applies the decisions it returns; migration, role flips and planning plug in
 there.
 """
@@ -26,9 +34,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from orchestrator.core.admission import AdmissionConfig, AdmissionOutcome, admit
-from orchestrator.core.routing import NoRoute, RouteMode, RoutingConfig, carry_orders, route
+from orchestrator.core.routing import (
+    NoRoute,
+    RouteDecision,
+    RouteMode,
+    RoutingConfig,
+    apply_route,
+    carry_orders,
+    route,
+)
 from orchestrator.core.slo import OverloadAction
-from orchestrator.core.types import ClusterSnapshot, InstanceHealth, InstanceLoad, Role
+from orchestrator.core.types import ClusterSnapshot, InstanceHealth, InstanceLoad, RequestInfo, Role
 from simulations.latency.base import LatencyModel
 from simulations.sim.cost import StepCoster
 from simulations.sim.events import EventLoop, EventPriority, Scheduled
@@ -55,6 +71,11 @@ class PoolSpec:
             raise ValueError(f"pool {self.role.value}: count must be >= 0, got {self.count}")
 
 
+# Mirrors the live router's refresh interval (``RouterConfig.refresh_interval_s`` in
+# orchestrator/runtime/disagg_backend.py); kept here because simulations never import the runtime.
+LIVE_ROUTER_REFRESH_S = 0.2
+
+
 def _default_admission() -> AdmissionConfig:
     # The simulator serves every prompt the KV cache can hold; long prompts are
     # rejected by KV capacity, not by the live default's 2k context window.
@@ -78,10 +99,15 @@ class ClusterConfig:
     # Fixed delay of the HTTP/RPC hops before the router sees a request (no instance is busy
     # meanwhile). TTFT and e2e still count from the trace arrival, so both include it.
     request_overhead_s: float = 0.0
+    # How old the router's view may get before it is rebuilt from the instances; in between,
+    # decisions are booked into it. 0: rebuilt on every arrival (perfect, instant information).
+    router_refresh_s: float = LIVE_ROUTER_REFRESH_S
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.request_overhead_s < math.inf:  # also rejects NaN
             raise ValueError(f"request_overhead_s must be finite and >= 0, got {self.request_overhead_s}")
+        if not 0.0 <= self.router_refresh_s < math.inf:
+            raise ValueError(f"router_refresh_s must be finite and >= 0, got {self.router_refresh_s}")
         if not any(p.count for p in self.pools):
             raise ValueError("a cluster needs at least one instance")
         roles = {p.role for p in self.pools if p.count}
@@ -200,6 +226,16 @@ class ClusterSim:
         self._snapshot: ClusterSnapshot | None = None
         self._snapshot_version = 0
         self.control_ticks = 0
+        # The router's view (used only when ``router_refresh_s`` > 0): a snapshot taken at
+        # ``_view_at_s`` plus the decisions booked since; rebuilt at the first use from ``_view_due_s``.
+        self._refresh_s = config.router_refresh_s
+        self._view: ClusterSnapshot | None = None
+        # Decisions not yet booked into ``_view``: booked on its next use, dropped if that is a refresh.
+        self._unbooked: list[tuple[RequestInfo, RouteDecision]] = []
+        self._view_at_s = -math.inf
+        self._view_due_s = -math.inf
+        self._retry_pending = False  # a router-queue retry is scheduled for the next refresh
+        self.router_refreshes = 0
 
     # ----- snapshot ------------------------------------------------------------------------
     def snapshot(self, now_s: float) -> ClusterSnapshot:
@@ -234,6 +270,31 @@ class ClusterSim:
         self._snapshot = fresh
         return fresh
 
+    def router_view(self, now_s: float) -> ClusterSnapshot:
+        """What the router decides on now: a snapshot at most ``router_refresh_s`` old plus the bookings since."""
+        if not self._refresh_s:
+            return self.snapshot(now_s)
+        unbooked = self._unbooked
+        if now_s >= self._view_due_s:
+            self._view = self.snapshot(now_s)
+            self._view_at_s = now_s
+            self._view_due_s = now_s + self._refresh_s
+            self.router_refreshes += 1
+            unbooked.clear()
+        view = self._view
+        assert view is not None  # the first call always refreshes (``_view_due_s`` starts at -inf)
+        if unbooked:
+            for info, where in unbooked:
+                view = apply_route(view, info, where)
+            unbooked.clear()
+            self._view = view
+        return view
+
+    def _book(self, info: RequestInfo, where: RouteDecision) -> None:
+        """Book a decision into the router's view, as the live router does until its next refresh."""
+        # Deferred to the view's next use: a decision followed by a refresh is never booked at all.
+        self._unbooked.append((info, where))
+
     # ----- arrivals, admission, routing ------------------------------------------------------
     def _on_arrival(self, now_s: float, idx: int) -> Events:
         # Latencies count from the trace arrival, not from when the router sees the request.
@@ -246,7 +307,7 @@ class ClusterSim:
             return out
         # Behind a queue: only a full queue turns it away now; otherwise it waits its turn (FIFO).
         info = req.request_info()
-        decision = admit(self.snapshot(now_s), info, self.config.admission, len(self.router_queue))
+        decision = admit(self.router_view(now_s), info, self.config.admission, len(self.router_queue))
         if decision.outcome is AdmissionOutcome.REJECT:
             assert decision.reason is not None
             self.recorder.reject(idx, decision.reason.value)
@@ -257,19 +318,25 @@ class ClusterSim:
     def _admit(self, req: SimRequest, now_s: float, out: list[Scheduled]) -> bool:
         """Admit and route ``req``; False when it must stay queued at the router."""
         info = req.request_info()
-        snap = self.snapshot(now_s)
+        snap = self.router_view(now_s)
         queued = self.router_queue
         depth = len(queued) - 1 if queued and queued[0] is req else len(queued)
         decision = admit(snap, info, self.config.admission, router_queue_depth=depth)
-        if decision.outcome is AdmissionOutcome.QUEUE and all(inst.is_idle for inst in self.instances):
-            # Nothing is running that could ever make room: waiting would never end.
-            self.recorder.reject(req.idx, "never_admissible")
-            return True
         if decision.outcome is AdmissionOutcome.QUEUE:
-            if not self.router_queue or self.router_queue[0] is not req:
-                self.router_queue.append(req)
-            for inst in self.instances:
-                inst.notify_steps = True
+            # Nothing is running that could ever make room: waiting would never end. A view
+            # older than now may still show load the idle instances have shed: wait for the next.
+            if all(inst.is_idle for inst in self.instances) and (not self._refresh_s or self._view_at_s == now_s):
+                self.recorder.reject(req.idx, "never_admissible")
+                return True
+            if not queued or queued[0] is not req:
+                queued.append(req)
+            if not self._refresh_s:
+                for inst in self.instances:
+                    inst.notify_steps = True
+            elif not self._retry_pending:
+                # Between refreshes the view only gains bookings, so no retry could admit earlier.
+                self._retry_pending = True
+                out.append((self._view_due_s, EventPriority.ARRIVAL, self._on_router_retry, None))
             return False
         if decision.outcome is AdmissionOutcome.REJECT:
             assert decision.reason is not None
@@ -292,6 +359,9 @@ class ClusterSim:
                 return True
             req.decode_to = target
             target = prefill
+        if self._refresh_s:
+            # Booked only once the request goes to an instance: one turned away never loads any.
+            self._book(info, where)
         events = target.enqueue(req, now_s)
         if events:
             out.extend(events)
@@ -306,6 +376,16 @@ class ClusterSim:
         if not queue:
             for other in self.instances:
                 other.notify_steps = False
+        return out
+
+    def _on_router_retry(self, now_s: float, _payload: object) -> Events:
+        # The view is due for a refresh now (or was refreshed at this instant): retry the queue
+        # in order; a request that still must wait schedules the next retry.
+        self._retry_pending = False
+        out: list[Scheduled] = []
+        queue = self.router_queue
+        while queue and self._admit(queue[0], now_s, out):
+            queue.popleft()
         return out
 
     # ----- disaggregated hand-off -----------------------------------------------------------

@@ -74,8 +74,8 @@ def _digest(sim: ClusterSim) -> str:
     return h.hexdigest()
 
 
-def runs() -> dict[str, str]:
-    """Digest of every probe run, by name."""
+def runs(router_refresh_s: float | None = None) -> dict[str, str]:
+    """Digest of every probe run, by name; ``router_refresh_s`` overrides every case's."""
     roofline = load_latency("roofline:a100-80gb:llama-2-13b")
     real = build_cluster(Placement(prefill=2, decode=2), roofline, ClusterKnobs())
     cases: dict[str, tuple[Trace, LatencyModel, ClusterConfig, object]] = {
@@ -93,14 +93,23 @@ def runs() -> dict[str, str]:
                             dataclasses.replace(colocated(2, kv_blocks=600), jump_decode_steps=False), None),
         "router-queue": (_trace(1200, 200.0, 6, max_prompt=8000), AffineModel(), colocated(1, kv_blocks=800), None),
         "roofline": (_trace(3000, 25.0, 7), roofline.model, real, None),
+        # The router with perfect information (the cases above see a view refreshed every 0.2 s).
+        "router-queue-perfect": (_trace(1200, 200.0, 6, max_prompt=8000), AffineModel(),
+                                 colocated(1, kv_blocks=800, router_refresh_s=0.0), None),
+        "disagg-control-perfect": (_trace(900, 12.0, 3), AffineModel(),
+                                   disaggregated(3, 2, decode_kv_blocks=1500, control_interval_s=0.7,
+                                                 router_refresh_s=0.0), _Flapping("d1")),
     }
     out = {}
     for name, (trace, model, config, control) in cases.items():
+        if router_refresh_s is not None:
+            config = dataclasses.replace(config, router_refresh_s=router_refresh_s)
         out[name] = _digest(ClusterSim(trace, model, config, control))  # type: ignore[arg-type]
     return out
 
 
 if __name__ == "__main__":
     print(f"mode {simulations.sim.MODE}")
-    for name, digest in runs().items():
+    # Optional argument: one router refresh interval for every case.
+    for name, digest in runs(float(sys.argv[1]) if len(sys.argv) > 1 else None).items():
         print(name, digest)

@@ -56,6 +56,19 @@ def test_simulate_is_byte_identical_for_a_seed(azure_csv: Path, tmp_path: Path) 
     assert outputs[0] != outputs[2]
 
 
+def test_simulate_router_refresh_flag_reaches_the_cluster(azure_csv: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = {}
+    for name, extra in (("default", ()), ("live", ("--router-refresh-s", "0.2")), ("exact", ("--router-refresh-s", "0"))):
+        out = tmp_path / name
+        assert _simulate(azure_csv, out, "--prefill", "2", "--decode", "2", "--rate-scale", "8", "--no-plots",
+                         *extra) == 0
+        outputs[name] = (out / "requests.csv").read_bytes()
+    assert outputs["default"] == outputs["live"] != outputs["exact"]
+    assert _simulate(azure_csv, tmp_path / "bad", "--router-refresh-s", "-1") == 2
+    assert "router_refresh_s" in capsys.readouterr().err
+
+
 def test_simulate_reports_bad_input_clearly(azure_csv: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     assert _simulate(azure_csv, tmp_path / "x", "--latency", "roofline:a100-80gb") == 2

@@ -115,7 +115,7 @@ def test_requests_too_large_for_the_kv_cache_are_rejected_not_lost() -> None:
 def test_request_overhead_delays_the_router_and_counts_in_ttft_and_e2e() -> None:
     # Free steps and instant KV moves: the overhead is the only latency a request sees.
     n = 200
-    trace = Trace("t", np.arange(n) * 0.5, np.full(n, 300), np.full(n, 20))
+    trace = Trace("t", np.arange(n, dtype=np.float64) * 0.5, np.full(n, 300), np.full(n, 20))
     sim = ClusterSim(trace, ZeroLatency(), disaggregated(2, 2, request_overhead_s=0.25))
     sim.run()
     result = collect(sim)
@@ -123,14 +123,18 @@ def test_request_overhead_delays_the_router_and_counts_in_ttft_and_e2e() -> None
     assert np.all(result.ttft_s == 0.25) and np.all(result.e2e_s == 0.25)
 
 
-def test_request_overhead_shifts_every_request_by_the_same_delay() -> None:
-    # Nothing in the cluster reads absolute time, so a fixed overhead only shifts the run.
+@pytest.mark.parametrize("router_refresh_s", [0.0, 0.2])
+def test_request_overhead_shifts_every_request_by_the_same_delay(router_refresh_s: float) -> None:
+    # Nothing in the cluster reads absolute time (the router's refreshes count from its first
+    # look at the cluster), so a fixed overhead only shifts the run.
     rng = np.random.default_rng(5)
     n = 400
     trace = Trace("t", np.cumsum(rng.integers(1, 64, n)) / 256.0, rng.integers(1, 3000, n), rng.integers(1, 300, n))
     runs = []
     for overhead_s in (0.0, 0.125):
-        sim = ClusterSim(trace, AffineModel(), disaggregated(2, 2, decode_kv_blocks=800, request_overhead_s=overhead_s))
+        config = disaggregated(2, 2, decode_kv_blocks=700, request_overhead_s=overhead_s,
+                               router_refresh_s=router_refresh_s)
+        sim = ClusterSim(trace, AffineModel(), config)
         sim.run()
         runs.append(collect(sim))
     base, delayed = runs

@@ -32,7 +32,7 @@ def test_compiled_and_pure_runs_are_byte_identical() -> None:
     compiled = _probe(pure=False)
     pure = _probe(pure=True)
     assert compiled[0] == "mode compiled" and pure[0] == "mode pure"
-    assert len(compiled) == len(pure) == 8
+    assert len(compiled) == len(pure) == 10
     assert compiled[1:] == pure[1:]
 
 
