@@ -8,9 +8,9 @@ compares the two outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sim_models import AffineModel  # noqa: E402
+from sim_scenarios import FlappingHealth, random_trace  # noqa: E402
 
 import simulations.sim  # noqa: E402
 from orchestrator.core.slo import SLOTarget  # noqa: E402
-from orchestrator.core.types import ClusterSnapshot, InstanceHealth  # noqa: E402
 from simulations.experiments.specs import ClusterKnobs, Placement, build_cluster, load_latency  # noqa: E402
 from simulations.latency.base import LatencyModel  # noqa: E402
 from simulations.sim.cluster import (  # noqa: E402
     ClusterConfig,
     ClusterSim,
-    ControlDecision,
-    SetHealth,
     colocated,
     disaggregated,
 )
@@ -38,27 +36,7 @@ from simulations.sim.network import LinkConfig  # noqa: E402
 from simulations.sim.results import collect  # noqa: E402
 from simulations.traces.trace import Trace  # noqa: E402
 
-
-class _Flapping:
-    """Drains one instance every few ticks and restores it later."""
-
-    def __init__(self, instance_id: str) -> None:
-        self.instance_id = instance_id
-        self.ticks = 0
-
-    def decide(self, snapshot: ClusterSnapshot, now_s: float) -> Sequence[ControlDecision]:
-        self.ticks += 1
-        if self.ticks % 5 == 2:
-            return [SetHealth(self.instance_id, InstanceHealth.DRAINING)]
-        if self.ticks % 5 == 4:
-            return [SetHealth(self.instance_id, InstanceHealth.HEALTHY)]
-        return []
-
-
-def _trace(n: int, rate_rps: float, seed: int, max_prompt: int = 3000) -> Trace:
-    rng = np.random.default_rng(seed)
-    return Trace("t", np.cumsum(rng.exponential(1 / rate_rps, n)), rng.integers(1, max_prompt, n),
-                 rng.integers(1, 500, n))
+_trace = functools.partial(random_trace, max_output=500)
 
 
 def _digest(sim: ClusterSim) -> str:
@@ -86,7 +64,7 @@ def runs(router_refresh_s: float | None = None) -> dict[str, str]:
                                               links=LinkConfig(transfer_latency_s=0.002), request_overhead_s=0.01),
                                 None),
         "disagg-control": (_trace(900, 12.0, 3), AffineModel(),
-                           disaggregated(3, 2, decode_kv_blocks=1500, control_interval_s=0.7), _Flapping("d1")),
+                           disaggregated(3, 2, decode_kv_blocks=1500, control_interval_s=0.7), FlappingHealth("d1")),
         "colocated-chunked": (_trace(900, 10.0, 4), AffineModel(),
                               colocated(2, kv_blocks=700, policy=BatchPolicy.CHUNKED), None),
         "colocated-steps": (_trace(600, 8.0, 5), AffineModel(),
@@ -98,7 +76,7 @@ def runs(router_refresh_s: float | None = None) -> dict[str, str]:
                                  colocated(1, kv_blocks=800, router_refresh_s=0.0), None),
         "disagg-control-perfect": (_trace(900, 12.0, 3), AffineModel(),
                                    disaggregated(3, 2, decode_kv_blocks=1500, control_interval_s=0.7,
-                                                 router_refresh_s=0.0), _Flapping("d1")),
+                                                 router_refresh_s=0.0), FlappingHealth("d1")),
     }
     out = {}
     for name, (trace, model, config, control) in cases.items():

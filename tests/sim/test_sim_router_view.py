@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
 from sim_models import AffineModel, ConstantModel
+from sim_scenarios import FlappingHealth, random_trace
 
 from orchestrator.core.admission import AdmissionConfig, admit
 from orchestrator.core.routing import RouteDecision, apply_route, route
@@ -19,9 +19,7 @@ from simulations.sim.cluster import (
     LIVE_ROUTER_REFRESH_S,
     ClusterConfig,
     ClusterSim,
-    ControlDecision,
     PoolSpec,
-    SetHealth,
     colocated,
     disaggregated,
 )
@@ -30,28 +28,6 @@ from simulations.sim.results import collect
 from simulations.traces.trace import Trace
 
 _PROBE_PROMPTS = (8, 200, 1500, 6000, 70_000)
-
-
-def _trace(n: int, rate_rps: float, seed: int, max_prompt: int = 3000) -> Trace:
-    rng = np.random.default_rng(seed)
-    return Trace("t", np.cumsum(rng.exponential(1 / rate_rps, n)), rng.integers(1, max_prompt, n),
-                 rng.integers(1, 400, n))
-
-
-class _Flapping:
-    """Drains one instance every few ticks and restores it later."""
-
-    def __init__(self, instance_id: str) -> None:
-        self.instance_id = instance_id
-        self.ticks = 0
-
-    def decide(self, snapshot: ClusterSnapshot, now_s: float) -> Sequence[ControlDecision]:
-        self.ticks += 1
-        if self.ticks % 5 == 2:
-            return [SetHealth(self.instance_id, InstanceHealth.DRAINING)]
-        if self.ticks % 5 == 4:
-            return [SetHealth(self.instance_id, InstanceHealth.HEALTHY)]
-        return []
 
 
 class _CheckedView(ClusterSim):
@@ -102,11 +78,11 @@ class _CheckedView(ClusterSim):
 
 
 CASES = {
-    "disagg-preempting": (lambda: _trace(700, 15.0, 1),
+    "disagg-preempting": (lambda: random_trace(700, 15.0, 1),
                           disaggregated(2, 2, decode_kv_blocks=900, kv_bytes_per_token=8e5), None),
-    "disagg-control": (lambda: _trace(700, 12.0, 3),
-                       disaggregated(3, 2, decode_kv_blocks=1500, control_interval_s=0.7), lambda: _Flapping("d1")),
-    "router-queue": (lambda: _trace(900, 200.0, 6, max_prompt=8000), colocated(1, kv_blocks=800), None),
+    "disagg-control": (lambda: random_trace(700, 12.0, 3),
+                       disaggregated(3, 2, decode_kv_blocks=1500, control_interval_s=0.7), lambda: FlappingHealth("d1")),
+    "router-queue": (lambda: random_trace(900, 200.0, 6, max_prompt=8000), colocated(1, kv_blocks=800), None),
 }
 
 
