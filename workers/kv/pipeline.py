@@ -44,8 +44,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+_NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int32, torch.int64})
+
+
 def as_bytes(t: torch.Tensor) -> memoryview:
     """Byte view of a contiguous CPU tensor (no copy)."""
+    if t.dtype in _NUMPY_DTYPES and t.numel() and not t.requires_grad:
+        return t.numpy().data.cast("B")  # ~1.7 us; the uint8 view below costs ~4 us per tensor
     return t.view(torch.uint8).numpy().reshape(-1).data  # numpy's reshape costs ~1 us, torch's ~20 us here
 
 

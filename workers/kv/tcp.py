@@ -6,7 +6,8 @@ straight from the tensors' memory, and an 8-byte checksum trailer), then
 END. The checksum (workers.kv.checksum) trails the payload so both sides
 hash each block right after its socket copy, while it is in cache: the
 hash adds one pass over L2, not one over memory. The receiver reads each
-payload with ``recv_into`` into the connection's staging buffer, compares
+payload block by block with ``recv_into`` into the connection's staging
+buffer (the last block and the trailer with one ``recvmsg_into``), compares
 the checksums and calls the engine's callback on the connection thread,
 then reads the next layer: while the callback runs, the kernel's socket
 buffer (``socket_buffer_nbytes``) keeps taking the sender's bytes, so no
@@ -42,10 +43,10 @@ from workers.kv.framing import (
     recv_control_payload,
     recv_frame,
     recv_into,
-    send_all,
+    recv_vectored,
     send_error,
     send_frame,
-    send_joined,
+    send_vectored,
     set_stall_timeout,
     with_context,
 )
@@ -147,16 +148,18 @@ class TcpEndpoint(SideEndpoint):
             if frame is None:
                 return error
             what = f"layer {frame.layer_idx}"
-            buffer = staging.get(frame.nbytes)
+            payload, blocks = staging.blocks(frame.nbytes)
             checksum = ChunkedChecksum()
-            for block in block_views((buffer.numpy().data[: frame.nbytes],)):
+            for block in blocks[:-1]:
                 recv_into(sock, block, what)
                 checksum.update(block)  # hashed while still in cache
-            recv_into(sock, trailer_view, f"the checksum of {what}")
+            recv_vectored(sock, (*blocks[-1:], trailer_view), what)  # the last block and the checksum: one call
+            for block in blocks[-1:]:
+                checksum.update(block)
             if error is None:
                 try:
                     expected = TRAILER.unpack(trailer)[0]
-                    pending.deliver(frame.layer_idx, buffer[: frame.nbytes], expected, checksum.digest())
+                    pending.deliver(frame.layer_idx, payload, expected, checksum.digest())
                 except KVTransferError as exc:
                     error = exc
 
@@ -167,20 +170,28 @@ class ConnectionStaging:
     def __init__(self, pool: StagingPool) -> None:
         self._pool = pool
         self._buffer: torch.Tensor | None = None
+        self._layer: tuple[int, torch.Tensor | None, list[memoryview]] = (0, None, [])  # the last layer size's cut
 
-    def get(self, nbytes: int) -> torch.Tensor:
-        """A buffer of at least ``nbytes``."""
+    def blocks(self, nbytes: int) -> tuple[torch.Tensor, list[memoryview]]:
+        """The first ``nbytes`` of the buffer, as a tensor and cut at the checksum's block grid."""
         if self._buffer is None or self._buffer.numel() < nbytes:
             if self._buffer is not None:
                 self._pool.release(self._buffer)
             self._buffer = self._pool.acquire(nbytes)
-        return self._buffer
+            self._layer = (0, None, [])
+        size, payload, blocks = self._layer
+        if payload is None or size != nbytes:  # cut once per layer size, not per layer (~5 us of views)
+            payload = self._buffer[:nbytes]
+            blocks = list(block_views((self._buffer.numpy().data[:nbytes],)))
+            self._layer = (nbytes, payload, blocks)
+        return payload, blocks
 
     def close(self) -> None:
         """Return the buffer to the endpoint's pool."""
         if self._buffer is not None:
             self._pool.release(self._buffer)
             self._buffer = None
+            self._layer = (0, None, [])
 
 
 class PooledWire:
@@ -233,16 +244,12 @@ class TcpWire(PooledWire):
             for i, block in enumerate(block_views((k_bytes, v_bytes))):
                 wire_block = corrupted(block) if corrupt else block
                 corrupt = False
-                if i == 0:
-                    send_joined(self._sock, header, wire_block, more=True)  # one system call for both
-                else:
-                    send_all(self._sock, wire_block, more=True)
+                send_vectored(self._sock, (header, wire_block) if i == 0 else (wire_block,), more=True)
                 checksum.update(block)  # the socket copy just read it: hashed from cache, not from memory
-            send_all(self._sock, TRAILER.pack(checksum.digest()))
+            send_vectored(self._sock, (TRAILER.pack(checksum.digest()),))
         except KVTransferError as exc:
             self._raise_receiver_error()
             raise with_context(exc, self._desc.request_id, f"layer {layer_idx}") from None
-
 
     def _raise_receiver_error(self) -> None:
         """After a failed send, surface the ERROR the receiver may have sent before closing."""

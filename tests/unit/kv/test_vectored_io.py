@@ -1,0 +1,112 @@
+"""Vectored sends and receives (several buffers, one system call) and the tcp receiver's multi-block layers."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from workers.kv.checksum import BLOCK_NBYTES, checksum_buffer, request_tag
+from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
+from workers.kv.framing import Frame, FrameKind, pack_header, recv_vectored, send_vectored, set_stall_timeout
+from workers.kv.interface import EndpointOptions, KVSpec
+from workers.kv.pipeline import as_bytes
+from workers.kv.tcp import TcpEndpoint
+
+
+def _pair(buffer_nbytes: int = 64 << 10) -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    for s in (a, b):  # small kernel buffers: sends and receives come back short and must be finished
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_nbytes)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_nbytes)
+        set_stall_timeout(s, 5.0)
+    return a, b
+
+
+def test_vectored_parts_arrive_in_order_through_small_buffers() -> None:
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (40, 3 << 20, 7, 1 << 20)]
+    a, b = _pair()
+    sender = threading.Thread(target=send_vectored, args=(a, [memoryview(p) for p in parts]))
+    sender.start()
+    received = [bytearray(n) for n in (17, 3 << 20, 30, 1 << 20)]  # cut differently from the sends
+    recv_vectored(b, [memoryview(r) for r in received], "parts")
+    sender.join(5)
+    assert b"".join(received) == b"".join(parts)
+    a.close()
+    b.close()
+
+
+def test_vectored_receive_times_out_after_partial_data() -> None:
+    a, b = _pair()
+    set_stall_timeout(b, 0.2)
+    a.sendall(b"x" * 10)
+    views = [memoryview(bytearray(8)), memoryview(bytearray(8))]
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferTimeout, match="layer 3"):
+        recv_vectored(b, views, "layer 3")
+    assert time.monotonic() - t0 < 2.0
+    assert bytes(views[0]) == b"x" * 8  # what arrived was kept
+    a.close()
+    b.close()
+
+
+def test_vectored_receive_from_a_closed_peer_fails() -> None:
+    a, b = _pair()
+    a.sendall(b"y" * 5)
+    a.close()
+    with pytest.raises(KVTransferError, match="closed"):
+        recv_vectored(b, [memoryview(bytearray(4)), memoryview(bytearray(4))], "a layer")
+    b.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_as_bytes_is_the_tensor_memory(dtype: torch.dtype) -> None:
+    t = torch.randn(5, 3, 4).to(dtype)
+    view = as_bytes(t)
+    assert len(view) == t.numel() * t.element_size()
+    assert bytes(view) == t.view(torch.uint8).numpy().tobytes()
+
+
+# 200 tokens x 8 heads x 128 x float32: K and V of 800 KiB each, a layer of four blocks (the last one short)
+SPEC = KVSpec(num_layers=2, num_kv_heads=8, head_dim=128, dtype="float32")
+NUM_TOKENS = 200
+
+
+@pytest.mark.parametrize("position", [0, BLOCK_NBYTES + 3, 2 * 819200 - 1])
+def test_multi_block_layer_with_a_flipped_byte_is_caught(position: int) -> None:
+    endpoint = TcpEndpoint(EndpointOptions(stall_timeout_s=2.0))
+    try:
+        landed: list[tuple[int, torch.Tensor]] = []
+        rx = endpoint.expect("big", NUM_TOKENS, SPEC, lambda i, k, v: landed.append((i, k.clone())))
+        host, port = endpoint.address.split(":")
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        hello = rx.descriptor.to_json().encode()
+        sock.sendall(pack_header(Frame(FrameKind.HELLO, nbytes=len(hello))) + hello)
+        good = torch.randn(2 * NUM_TOKENS * 8 * 128).numpy().tobytes()
+        assert len(good) > 3 * BLOCK_NBYTES
+        checksum = checksum_buffer(memoryview(good))
+        tag = request_tag("big")
+
+        def layer(idx: int, payload: bytes) -> bytes:
+            header = pack_header(Frame(FrameKind.LAYER, idx, 0, len(payload), 0, tag))
+            return header + payload + struct.pack("<Q", checksum)
+
+        bad = bytearray(good)
+        bad[position] ^= 0x10
+        sender = threading.Thread(target=sock.sendall, args=(layer(0, good) + layer(1, bytes(bad)),))
+        sender.start()
+        with pytest.raises(KVChecksumError, match="layer 1"):
+            rx.wait(5)
+        sender.join(5)
+        assert [i for i, _ in landed] == [0]
+        expected_k = torch.frombuffer(bytearray(good[: len(good) // 2]), dtype=torch.float32).view(NUM_TOKENS, 8, 128)
+        assert torch.equal(landed[0][1], expected_k)
+        sock.close()
+    finally:
+        endpoint.close()
