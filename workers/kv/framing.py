@@ -140,14 +140,7 @@ def send_all(sock: socket.socket, *parts: memoryview | bytes, more: bool = False
     ``more=True`` tells the kernel more data follows at once (MSG_MORE), so a
     small header is coalesced with the payload instead of going out alone.
     """
-    flags = socket.MSG_MORE if more else 0
-    try:
-        for part in parts:
-            sock.sendall(part, flags)
-    except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
-        raise KVTransferTimeout(f"peer stopped reading (send stalled for {_stall_timeout(sock)}s)") from None
-    except OSError as exc:
-        raise KVTransferError(f"connection lost while sending: {exc}") from None
+    send_vectored(sock, parts, more)
 
 
 def send_vectored(sock: socket.socket, parts: Sequence[memoryview | bytes], more: bool = False) -> None:
@@ -162,7 +155,7 @@ def send_vectored(sock: socket.socket, parts: Sequence[memoryview | bytes], more
                 continue
             sock.sendall(memoryview(part)[sent:], flags)
             sent = 0
-    except (TimeoutError, BlockingIOError):
+    except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
         raise KVTransferTimeout(f"peer stopped reading (send stalled for {_stall_timeout(sock)}s)") from None
     except OSError as exc:
         raise KVTransferError(f"connection lost while sending: {exc}") from None
