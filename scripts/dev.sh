@@ -27,6 +27,9 @@ setup() {
   # The simulator's optional compiled modules (mypyc); without them it runs as pure Python.
   "$PY" -m simulations.native build --if-stale >/dev/null 2>&1 \
     || echo "warning: compiled simulator not built; it runs as pure Python" >&2
+  # The KV transports' fused copy+checksum kernel (C); without it they copy and hash in two steps.
+  "$PY" -m workers.kv.native build --if-stale >/dev/null 2>&1 \
+    || echo "warning: KV checksum kernel not built; transports use numpy + xxhash" >&2
 }
 
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}

@@ -13,6 +13,12 @@ it is still in L2, so the checksum adds one pass over cache, not one over
 memory. Senders and receivers cut the same grid, whatever pieces they hold
 (``block_views``); a block that straddles K and V is hashed through the
 streaming state, which gives the same digest as the one-shot call.
+
+Where the optional C kernel is built (``workers.kv.native``), whole blocks
+take it instead: the same xxh3-64 digests, and ``copy_and_checksum`` hashes
+each 64-byte stripe in registers as it copies it (with non-temporal stores
+into aligned targets, as memcpy does for large copies) -- one pass over memory
+at about memcpy's speed, where copy-then-hash ran at 0.5-0.75x of it.
 """
 
 from __future__ import annotations
@@ -23,10 +29,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xxhash
 
+from workers.kv import native
+
 if TYPE_CHECKING:
     import torch
 
 BLOCK_NBYTES = 512 << 10  # a block and its copy fit in one core's 2 MiB L2 together
+
+KERNEL, KERNEL_STATE = native.load()  # (None, why) without a current build: numpy + xxhash
+_hash_block = KERNEL.xxh3_64 if KERNEL is not None else xxhash.xxh3_64_intdigest
 
 
 class ChunkedChecksum:
@@ -42,7 +53,7 @@ class ChunkedChecksum:
     def update(self, data: memoryview) -> None:
         """Add the next bytes of the layer."""
         if self._filled == 0 and len(data) == BLOCK_NBYTES:  # the common case: exactly one aligned block
-            self._value = xxhash.xxh3_64_intdigest(data, self._value)
+            self._value = _hash_block(data, self._value)
             return
         while len(data):
             take = min(BLOCK_NBYTES - self._filled, len(data))
@@ -53,6 +64,13 @@ class ChunkedChecksum:
             data = data[take:]
             if self._filled == BLOCK_NBYTES:
                 self._value, self._state, self._filled = self._state.intdigest(), None, 0
+
+    def copy_block(self, target: np.ndarray, data: memoryview, last: bool) -> bool:
+        """Copy and hash a whole block (or the ``last`` one) in one pass with the kernel; False if it cannot."""
+        if KERNEL is None or self._filled or not (len(data) == BLOCK_NBYTES or last) or len(data) < KERNEL.MIN_NBYTES:
+            return False
+        self._value = KERNEL.copy_xxh3_64(target, data, self._value, True)
+        return True
 
     def digest(self) -> int:
         """The checksum of everything fed so far."""
@@ -87,16 +105,20 @@ def checksum_buffer(buffer: memoryview) -> int:
 def copy_and_checksum(target: np.ndarray, parts: Iterable[memoryview], corrupt: bool = False) -> int:
     """Copy ``parts`` one after another into the uint8 array ``target``; checksum of what was copied.
 
-    Each block is hashed right after its copy, from the target, while it is in cache: one pass
-    over memory instead of two. ``corrupt`` flips a byte after hashing (fault-injection tests).
-    Callers that hand in a view of a shared mapping keep no reference to it past this call.
+    Whole blocks go through the kernel when it is built (hashed as they are copied); otherwise
+    each block is hashed right after its copy, from the target, while it is in cache.
+    ``corrupt`` flips a byte after hashing (fault-injection tests). Callers that hand in a view
+    of a shared mapping keep no reference to it past this call.
     """
     state = ChunkedChecksum()
+    pieces = list(block_views(parts))
+    total = sum(len(piece) for piece in pieces)
     offset = 0
-    for piece in block_views(parts):
+    for piece in pieces:
         end = offset + len(piece)
-        np.copyto(target[offset:end], np.frombuffer(piece, dtype=np.uint8))
-        state.update(target.data[offset:end])
+        if not state.copy_block(target[offset:end], piece, end == total):
+            np.copyto(target[offset:end], np.frombuffer(piece, dtype=np.uint8))
+            state.update(target.data[offset:end])
         offset = end
     if corrupt:
         target[0] ^= 0xFF  # damaged after hashing: the receiver must catch it

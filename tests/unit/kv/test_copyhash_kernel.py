@@ -1,0 +1,86 @@
+"""The fused copy+checksum kernel: xxh3-64 exactly as the xxhash package computes it, and an exact copy."""
+
+from __future__ import annotations
+
+import mmap
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import xxhash
+
+from workers.kv import checksum, native
+
+if checksum.KERNEL is None and shutil.which("cc") is None and shutil.which("gcc") is None:
+    pytest.skip("no C compiler here: the KV checksum kernel cannot be built", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def kernel():  # type: ignore[no-untyped-def]
+    """The built kernel; the set-up command builds it wherever a compiler exists, so its absence is a failure."""
+    assert checksum.KERNEL is not None, f"KV checksum kernel not loaded: {checksum.KERNEL_STATE}"
+    return checksum.KERNEL
+
+
+LENGTHS = [241, 242, 255, 256, 257, 1023, 1024, 1025, 1087, 1088, 1089, 4096, 65_537, 512 << 10, (512 << 10) + 13]
+
+
+@pytest.mark.parametrize("nbytes", LENGTHS)
+def test_digest_and_copy_match_xxhash(kernel, nbytes: int) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(nbytes)
+    src = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    for seed in (0, int(rng.integers(1, 2**63)), 2**64 - 1):
+        want = xxhash.xxh3_64_intdigest(src, seed)
+        assert kernel.xxh3_64(src, seed) == want
+        for nontemporal in (False, True):
+            for offset in (0, 8):  # a page-aligned target streams; an unaligned one falls back to plain stores
+                region = np.frombuffer(mmap.mmap(-1, nbytes + 64), dtype=np.uint8)
+                dst = region[offset : offset + nbytes]
+                assert kernel.copy_xxh3_64(dst, src, seed, nontemporal) == want
+                assert np.array_equal(dst, src)
+                assert not region[offset + nbytes :].any()  # nothing written past the end
+
+
+def test_every_length_of_the_tail_paths(kernel) -> None:  # type: ignore[no-untyped-def]
+    src = np.random.default_rng(7).integers(0, 256, 3000, dtype=np.uint8)
+    for nbytes in range(241, 3000, 7):
+        dst = np.zeros(nbytes, dtype=np.uint8)
+        assert kernel.copy_xxh3_64(dst, src[:nbytes], nbytes) == xxhash.xxh3_64_intdigest(src[:nbytes], nbytes)
+        assert np.array_equal(dst, src[:nbytes])
+
+
+def test_bad_arguments_raise(kernel) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="240"):
+        kernel.xxh3_64(bytes(240))
+    with pytest.raises(ValueError, match="equal lengths"):
+        kernel.copy_xxh3_64(bytearray(500), bytes(501))
+    with pytest.raises(TypeError):
+        kernel.copy_xxh3_64(bytes(500), bytes(500))  # a read-only target
+
+
+@pytest.mark.parametrize("nbytes", [4096, 3 * checksum.BLOCK_NBYTES + 777])
+def test_layer_checksums_equal_with_and_without_the_kernel(
+    kernel, monkeypatch: pytest.MonkeyPatch, nbytes: int  # type: ignore[no-untyped-def]
+) -> None:
+    data = np.random.default_rng(1).integers(0, 256, nbytes, dtype=np.uint8)
+    view = memoryview(data)
+    cut = nbytes // 3  # a K|V boundary off the block grid
+    with_kernel = checksum.copy_and_checksum(np.zeros(nbytes, np.uint8), (view[:cut], view[cut:]))
+    assert checksum.checksum_buffer(view) == with_kernel
+    monkeypatch.setattr(checksum, "KERNEL", None)
+    monkeypatch.setattr(checksum, "_hash_block", xxhash.xxh3_64_intdigest)
+    target = np.zeros(nbytes, np.uint8)
+    assert checksum.copy_and_checksum(target, (view[:cut], view[cut:])) == with_kernel
+    assert checksum.checksum_buffer(view) == with_kernel
+    assert np.array_equal(target, data)
+
+
+def test_a_build_of_another_source_is_not_loaded(kernel, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    assert native.load()[0] is kernel
+    monkeypatch.setattr(native, "source_digest", lambda: "0" * 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module, why = native.load()
+    assert module is None and "stale" in why
+    assert any("stale" in str(w.message) for w in caught)
