@@ -12,7 +12,9 @@ gloo (``send``/``recv`` of each layer's K and V between the same two
 processes). Each transport's ratio is printed against the ceilings of its
 path. The receiver's callback does nothing, so the numbers are the
 transport's (checksums on). The load average is printed before and after:
-the machine may be shared.
+the machine may be shared. The transports copy and checksum with the C
+kernel when it is built (workers.kv.native); run with ``PDSERVE_KV_PURE=1``
+to measure the numpy + xxhash path instead.
 
 Part 2 runs a 2,048-token prompt on the tiny model: colocated (prefill and
 the first decode step in one engine) vs disaggregated (prefill in process A

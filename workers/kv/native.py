@@ -9,6 +9,8 @@ process with it and one without interoperate; it only makes copy+checksum
 one pass over memory instead of a copy and a hash. The extension is built in
 place (``workers/kv/_copyhash.*.so``, not tracked) and carries the SHA-256 of
 the source it was built from: a build from an older source is not loaded.
+Setting ``PDSERVE_KV_PURE`` (non-empty, not "0") ignores a build, e.g. to
+compare the two paths.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +27,7 @@ from types import ModuleType
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "_copyhash.c"
 MODULE = "workers.kv._copyhash"
+PURE_ENV = "PDSERVE_KV_PURE"
 
 
 def source_digest() -> str:
@@ -36,8 +40,10 @@ def built_paths() -> list[Path]:
     return sorted(p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in HERE.glob(f"_copyhash{suffix}"))
 
 
-def load() -> tuple[ModuleType | None, str]:
+def load(honour_pure_env: bool = True) -> tuple[ModuleType | None, str]:
     """(module, why): the kernel when a build of the current source exists, else None."""
+    if honour_pure_env and os.environ.get(PURE_ENV, "") not in ("", "0"):
+        return None, f"not used ({PURE_ENV} is set)"
     spec = importlib.util.find_spec(MODULE) if built_paths() else None
     if spec is None:
         return None, "not built (python -m workers.kv.native build)"
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--if-stale", action="store_true", help="build only when no current build exists")
     args = parser.parse_args(argv)
-    if args.action == "build" and not (args.if_stale and load()[0] is not None):
+    if args.action == "build" and not (args.if_stale and load(honour_pure_env=False)[0] is not None):
         build(args.verbose)
     elif args.action == "clean":
         clean()

@@ -11,8 +11,9 @@ receiver leases a ring and answers RING, and the connection keeps that ring
 for its later requests, which start without a RING round trip (rings are
 reused across connections too; the sender caches its mapping). For each
 layer the sender waits for a free slot, copies K||V into it block by block
-(workers.kv.checksum), hashing each block right after its copy while it is
-in cache, and sends LAYER(slot, checksum); the receiver verifies the slot in
+(workers.kv.checksum: with the C kernel, each block is hashed as it is
+copied and streamed past the cache; without it, hashed right after its copy
+while it is in cache), and sends LAYER(slot, checksum); the receiver verifies the slot in
 place, hands views of it to the callback and answers FREE(slot), so the
 sender fills the next slot while the receiver verifies this one. END -> ACK
 or ERROR as in tcp; a connection that ended in ACK carries the sender's next

@@ -84,3 +84,10 @@ def test_a_build_of_another_source_is_not_loaded(kernel, monkeypatch: pytest.Mon
         module, why = native.load()
     assert module is None and "stale" in why
     assert any("stale" in str(w.message) for w in caught)
+
+
+def test_the_pure_switch_ignores_the_build(kernel, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv(native.PURE_ENV, "1")
+    assert native.load() == (None, f"not used ({native.PURE_ENV} is set)")
+    monkeypatch.setenv(native.PURE_ENV, "0")
+    assert native.load()[0] is kernel
