@@ -259,7 +259,38 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(use_isa_doc,
+             "use_isa(name) -> None\n\n"
+             "Run the stripe loop with 'avx2', 'sse2' or 'scalar' (tests compare them); ISA names the one in use.");
+
+static PyObject *py_use_isa(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (name == NULL) return NULL;
+    if (strcmp(name, "scalar") == 0) {
+        accumulate = accumulate_scalar;
+        isa = "scalar";
+#ifdef PD_X86
+    } else if (strcmp(name, "sse2") == 0) {
+        accumulate = accumulate_sse2;
+        isa = "sse2";
+    } else if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2")) {
+        accumulate = accumulate_avx2;
+        isa = "avx2";
+#endif
+    } else {
+        PyErr_Format(PyExc_ValueError, "instruction set %R is not available here", arg);
+        return NULL;
+    }
+    PyObject *value = PyUnicode_FromString(isa);
+    if (value == NULL) return NULL;
+    int failed = PyObject_SetAttrString(self, "ISA", value) < 0; /* self is the module */
+    Py_DECREF(value);
+    if (failed) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"use_isa", py_use_isa, METH_O, use_isa_doc},
     {"copy_xxh3_64", (PyCFunction)(void (*)(void))py_copy_xxh3_64, METH_VARARGS | METH_KEYWORDS, copy_xxh3_64_doc},
     {"xxh3_64", (PyCFunction)(void (*)(void))py_xxh3_64, METH_VARARGS | METH_KEYWORDS, xxh3_64_doc},
     {NULL, NULL, 0, NULL},

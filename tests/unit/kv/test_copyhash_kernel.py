@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import platform
 import shutil
 import warnings
 
@@ -16,11 +17,21 @@ if checksum.KERNEL is None and shutil.which("cc") is None and shutil.which("gcc"
     pytest.skip("no C compiler here: the KV checksum kernel cannot be built", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def kernel():  # type: ignore[no-untyped-def]
-    """The built kernel; the set-up command builds it wherever a compiler exists, so its absence is a failure."""
-    assert checksum.KERNEL is not None, f"KV checksum kernel not loaded: {checksum.KERNEL_STATE}"
-    return checksum.KERNEL
+ISAS = ["scalar", "sse2", "avx2"] if platform.machine() in ("x86_64", "AMD64") else ["scalar"]
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def kernel(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The built kernel, once per stripe loop; the set-up command builds it wherever a compiler exists."""
+    kernel = checksum.KERNEL
+    assert kernel is not None, f"KV checksum kernel not loaded: {checksum.KERNEL_STATE}"
+    default = kernel.ISA
+    try:
+        kernel.use_isa(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU has no {request.param}")
+    yield kernel
+    kernel.use_isa(default)
 
 
 LENGTHS = [241, 242, 255, 256, 257, 1023, 1024, 1025, 1087, 1088, 1089, 4096, 65_537, 512 << 10, (512 << 10) + 13]
@@ -91,3 +102,8 @@ def test_the_pure_switch_ignores_the_build(kernel, monkeypatch: pytest.MonkeyPat
     assert native.load() == (None, f"not used ({native.PURE_ENV} is set)")
     monkeypatch.setenv(native.PURE_ENV, "0")
     assert native.load()[0] is kernel
+
+
+def test_an_unknown_instruction_set_is_refused(kernel) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="not available"):
+        kernel.use_isa("avx9")
