@@ -162,9 +162,12 @@ def receive_slot_layers(
 
     ``slot_payload(slot, nbytes)`` is a view of the slot's bytes. After a failed delivery the
     stream is still drained (every slot freed), so the sender reaches END and reads the verdict.
+    When every layer has a slot of its own the sender never runs out, so no FREE is sent (the
+    sender starts each request with all slots free: the previous one ended with ACK).
     """
     desc = pending.descriptor
     tag = request_tag(desc.request_id)
+    send_free = desc.num_layers > num_slots
     error: KVTransferError | None = None
     while True:
         frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, num_slots)
@@ -175,4 +178,5 @@ def receive_slot_layers(
                 pending.deliver(frame.layer_idx, slot_payload(frame.slot, frame.nbytes), frame.checksum)
             except KVTransferError as exc:
                 error = exc
-        send_frame(sock, Frame(FrameKind.FREE, slot=frame.slot, tag=tag))
+        if send_free:
+            send_frame(sock, Frame(FrameKind.FREE, slot=frame.slot, tag=tag))

@@ -9,15 +9,19 @@ Per request: the sender takes a pooled control connection (or connects) and
 sends HELLO; on a new connection (or when the layers outgrow its slots) the
 receiver leases a ring and answers RING, and the connection keeps that ring
 for its later requests, which start without a RING round trip (rings are
-reused across connections too; the sender caches its mapping). For each
-layer the sender waits for a free slot, copies K||V into it block by block
-(workers.kv.checksum: with the C kernel, each block is hashed as it is
-copied and streamed past the cache; without it, hashed right after its copy
-while it is in cache), and sends LAYER(slot, checksum); the receiver verifies the slot in
-place, hands views of it to the callback and answers FREE(slot), so the
-sender fills the next slot while the receiver verifies this one. END -> ACK
-or ERROR as in tcp; a connection that ended in ACK carries the sender's next
-request to the same receiver.
+reused across connections too; the sender caches its mapping). A ring's
+slots are the layer size rounded up to a power of two, as many as fit in
+``shm_ring_nbytes`` (at least ``shm_num_slots``). For each layer the sender
+takes a free slot, copies K||V into it block by block (workers.kv.checksum:
+with the C kernel each block is hashed as it is copied and streamed past the
+cache; without it, hashed right after its copy while it is in cache), and
+sends LAYER(slot, checksum); the receiver verifies the slot in place and
+hands views of it to the callback, while the sender fills the next slot.
+Only when a request has more layers than the ring has slots does the
+receiver answer each layer with FREE(slot), and the sender waits for one
+when it runs out. END -> ACK or ERROR as in tcp; a connection that ended in
+ACK carries the sender's next request to the same receiver, with every slot
+free again.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layer
 from workers.kv.tcp import ConnectionPool, PooledWire, read_hello, send_hello, wait_for_next_request
 
 _PAGE = mmap.PAGESIZE
+_MAX_SLOTS = 128  # more than a model has layers: beyond this, slots only cost memory
 
 
 @dataclass
@@ -164,12 +169,17 @@ class ShmEndpoint(SideEndpoint):
         ring.close()
 
     def _lease(self, layer_nbytes: int) -> _Ring:
+        """A free ring whose slots hold ``layer_nbytes`` (the smallest such), else a new one."""
+        # power-of-two slot sizes: prompts of any length share a few ring sizes, so rings are reused
+        slot_nbytes = max(_PAGE, 1 << (layer_nbytes - 1).bit_length())
         with self._lock:
-            for i, ring in enumerate(self._free):
-                if ring.slot_nbytes >= layer_nbytes:
-                    return self._free.pop(i)
-        slot_nbytes = -(-max(layer_nbytes, self._options.staging_nbytes) // _PAGE) * _PAGE
-        ring = create_ring(max(2, self._options.shm_num_slots), slot_nbytes)
+            fitting = [ring for ring in self._free if ring.slot_nbytes >= layer_nbytes]
+            if fitting:
+                best = min(fitting, key=lambda ring: ring.slot_nbytes)
+                self._free.remove(best)
+                return best
+        num_slots = min(_MAX_SLOTS, max(2, self._options.shm_num_slots, self._options.shm_ring_nbytes // slot_nbytes))
+        ring = create_ring(num_slots, slot_nbytes)
         with self._lock:
             self._all.append(ring)
         return ring

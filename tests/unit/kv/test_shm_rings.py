@@ -24,16 +24,19 @@ def _round_trip(endpoint: ShmEndpoint, connector: ShmConnector, rid: str, num_to
         assert torch.equal(got[i][0], k) and torch.equal(got[i][1], v)
 
 
+TOKEN_LAYER_NBYTES = 2 * SPEC.num_kv_heads * SPEC.head_dim * 4
+
+
 def test_later_requests_reuse_the_connection_ring_until_layers_outgrow_it() -> None:
-    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0, staging_nbytes=1 << 16, shm_num_slots=2))
+    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0, shm_num_slots=2))
     connector = ShmConnector()
     try:
-        _round_trip(endpoint, connector, "first", 16)
+        _round_trip(endpoint, connector, "first", 64)  # 16 KiB layers: 16 KiB slots
         rings = list(connector.rings_by_connection.values())
-        assert len(rings) == 1
-        _round_trip(endpoint, connector, "second", 32)  # same slots fit: no RING, same ring
+        assert len(rings) == 1 and rings[0].slot_nbytes == 64 * TOKEN_LAYER_NBYTES
+        _round_trip(endpoint, connector, "second", 40)  # same slots fit: no RING, same ring
         assert list(connector.rings_by_connection.values()) == rings
-        big = (1 << 16) // (2 * SPEC.num_kv_heads * SPEC.head_dim * 4) + 1  # layers larger than a slot
+        big = 64 + 1  # layers one token larger than a slot
         _round_trip(endpoint, connector, "larger", big)
         (larger,) = connector.rings_by_connection.values()
         assert larger.ring_id != rings[0].ring_id and larger.slot_nbytes > rings[0].slot_nbytes
@@ -43,3 +46,38 @@ def test_later_requests_reuse_the_connection_ring_until_layers_outgrow_it() -> N
         connector.close()
         endpoint.close()
 
+
+
+def test_slots_are_a_power_of_two_and_fill_the_ring_budget() -> None:
+    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0, shm_num_slots=2, shm_ring_nbytes=1 << 20))
+    connector = ShmConnector()
+    try:
+        _round_trip(endpoint, connector, "odd", 100)  # 25,600-byte layers
+        (ring,) = connector.rings_by_connection.values()
+        assert ring.slot_nbytes == 32 << 10 and ring.num_slots == (1 << 20) // (32 << 10)
+    finally:
+        connector.close()
+        endpoint.close()
+
+
+def test_more_layers_than_slots_still_arrive_in_order_through_freed_slots() -> None:
+    spec = KVSpec(num_layers=7, num_kv_heads=2, head_dim=16, dtype="float32")
+    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0, shm_num_slots=2, shm_ring_nbytes=1))
+    connector = ShmConnector()
+    try:
+        for rid in ("a", "b"):  # the second request reuses the ring with every slot free again
+            shape = (8, spec.num_kv_heads, spec.head_dim)
+            sent = [(torch.randn(shape), torch.randn(shape)) for _ in range(spec.num_layers)]
+            got: dict[int, torch.Tensor] = {}
+            rx = endpoint.expect(rid, 8, spec, lambda i, k, v, got=got: got.__setitem__(i, k.clone()))
+            tx = connector.open(rx.descriptor, SenderOptions(timeout_s=5.0))
+            for i, (k, v) in enumerate(sent):
+                tx.send_layer(i, k, v)
+            tx.finish()
+            rx.wait(5)
+            (ring,) = connector.rings_by_connection.values()
+            assert ring.num_slots == 2
+            assert all(torch.equal(got[i], k) for i, (k, _) in enumerate(sent))
+    finally:
+        connector.close()
+        endpoint.close()
