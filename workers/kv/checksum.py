@@ -23,7 +23,10 @@ at about memcpy's speed, where copy-then-hash ran at 0.5-0.75x of it.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -95,6 +98,31 @@ def checksum_parts(parts: Iterable[memoryview]) -> int:
     for piece in block_views(parts):
         state.update(piece)
     return state.digest()
+
+
+class BackgroundChecksums:
+    """Layer checksums computed on helper threads, beside a thread that moves the same bytes.
+
+    Hashing releases the GIL, so a sender that hands the hash to another core sends at the
+    socket's speed instead of socket plus hash (tcp: 2.4 -> 3.3 GB/s at 64 MB on two cores).
+    Recreated in a forked child, which has none of the parent's threads.
+    """
+
+    def __init__(self, max_workers: int = 2) -> None:
+        self._max_workers = max_workers
+        self._lock = threading.Lock()
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None
+
+    def submit(self, parts: tuple[memoryview, ...]) -> Future[int]:
+        """Start ``checksum_parts(parts)``; the caller keeps ``parts`` alive and unchanged until the result."""
+        with self._lock:
+            if self._pool is None or self._pool[0] != os.getpid():
+                self._pool = (os.getpid(), ThreadPoolExecutor(self._max_workers, thread_name_prefix="kv-hash"))
+            pool = self._pool[1]
+        return pool.submit(checksum_parts, parts)
+
+
+BACKGROUND_CHECKSUMS = BackgroundChecksums()
 
 
 def checksum_buffer(buffer: memoryview) -> int:

@@ -82,7 +82,12 @@ def corrupted(view: memoryview) -> memoryview:
 
 
 class SenderWire(Protocol):
-    """The transport-specific half of a sender: moves one layer, then ends the transfer."""
+    """The transport-specific half of a sender: moves one layer, then ends the transfer.
+
+    A wire may also define ``prepare(layer_idx, k, v)``: the sender calls it with CPU tensors
+    when the layer is queued, on the caller's thread, so work such as hashing starts before the
+    sending thread reaches the layer.
+    """
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         """Put one layer on the wire (called from the sending thread only)."""
@@ -158,6 +163,7 @@ class PipelinedSender:
         self._t_first: float | None = None
         self._shape = (descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
         self._stopped = threading.Event()  # set when the sending loop returned
+        self._prepare: Callable[[int, torch.Tensor, torch.Tensor], None] | None = getattr(wire, "prepare", None)
         SEND_THREADS.submit(self._run)
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -184,6 +190,8 @@ class PipelinedSender:
                 ready = torch.cuda.Event()
                 ready.record()
             item: _Item = (layer_idx, k.contiguous(), v.contiguous(), ready)
+            if self._prepare is not None and ready is None:
+                self._prepare(layer_idx, item[1], item[2])
             self._queue.put(item, timeout=self._options.timeout_s)
         except queue.Full:
             raise KVTransferTimeout(

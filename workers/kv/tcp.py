@@ -3,9 +3,11 @@
 Per request: the sender takes a pooled connection (or connects) and sends
 HELLO (the descriptor), then one LAYER frame per layer (header, K||V
 straight from the tensors' memory, and an 8-byte checksum trailer), then
-END. The checksum (workers.kv.checksum) trails the payload so both sides
-hash each block right after its socket copy, while it is in cache: the
-hash adds one pass over L2, not one over memory. The receiver reads each
+END. The checksum (workers.kv.checksum) trails the payload: the sender
+hashes the layer on a helper thread while its sending thread writes the
+whole frame with one ``sendmsg`` (the hash releases the GIL, so it runs on
+the other core instead of between sends), and the receiver hashes each
+block right after its socket copy, while it is in cache. The receiver reads each
 payload block by block with ``recv_into`` into the connection's staging
 buffer (the last block and the trailer with one ``recvmsg_into``), compares
 the checksums and calls the engine's callback on the connection thread,
@@ -23,10 +25,11 @@ from __future__ import annotations
 
 import socket
 import threading
+from concurrent.futures import Future
 
 import torch
 
-from workers.kv.checksum import ChunkedChecksum, block_views, request_tag
+from workers.kv.checksum import BACKGROUND_CHECKSUMS, ChunkedChecksum, block_views, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.framing import (
@@ -57,6 +60,7 @@ from workers.kv.pipeline import (
     PendingTransfer,
     PipelinedSender,
     StagingPool,
+    as_bytes,
     corrupted,
 )
 from workers.kv.receiving import ReceivingSide, SideEndpoint
@@ -233,20 +237,21 @@ class TcpWire(PooledWire):
 
     def __init__(self, descriptor: TransferDescriptor, sock: socket.socket, pool: ConnectionPool) -> None:
         super().__init__(descriptor, sock, pool)
+        self._checksums: dict[int, Future[int]] = {}  # started when their layers were queued
         send_hello(self._sock, descriptor)
+
+    def prepare(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Start hashing a queued CPU layer on a helper thread (the sending thread is busy in the kernel)."""
+        self._checksums[layer_idx] = BACKGROUND_CHECKSUMS.submit((as_bytes(k), as_bytes(v)))
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         """Send one LAYER frame: header, K and V from the tensors' memory, then the checksum."""
         k_bytes, v_bytes = self._stager.parts(k, v)
         header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, len(k_bytes) + len(v_bytes), 0, self._tag))
-        checksum = ChunkedChecksum()
+        checksum = self._checksums.pop(layer_idx, None) or BACKGROUND_CHECKSUMS.submit((k_bytes, v_bytes))
         try:
-            for i, block in enumerate(block_views((k_bytes, v_bytes))):
-                wire_block = corrupted(block) if corrupt else block
-                corrupt = False
-                send_vectored(self._sock, (header, wire_block) if i == 0 else (wire_block,), more=True)
-                checksum.update(block)  # the socket copy just read it: hashed from cache, not from memory
-            send_vectored(self._sock, (TRAILER.pack(checksum.digest()),))
+            send_vectored(self._sock, (header, corrupted(k_bytes) if corrupt else k_bytes, v_bytes), more=True)
+            send_vectored(self._sock, (TRAILER.pack(checksum.result()),))
         except KVTransferError as exc:
             self._raise_receiver_error()
             raise with_context(exc, self._desc.request_id, f"layer {layer_idx}") from None
