@@ -65,8 +65,10 @@ CEILINGS_OF: dict[str, tuple[str, ...]] = {
 CEILINGS = ("memcpy", "memcpy/layer", "raw_tcp", "raw_gloo")
 
 
-def _receiver_main(conn: Connection, kinds: tuple[str, ...]) -> None:
+def _receiver_main(conn: Connection, kinds: tuple[str, ...], cpus: set[int] | None = None) -> None:
     """Child process: one endpoint per transport, plus a raw TCP sink for the ceiling."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)  # before any thread starts: threads inherit it
     torch.set_num_threads(1)
     endpoints = {k: open_endpoint(k, EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)) for k in kinds}
     receivers = {}
@@ -226,15 +228,27 @@ def _transport(conn: Connection, client: KVClient, kind: str, nbytes: int) -> Ca
     return once
 
 
-def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS) -> None:
+def _split_cpus() -> tuple[set[int], set[int]]:
+    """(sender's, receiver's) CPUs: the receiver gets the last one, the sender the others."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least two CPUs")
+    return set(cpus[:-1]), {cpus[-1]}
+
+
+def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pin: bool = False) -> None:
     """Part 1: GB/s per transport and ceiling, per size (methods interleaved, so load drift hits all alike)."""
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver_main, args=(child, kinds), daemon=True)
+    own_cpus = os.sched_getaffinity(0)
+    sender_cpus, receiver_cpus = _split_cpus() if pin else (own_cpus, None)
+    proc = ctx.Process(target=_receiver_main, args=(child, kinds, receiver_cpus), daemon=True)
     proc.start()
     assert conn.recv() == "ready"
+    os.sched_setaffinity(0, sender_cpus)  # before the client's sending threads start
     client = KVClient()
-    print(f"\n== KV transfer bandwidth: {NUM_LAYERS} layers, {DTYPE}, sender here -> receiver process; "
+    placement = f"sender on CPUs {sorted(sender_cpus)}, receiver on {sorted(receiver_cpus)}" if pin else "unpinned"
+    print(f"\n== KV transfer bandwidth: {NUM_LAYERS} layers, {DTYPE}, sender here -> receiver process ({placement}); "
           f"median of {reps}, GB/s; load average {_load()} ==")
     names = (*CEILINGS, *kinds)
     print(f"{'MB':>5} " + " ".join(f"{n:>12}" for n in names))
@@ -271,6 +285,7 @@ def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS) ->
         client.close()
         conn.send(("stop",))
         proc.join(30)
+        os.sched_setaffinity(0, own_cpus)
     print("ratio to the ceilings of each path (medians of the same run):")
     print("\n".join(lines))
     print(f"load average after: {_load()}")
@@ -367,12 +382,16 @@ def main() -> int:
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated transports to measure")
     parser.add_argument("--sizes-mb", default=None, help="comma-separated transfer sizes in MB")
     parser.add_argument("--verbose", action="store_true", help="print every TTFT sample")
+    parser.add_argument("--pin", action="store_true",
+                        help="bandwidth part: receiver process on the last CPU, this process on the others, as "
+                             "prefill and decode workers on separate cores (on two cores, unpinned, the scheduler "
+                             "often woke the receiver on the sender's busy CPU and it waited milliseconds)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     reps = args.reps or (3 if args.quick else 7)
     if not args.skip_bandwidth:
         sizes = [int(x) for x in args.sizes_mb.split(",")] if args.sizes_mb else [16, 64] if args.quick else [16, 64, 256]
-        bandwidth(sizes, reps, tuple(args.kinds.split(",")))
+        bandwidth(sizes, reps, tuple(args.kinds.split(",")), pin=args.pin)
     if not args.skip_ttft:
         cache_dir = args.cache_dir or str(Path(tempfile.gettempdir()) / "pdserve-bench-cache")
         ttft(args.prompt_len, reps, cache_dir, verbose=args.verbose)

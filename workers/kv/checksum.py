@@ -103,12 +103,13 @@ def checksum_parts(parts: Iterable[memoryview]) -> int:
 class BackgroundChecksums:
     """Layer checksums computed on helper threads, beside a thread that moves the same bytes.
 
-    Hashing releases the GIL, so a sender that hands the hash to another core sends at the
-    socket's speed instead of socket plus hash (tcp: 2.4 -> 3.3 GB/s at 64 MB on two cores).
-    Recreated in a forked child, which has none of the parent's threads.
+    Hashing releases the GIL, so a sender that hands the hash to another core spends its own
+    time in the socket instead (tcp, 64 MB on two unpinned cores: 2.5-2.75 -> 2.7-3.2 GB/s).
+    One helper keeps ahead of a socket (hashing runs at ~12 GB/s); more competed with the
+    sending thread for the CPU. Recreated in a forked child, which has none of the parent's threads.
     """
 
-    def __init__(self, max_workers: int = 2) -> None:
+    def __init__(self, max_workers: int = 1) -> None:
         self._max_workers = max_workers
         self._lock = threading.Lock()
         self._pool: tuple[int, ThreadPoolExecutor] | None = None

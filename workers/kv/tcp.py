@@ -29,7 +29,13 @@ from concurrent.futures import Future
 
 import torch
 
-from workers.kv.checksum import BACKGROUND_CHECKSUMS, ChunkedChecksum, block_views, request_tag
+from workers.kv.checksum import (
+    BACKGROUND_CHECKSUMS,
+    ChunkedChecksum,
+    block_views,
+    checksum_parts,
+    request_tag,
+)
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.framing import (
@@ -248,10 +254,12 @@ class TcpWire(PooledWire):
         """Send one LAYER frame: header, K and V from the tensors' memory, then the checksum."""
         k_bytes, v_bytes = self._stager.parts(k, v)
         header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, len(k_bytes) + len(v_bytes), 0, self._tag))
-        checksum = self._checksums.pop(layer_idx, None) or BACKGROUND_CHECKSUMS.submit((k_bytes, v_bytes))
+        started = self._checksums.pop(layer_idx, None)
         try:
             send_vectored(self._sock, (header, corrupted(k_bytes) if corrupt else k_bytes, v_bytes), more=True)
-            send_vectored(self._sock, (TRAILER.pack(checksum.result()),))
+            # a hash the helper has not begun is cheaper done here than waited for behind others
+            digest = checksum_parts((k_bytes, v_bytes)) if started is None or started.cancel() else started.result()
+            send_vectored(self._sock, (TRAILER.pack(digest),))
         except KVTransferError as exc:
             self._raise_receiver_error()
             raise with_context(exc, self._desc.request_id, f"layer {layer_idx}") from None
