@@ -28,6 +28,7 @@ decoded token.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import multiprocessing as mp
 import os
@@ -280,7 +281,10 @@ def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pi
                     for c in CEILINGS_OF[k]
                 )
                 lines.append(f"{mb:>5} MB {k:>11}: {ratios}")
-            del methods
+            # free this size's gloo group now: left to the collector, it was destroyed at exit with its
+            # threads running ("terminate called without an active exception")
+            del methods, gloo_once, gloo_stop
+            gc.collect()
     finally:
         client.close()
         conn.send(("stop",))
