@@ -248,7 +248,7 @@ def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pi
     assert conn.recv() == "ready"
     os.sched_setaffinity(0, sender_cpus)  # before the client's sending threads start
     client = KVClient()
-    placement = f"sender on CPUs {sorted(sender_cpus)}, receiver on {sorted(receiver_cpus)}" if pin else "unpinned"
+    placement = f"sender on CPUs {sorted(sender_cpus)}, receiver on {sorted(receiver_cpus or ())}" if pin else "unpinned"
     print(f"\n== KV transfer bandwidth: {NUM_LAYERS} layers, {DTYPE}, sender here -> receiver process ({placement}); "
           f"median of {reps}, GB/s; load average {_load()} ==")
     names = (*CEILINGS, *kinds)
