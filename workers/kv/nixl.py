@@ -59,7 +59,11 @@ except ImportError as exc:  # optional dependency
 
 
 def _agent(role: str) -> Any:
-    return nixl_agent(f"pdserve-kv-{role}-{uuid.uuid4().hex[:12]}", nixl_agent_config(backends=["UCX"]))
+    # The target of a WRITE needs UCX's progress thread (without it writes never completed), but it
+    # spins (sched_yield) on a core: the sending side, which polls its transfers and so progresses
+    # them, runs without one -- two spinning threads took both cores of a two-core host.
+    config = nixl_agent_config(enable_prog_thread=role == "recv", backends=["UCX"])
+    return nixl_agent(f"pdserve-kv-{role}-{uuid.uuid4().hex[:12]}", config)
 
 
 class NixlEndpoint(SideEndpoint):
