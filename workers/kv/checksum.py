@@ -8,9 +8,9 @@ caught; a layer no larger than one block has the plain xxh3-64 (seed 0).
 
 Why blocks: the one-shot xxh3 call is ~20% faster than the streaming state
 on this hardware (~33 GB/s on cache-hot data, ~9 GB/s from memory), and a
-block is hashed right beside its copy (socket or shared-memory slot) while
-it is still in L2, so the checksum adds one pass over cache, not one over
-memory. Senders and receivers cut the same grid, whatever pieces they hold
+block can be hashed right beside its copy (a socket read, a shared-memory
+slot) while it is still in L2, so the checksum adds one pass over cache,
+not one over memory. Senders and receivers cut the same grid, whatever pieces they hold
 (``block_views``); a block that straddles K and V is hashed through the
 streaming state, which gives the same digest as the one-shot call.
 
@@ -18,7 +18,9 @@ Where the optional C kernel is built (``workers.kv.native``), whole blocks
 take it instead: the same xxh3-64 digests, and ``copy_and_checksum`` hashes
 each 64-byte stripe in registers as it copies it (with non-temporal stores
 into aligned targets, as memcpy does for large copies) -- one pass over memory
-at about memcpy's speed, where copy-then-hash ran at 0.5-0.75x of it.
+at about memcpy's speed, where copy-then-hash ran at 0.5-0.75x of it. A
+sender whose bytes go through the kernel's socket code instead hashes on a
+helper thread (``BACKGROUND_CHECKSUMS``).
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ Per request: the sender takes a pooled connection (or connects) and sends
 HELLO (the descriptor), then one LAYER frame per layer (header, K||V
 straight from the tensors' memory, and an 8-byte checksum trailer), then
 END. The checksum (workers.kv.checksum) trails the payload: the sender
-hashes the layer on a helper thread while its sending thread writes the
-whole frame with one ``sendmsg`` (the hash releases the GIL, so it runs on
-the other core instead of between sends), and the receiver hashes each
-block right after its socket copy, while it is in cache. The receiver reads each
-payload block by block with ``recv_into`` into the connection's staging
+hashes each layer on a helper thread from the moment it is queued while its
+sending thread writes whole frames with one ``sendmsg`` each (hashing
+releases the GIL, so it runs on another core instead of between sends),
+and the receiver hashes each block right after its socket copy, while it
+is in cache. The receiver reads each payload block by block with ``recv_into`` into the connection's staging
 buffer (the last block and the trailer with one ``recvmsg_into``), compares
 the checksums and calls the engine's callback on the connection thread,
 then reads the next layer: while the callback runs, the kernel's socket
@@ -254,11 +254,11 @@ class TcpWire(PooledWire):
         """Send one LAYER frame: header, K and V from the tensors' memory, then the checksum."""
         k_bytes, v_bytes = self._stager.parts(k, v)
         header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, len(k_bytes) + len(v_bytes), 0, self._tag))
-        started = self._checksums.pop(layer_idx, None)
+        started = self._checksums.pop(layer_idx, None) or BACKGROUND_CHECKSUMS.submit((k_bytes, v_bytes))
         try:
             send_vectored(self._sock, (header, corrupted(k_bytes) if corrupt else k_bytes, v_bytes), more=True)
             # a hash the helper has not begun is cheaper done here than waited for behind others
-            digest = checksum_parts((k_bytes, v_bytes)) if started is None or started.cancel() else started.result()
+            digest = checksum_parts((k_bytes, v_bytes)) if started.cancel() else started.result()
             send_vectored(self._sock, (TRAILER.pack(digest),))
         except KVTransferError as exc:
             self._raise_receiver_error()
