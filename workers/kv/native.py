@@ -47,6 +47,8 @@ def load(honour_pure_env: bool = True) -> tuple[ModuleType | None, str]:
     spec = importlib.util.find_spec(MODULE) if built_paths() else None
     if spec is None:
         return None, "not built (python -m workers.kv.native build)"
+    if not SOURCE.exists():
+        return None, f"{SOURCE.name} is missing, so a build cannot be checked against it"
     try:
         module = importlib.import_module(MODULE)
     except ImportError as exc:

@@ -107,3 +107,9 @@ def test_the_pure_switch_ignores_the_build(kernel, monkeypatch: pytest.MonkeyPat
 def test_an_unknown_instruction_set_is_refused(kernel) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="not available"):
         kernel.use_isa("avx9")
+
+
+def test_a_build_without_its_source_is_not_loaded(kernel, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "_copyhash.c")  # an install that shipped the build only
+    module, why = native.load()
+    assert module is None and "missing" in why
