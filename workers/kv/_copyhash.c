@@ -167,8 +167,32 @@ static inline uint64_t fold128(uint64_t a, uint64_t b) {
     return (uint64_t)product ^ (uint64_t)(product >> 64);
 }
 
-/* xxh3_64(src[:len], seed) for len > 240; copies src to dst on the way unless dst is NULL. */
-static uint64_t copy_hash_long(const uint8_t *src, uint8_t *dst, size_t len, uint64_t seed, int nontemporal) {
+/* One input buffer of a hash: the digest covers the concatenation of its pieces. */
+typedef struct {
+    const uint8_t *buf;
+    size_t len;
+} piece_t;
+
+/* `count` bytes of the concatenation, from position (*index, *offset) on, into `out`; moves the position. */
+static void gather(const piece_t *pieces, size_t *index, size_t *offset, uint8_t *out, size_t count) {
+    while (count) {
+        while (*offset == pieces[*index].len) {
+            (*index)++;
+            *offset = 0;
+        }
+        size_t take = pieces[*index].len - *offset;
+        if (take > count) take = count;
+        memcpy(out, pieces[*index].buf + *offset, take);
+        out += take;
+        *offset += take;
+        count -= take;
+    }
+}
+
+/* xxh3_64 of the concatenation of `pieces` (`len` bytes in all, more than 240), copying it to `dst`
+   on the way unless dst is NULL. Stripes are read in place from their piece; one that straddles two
+   pieces (a K/V boundary off the 64-byte grid) is gathered into a local stripe first. */
+static uint64_t copy_hash_pieces(const piece_t *pieces, uint8_t *dst, size_t len, uint64_t seed, int nontemporal) {
     uint8_t secret[SECRET_SIZE];
     if (seed == 0) {
         memcpy(secret, DEFAULT_SECRET, SECRET_SIZE);
@@ -179,19 +203,49 @@ static uint64_t copy_hash_long(const uint8_t *src, uint8_t *dst, size_t len, uin
         }
     }
     uint64_t acc[8] = {P32_3, P64_1, P64_2, P64_3, P64_4, P32_2, P64_5, P32_1};
-    size_t blocks = (len - 1) / BLOCK;
-    for (size_t b = 0; b < blocks; b++) {
-        accumulate(acc, src + b * BLOCK, dst ? dst + b * BLOCK : NULL, secret, STRIPES_PER_BLOCK, nontemporal);
-        scramble_scalar(acc, secret + SECRET_SIZE - STRIPE);
+    uint8_t stripe[STRIPE];
+    /* every stripe before the last byte goes through the block loop; the accumulators are
+       scrambled after each full block of 16 */
+    size_t total = (len - 1) / STRIPE, done = 0, index = 0, offset = 0;
+    while (done < total) {
+        size_t in_block = done % STRIPES_PER_BLOCK, want = STRIPES_PER_BLOCK - in_block;
+        if (want > total - done) want = total - done;
+        while (offset == pieces[index].len) {
+            index++;
+            offset = 0;
+        }
+        size_t whole = (pieces[index].len - offset) / STRIPE;
+        uint8_t *out = dst ? dst + done * STRIPE : NULL;
+        if (whole) {
+            size_t run = whole < want ? whole : want;
+            accumulate(acc, pieces[index].buf + offset, out, secret + in_block * 8, run, nontemporal);
+            offset += run * STRIPE;
+            done += run;
+        } else {
+            gather(pieces, &index, &offset, stripe, STRIPE);
+            accumulate(acc, stripe, out, secret + in_block * 8, 1, 0);
+            done += 1;
+        }
+        if (done % STRIPES_PER_BLOCK == 0) scramble_scalar(acc, secret + SECRET_SIZE - STRIPE);
     }
-    size_t stripes = ((len - 1) - blocks * BLOCK) / STRIPE;
-    size_t done = blocks * BLOCK;
-    accumulate(acc, src + done, dst ? dst + done : NULL, secret, stripes, nontemporal);
-    done += stripes * STRIPE;
-    /* the last stripe (overlapping the ones before) with the secret's last-stripe offset; its bytes
-       not covered yet (1 to 64) are copied plainly */
-    accumulate(acc, src + len - STRIPE, NULL, secret + SECRET_SIZE - STRIPE - 7, 1, 0);
-    if (dst) memcpy(dst + done, src + done, len - done);
+    /* the bytes after the last whole stripe (1 to 64) are copied plainly */
+    if (dst) gather(pieces, &index, &offset, dst + done * STRIPE, len - done * STRIPE);
+    /* the last stripe (overlapping the ones before) with the secret's last-stripe offset */
+    size_t tail_index = 0, tail_offset = 0;
+    uint8_t scratch[STRIPE];
+    for (size_t skip = len - STRIPE; skip;) { /* find where the last 64 bytes begin */
+        size_t here = pieces[tail_index].len - tail_offset;
+        if (skip < here) {
+            tail_offset += skip;
+            skip = 0;
+        } else {
+            skip -= here;
+            tail_index++;
+            tail_offset = 0;
+        }
+    }
+    gather(pieces, &tail_index, &tail_offset, scratch, STRIPE);
+    accumulate(acc, scratch, NULL, secret + SECRET_SIZE - STRIPE - 7, 1, 0);
 #ifdef PD_X86
     if (dst && nontemporal) _mm_sfence(); /* streamed stores are visible to other cores after this */
 #endif
@@ -210,59 +264,107 @@ static int get_seed(PyObject *obj, uint64_t *seed) {
     return !(*seed == (uint64_t)-1 && PyErr_Occurred());
 }
 
+/* The pieces of `src`: one buffer, or a tuple or list of buffers, each held until release_source. */
+typedef struct {
+    Py_ssize_t count;
+    Py_buffer *views;
+    piece_t *pieces;
+    size_t len;
+} source_t;
+
+static void release_source(source_t *source) {
+    for (Py_ssize_t i = 0; i < source->count; i++) PyBuffer_Release(&source->views[i]);
+    PyMem_Free(source->views);
+    PyMem_Free(source->pieces);
+    source->count = 0;
+    source->views = NULL;
+    source->pieces = NULL;
+}
+
+static int get_source(PyObject *src, source_t *source) {
+    int is_sequence = PyTuple_Check(src) || PyList_Check(src);
+    PyObject *items = is_sequence ? PySequence_Fast(src, "src") : NULL;
+    if (is_sequence && items == NULL) return 0;
+    Py_ssize_t count = is_sequence ? PySequence_Fast_GET_SIZE(items) : 1;
+    source->count = 0;
+    source->len = 0;
+    source->views = PyMem_Calloc(count ? (size_t)count : 1, sizeof(Py_buffer));
+    source->pieces = PyMem_Calloc(count ? (size_t)count : 1, sizeof(piece_t));
+    int ok = source->views && source->pieces;
+    if (!ok) PyErr_NoMemory();
+    for (Py_ssize_t i = 0; ok && i < count; i++) {
+        PyObject *item = is_sequence ? PySequence_Fast_GET_ITEM(items, i) : src;
+        ok = PyObject_GetBuffer(item, &source->views[i], PyBUF_C_CONTIGUOUS) == 0;
+        if (ok) {
+            source->count = i + 1;
+            source->pieces[i].buf = (const uint8_t *)source->views[i].buf;
+            source->pieces[i].len = (size_t)source->views[i].len;
+            source->len += (size_t)source->views[i].len;
+        }
+    }
+    Py_XDECREF(items);
+    if (!ok) release_source(source);
+    return ok;
+}
+
 PyDoc_STRVAR(copy_xxh3_64_doc,
              "copy_xxh3_64(dst, src, seed=0, nontemporal=False) -> int\n\n"
-             "Copy src into dst (equal lengths, more than 240 bytes) and return xxh3_64(src, seed).");
+             "Copy src (a buffer, or a tuple or list of buffers taken as their concatenation) into dst\n"
+             "(of the same total length, more than 240 bytes) and return xxh3_64(src, seed).");
 
 static PyObject *py_copy_xxh3_64(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *keywords[] = {"dst", "src", "seed", "nontemporal", NULL};
-    Py_buffer dst, src;
-    PyObject *seed_obj = NULL;
+    Py_buffer dst;
+    PyObject *src_obj, *seed_obj = NULL;
     int nontemporal = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "w*y*|Op", keywords, &dst, &src, &seed_obj, &nontemporal))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "w*O|Op", keywords, &dst, &src_obj, &seed_obj, &nontemporal))
         return NULL;
     PyObject *result = NULL;
     uint64_t seed = 0;
-    if (seed_obj && !get_seed(seed_obj, &seed)) goto done;
-    if (dst.len != src.len || src.len < MIN_LEN) {
-        PyErr_Format(PyExc_ValueError, "dst and src must have equal lengths above %d bytes (got %zd and %zd)",
+    source_t src = {0, NULL, NULL, 0};
+    if ((seed_obj && !get_seed(seed_obj, &seed)) || !get_source(src_obj, &src)) goto done;
+    if ((size_t)dst.len != src.len || src.len < MIN_LEN) {
+        PyErr_Format(PyExc_ValueError, "dst and src must have equal lengths above %d bytes (got %zd and %zu)",
                      MIN_LEN - 1, dst.len, src.len);
         goto done;
     }
     uint64_t digest;
     Py_BEGIN_ALLOW_THREADS
-    digest = copy_hash_long((const uint8_t *)src.buf, (uint8_t *)dst.buf, (size_t)src.len, seed, nontemporal);
+    digest = copy_hash_pieces(src.pieces, (uint8_t *)dst.buf, src.len, seed, nontemporal);
     Py_END_ALLOW_THREADS
     result = PyLong_FromUnsignedLongLong(digest);
 done:
+    release_source(&src);
     PyBuffer_Release(&dst);
-    PyBuffer_Release(&src);
     return result;
 }
 
-PyDoc_STRVAR(xxh3_64_doc, "xxh3_64(src, seed=0) -> int\n\nxxh3_64 of src (more than 240 bytes).");
+PyDoc_STRVAR(xxh3_64_doc,
+             "xxh3_64(src, seed=0) -> int\n\n"
+             "xxh3_64 of src (a buffer, or a tuple or list of buffers taken as their concatenation;\n"
+             "more than 240 bytes).");
 
 static PyObject *py_xxh3_64(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *keywords[] = {"src", "seed", NULL};
-    Py_buffer src;
-    PyObject *seed_obj = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|O", keywords, &src, &seed_obj)) return NULL;
+    PyObject *src_obj, *seed_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O", keywords, &src_obj, &seed_obj)) return NULL;
     PyObject *result = NULL;
     uint64_t seed = 0;
-    if (seed_obj && !get_seed(seed_obj, &seed)) goto done;
+    source_t src = {0, NULL, NULL, 0};
+    if ((seed_obj && !get_seed(seed_obj, &seed)) || !get_source(src_obj, &src)) goto done;
     if (src.len < MIN_LEN) {
-        PyErr_Format(PyExc_ValueError, "src must be longer than %d bytes (got %zd)", MIN_LEN - 1, src.len);
+        PyErr_Format(PyExc_ValueError, "src must be longer than %d bytes (got %zu)", MIN_LEN - 1, src.len);
         goto done;
     }
     uint64_t digest;
     Py_BEGIN_ALLOW_THREADS
-    digest = copy_hash_long((const uint8_t *)src.buf, NULL, (size_t)src.len, seed, 0);
+    digest = copy_hash_pieces(src.pieces, NULL, src.len, seed, 0);
     Py_END_ALLOW_THREADS
     result = PyLong_FromUnsignedLongLong(digest);
 done:
-    PyBuffer_Release(&src);
+    release_source(&src);
     return result;
 }
 

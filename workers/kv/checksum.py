@@ -11,16 +11,18 @@ on this hardware (~33 GB/s on cache-hot data, ~9 GB/s from memory), and a
 block can be hashed right beside its copy (a socket read, a shared-memory
 slot) while it is still in L2, so the checksum adds one pass over cache,
 not one over memory. Senders and receivers cut the same grid, whatever pieces they hold
-(``block_views``); a block that straddles K and V is hashed through the
-streaming state, which gives the same digest as the one-shot call.
+(``block_groups``).
 
-Where the optional C kernel is built (``workers.kv.native``), whole blocks
-take it instead: the same xxh3-64 digests, and ``copy_and_checksum`` hashes
-each 64-byte stripe in registers as it copies it (with non-temporal stores
-into aligned targets, as memcpy does for large copies) -- one pass over memory
-at about memcpy's speed, where copy-then-hash ran at 0.5-0.75x of it. A
-sender whose bytes go through the kernel's socket code instead hashes on a
-helper thread (``BACKGROUND_CHECKSUMS``).
+Where the optional C kernel is built (``workers.kv.native``), blocks take it
+instead: the same xxh3-64 digests, taken straight from a block's pieces (a
+block that straddles K and V needs no joining), and ``copy_and_checksum``
+hashes each 64-byte stripe in registers as it copies it (with non-temporal
+stores into aligned targets, as memcpy does for large copies) -- one pass
+over memory at about memcpy's speed, where copy-then-hash ran at 0.5-0.75x
+of it. Without the kernel a straddling block goes through xxhash's streaming
+state, which gives the same digest as the one-shot call. A sender whose
+bytes go through the kernel's socket code instead hashes on a helper thread
+(``BACKGROUND_CHECKSUMS``).
 """
 
 from __future__ import annotations
@@ -70,13 +72,6 @@ class ChunkedChecksum:
             if self._filled == BLOCK_NBYTES:
                 self._value, self._state, self._filled = self._state.intdigest(), None, 0
 
-    def copy_block(self, target: np.ndarray, data: memoryview, last: bool) -> bool:
-        """Copy and hash a whole block (or the ``last`` one) in one pass with the kernel; False if it cannot."""
-        if KERNEL is None or self._filled or not (len(data) == BLOCK_NBYTES or last) or len(data) < KERNEL.MIN_NBYTES:
-            return False
-        self._value = KERNEL.copy_xxh3_64(target, data, self._value, True)
-        return True
-
     def digest(self) -> int:
         """The checksum of everything fed so far."""
         return int(self._state.intdigest() if self._state is not None else self._value)
@@ -94,12 +89,38 @@ def block_views(parts: Iterable[memoryview]) -> Iterator[memoryview]:
             start = end
 
 
+def block_groups(parts: Iterable[memoryview]) -> Iterator[tuple[memoryview, ...]]:
+    """The pieces of each block of the concatenation of ``parts``, block by block."""
+    group: list[memoryview] = []
+    filled = 0
+    for piece in block_views(parts):
+        group.append(piece)
+        filled += len(piece)
+        if filled == BLOCK_NBYTES:
+            yield tuple(group)
+            group, filled = [], 0
+    if group:
+        yield tuple(group)
+
+
+def _hash_pieces(pieces: tuple[memoryview, ...], seed: int) -> int:
+    """xxh3-64 (seeded) of the concatenation of one block's pieces."""
+    if KERNEL is not None and sum(len(piece) for piece in pieces) >= KERNEL.MIN_NBYTES:
+        return int(KERNEL.xxh3_64(pieces, seed))
+    if len(pieces) == 1:
+        return xxhash.xxh3_64_intdigest(pieces[0], seed)
+    state = xxhash.xxh3_64(seed=seed)
+    for piece in pieces:
+        state.update(piece)
+    return int(state.intdigest())
+
+
 def checksum_parts(parts: Iterable[memoryview]) -> int:
     """Checksum of the concatenation of ``parts`` (equal to hashing them as one buffer)."""
-    state = ChunkedChecksum()
-    for piece in block_views(parts):
-        state.update(piece)
-    return state.digest()
+    value = 0
+    for pieces in block_groups(parts):
+        value = _hash_pieces(pieces, value)
+    return value
 
 
 class BackgroundChecksums:
@@ -136,24 +157,27 @@ def checksum_buffer(buffer: memoryview) -> int:
 def copy_and_checksum(target: np.ndarray, parts: Iterable[memoryview], corrupt: bool = False) -> int:
     """Copy ``parts`` one after another into the uint8 array ``target``; checksum of what was copied.
 
-    Whole blocks go through the kernel when it is built (hashed as they are copied); otherwise
-    each block is hashed right after its copy, from the target, while it is in cache.
+    Each block goes through the kernel when it is built (hashed as it is copied, from its
+    pieces); otherwise it is hashed right after its copy, from the target, while it is in cache.
     ``corrupt`` flips a byte after hashing (fault-injection tests). Callers that hand in a view
     of a shared mapping keep no reference to it past this call.
     """
-    state = ChunkedChecksum()
-    pieces = list(block_views(parts))
-    total = sum(len(piece) for piece in pieces)
+    value = 0
     offset = 0
-    for piece in pieces:
-        end = offset + len(piece)
-        if not state.copy_block(target[offset:end], piece, end == total):
-            np.copyto(target[offset:end], np.frombuffer(piece, dtype=np.uint8))
-            state.update(target.data[offset:end])
+    for pieces in block_groups(parts):
+        end = offset + sum(len(piece) for piece in pieces)
+        if KERNEL is not None and end - offset >= KERNEL.MIN_NBYTES:
+            value = KERNEL.copy_xxh3_64(target[offset:end], pieces, value, True)
+        else:
+            start = offset
+            for piece in pieces:
+                np.copyto(target[start : start + len(piece)], np.frombuffer(piece, dtype=np.uint8))
+                start += len(piece)
+            value = xxhash.xxh3_64_intdigest(target.data[offset:end], value)  # the block is still in cache
         offset = end
     if corrupt:
         target[0] ^= 0xFF  # damaged after hashing: the receiver must catch it
-    return state.digest()
+    return int(value)
 
 
 def request_tag(request_id: str) -> int:

@@ -61,6 +61,28 @@ def test_every_length_of_the_tail_paths(kernel) -> None:  # type: ignore[no-unty
         assert np.array_equal(dst, src[:nbytes])
 
 
+# where a block's pieces end: on the stripe grid, off it, inside the last stripe, empty pieces
+CUTS = [(), (64,), (100,), (1024, 1024), (63, 64, 65), (0, 300), (700,), (1000, 1030), (1050,)]
+
+
+@pytest.mark.parametrize("cuts", CUTS)
+@pytest.mark.parametrize("nbytes", [241, 1089, 65_537, (512 << 10) + 13])
+def test_pieces_hash_and_copy_as_their_concatenation(kernel, nbytes: int, cuts: tuple[int, ...]) -> None:  # type: ignore[no-untyped-def]
+    src = np.random.default_rng(nbytes + len(cuts)).integers(0, 256, nbytes, dtype=np.uint8)
+    bounds = [0, *sorted(min(cut, nbytes) for cut in cuts), nbytes]
+    if cuts and cuts[0] == 1050:  # measured from the end: the last stripe straddles two pieces
+        bounds = [0, nbytes - 30, nbytes]
+    pieces = [memoryview(src[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    for seed in (0, 2**64 - 1):
+        want = xxhash.xxh3_64_intdigest(src, seed)
+        assert kernel.xxh3_64(tuple(pieces), seed) == want
+        assert kernel.xxh3_64(pieces, seed) == want  # a list as well
+        region = np.frombuffer(mmap.mmap(-1, nbytes + 64), dtype=np.uint8)
+        assert kernel.copy_xxh3_64(region[:nbytes], tuple(pieces), seed, True) == want
+        assert np.array_equal(region[:nbytes], src)
+        assert not region[nbytes:].any()
+
+
 def test_bad_arguments_raise(kernel) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="240"):
         kernel.xxh3_64(bytes(240))
@@ -68,6 +90,10 @@ def test_bad_arguments_raise(kernel) -> None:  # type: ignore[no-untyped-def]
         kernel.copy_xxh3_64(bytearray(500), bytes(501))
     with pytest.raises(TypeError):
         kernel.copy_xxh3_64(bytes(500), bytes(500))  # a read-only target
+    with pytest.raises(ValueError, match="equal lengths"):
+        kernel.copy_xxh3_64(bytearray(500), (bytes(200), bytes(200)))
+    with pytest.raises(TypeError):
+        kernel.xxh3_64((bytes(300), 5))  # not a buffer
 
 
 @pytest.mark.parametrize("nbytes", [4096, 3 * checksum.BLOCK_NBYTES + 777])
@@ -84,6 +110,24 @@ def test_layer_checksums_equal_with_and_without_the_kernel(
     target = np.zeros(nbytes, np.uint8)
     assert checksum.copy_and_checksum(target, (view[:cut], view[cut:])) == with_kernel
     assert checksum.checksum_buffer(view) == with_kernel
+    assert np.array_equal(target, data)
+
+
+def test_a_block_straddling_k_and_v_takes_the_kernel(kernel, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A 512 KiB layer is one block split over K and V: it must not fall back to xxhash's streaming state."""
+    data = np.random.default_rng(3).integers(0, 256, checksum.BLOCK_NBYTES, dtype=np.uint8)
+    view = memoryview(data)
+    want = xxhash.xxh3_64_intdigest(data)
+    half = len(view) // 2
+
+    class NoPythonHash:
+        def __getattr__(self, name: str) -> None:
+            raise AssertionError(f"xxhash.{name} used for a block the kernel can take")
+
+    monkeypatch.setattr(checksum, "xxhash", NoPythonHash())
+    target = np.zeros_like(data)
+    assert checksum.copy_and_checksum(target, (view[:half], view[half:])) == want
+    assert checksum.checksum_parts((view[:half], view[half:])) == want
     assert np.array_equal(target, data)
 
 
