@@ -5,8 +5,9 @@ HELLO (the descriptor), then one LAYER frame per layer (header, K||V
 straight from the tensors' memory, and an 8-byte checksum trailer), then
 END. The checksum (workers.kv.checksum) trails the payload: the sender
 hashes each layer on a helper thread from the moment it is queued while its
-sending thread writes whole frames with one ``sendmsg`` each (hashing
-releases the GIL, so it runs on another core instead of between sends),
+sending thread writes each frame with one ``sendmsg`` (two when the hash is
+not ready yet: the trailer follows the payload; hashing releases the GIL,
+so it runs on another core instead of between sends),
 and the receiver hashes each block right after its socket copy, while it
 is in cache. The receiver reads each payload block by block with ``recv_into`` into the connection's staging
 buffer (the last block and the trailer with one ``recvmsg_into``), compares
@@ -255,8 +256,12 @@ class TcpWire(PooledWire):
         k_bytes, v_bytes = self._stager.parts(k, v)
         header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, len(k_bytes) + len(v_bytes), 0, self._tag))
         started = self._checksums.pop(layer_idx, None) or BACKGROUND_CHECKSUMS.submit((k_bytes, v_bytes))
+        frame = (header, corrupted(k_bytes) if corrupt else k_bytes, v_bytes)
         try:
-            send_vectored(self._sock, (header, corrupted(k_bytes) if corrupt else k_bytes, v_bytes), more=True)
+            if started.done():  # the helper is ahead of the socket: one call carries the whole frame
+                send_vectored(self._sock, (*frame, TRAILER.pack(started.result())))
+                return
+            send_vectored(self._sock, frame)
             # a hash the helper has not begun is cheaper done here than waited for behind others
             digest = checksum_parts((k_bytes, v_bytes)) if started.cancel() else started.result()
             send_vectored(self._sock, (TRAILER.pack(digest),))

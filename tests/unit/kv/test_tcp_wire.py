@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 from workers.kv.checksum import checksum_buffer, request_tag
 from workers.kv.errors import KVChecksumError, KVTransferError
 from workers.kv.framing import HEADER_NBYTES, Frame, FrameKind, pack_header, recv_frame
-from workers.kv.interface import EndpointOptions, KVSpec
+from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
 from workers.kv.tcp import TcpEndpoint
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=1, head_dim=4, dtype="float32")
@@ -107,3 +109,45 @@ def test_sender_to_a_receiver_that_stopped_reading_times_out() -> None:
     finally:
         connector.close()
         listener.close()
+
+
+class _ScriptedHelper:
+    """Stands in for the hashing helper thread so each state a layer's hash can be in at send time is hit."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+    def submit(self, parts: tuple[memoryview, ...]) -> Future[int]:
+        from workers.kv.checksum import checksum_parts
+
+        future: Future[int] = Future()
+        if self.state == "done":
+            future.set_result(checksum_parts(parts))
+        elif self.state == "running":  # begun, not finished: the sender must wait for it
+            future.set_running_or_notify_cancel()
+            threading.Timer(0.02, lambda: future.set_result(checksum_parts(parts))).start()
+        return future  # "queued": never begun, so the sender cancels it and hashes inline
+
+
+@pytest.mark.parametrize("state", ["done", "running", "queued"])
+def test_sender_frames_whatever_state_the_hash_is_in(
+    endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch, state: str
+) -> None:
+    """One sendmsg with the trailer when the hash is ready, payload then trailer otherwise: same bytes land."""
+    import workers.kv.tcp as tcp
+
+    monkeypatch.setattr(tcp, "BACKGROUND_CHECKSUMS", _ScriptedHelper(state))
+    landed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    rx = endpoint.expect(f"h-{state}", NUM_TOKENS, SPEC, lambda i, k, v: landed.update({i: (k.clone(), v.clone())}))
+    layers = [(torch.randn(NUM_TOKENS, 1, 4), torch.randn(NUM_TOKENS, 1, 4)) for _ in range(SPEC.num_layers)]
+    connector = tcp.TcpConnector()
+    try:
+        with connector.open(rx.descriptor, SenderOptions(timeout_s=5)) as sender:
+            for i, (k, v) in enumerate(layers):
+                sender.send_layer(i, k, v)
+            sender.finish()
+        rx.wait(5)
+    finally:
+        connector.close()
+    for i, (k, v) in enumerate(layers):
+        assert torch.equal(landed[i][0], k) and torch.equal(landed[i][1], v)
