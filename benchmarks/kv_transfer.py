@@ -18,6 +18,10 @@ may be shared. ``--pin`` puts the receiver on the last CPU and this process
 on the others, as prefill and decode workers on separate cores. The
 transports copy and checksum with the C kernel when it is built
 (workers.kv.native); ``PDSERVE_KV_PURE=1`` measures the numpy + xxhash path.
+Last, each method runs ``reps`` more times in a pass of its own, and the CPU
+time both processes spent per transfer (user + system, every thread) is
+printed: on a host with few cores a transport that needs twice the CPU of
+its ceiling cannot reach it, whatever its code does between system calls.
 
 Part 2 runs a 2,048-token prompt on the tiny model: colocated (prefill and
 the first decode step in one engine) vs disaggregated (prefill in process A
@@ -35,6 +39,7 @@ import gc
 import importlib.util
 import multiprocessing as mp
 import os
+import resource
 import socket
 import statistics
 import sys
@@ -129,6 +134,8 @@ def _receiver_main(conn: Connection, kinds: tuple[str, ...], cpus: set[int] | No
             conn.send(receivers[rid].descriptor.to_json())
         elif msg[0] == "wait":
             conn.send(receivers.pop(msg[1]).wait(120).seconds)
+        elif msg[0] == "cpu":
+            conn.send(_cpu_s())
         elif msg[0] == "raw":
             threading.Thread(target=raw_sink, args=(msg[1],), daemon=True).start()
             conn.send(sink.getsockname()[1])
@@ -257,6 +264,7 @@ def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pi
     names = (*CEILINGS, *kinds)
     print(f"{'MB':>5} " + " ".join(f"{n:>12}" for n in names))
     lines: list[str] = []
+    cpu_lines: list[str] = []
     try:
         for mb in sizes_mb:
             nbytes = (mb << 20) // (NUM_LAYERS * TOKEN_LAYER_NBYTES) * NUM_LAYERS * TOKEN_LAYER_NBYTES
@@ -273,6 +281,16 @@ def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pi
                     elapsed = once()
                     if rep:
                         times[name].append(elapsed)
+            # CPU time in a pass of its own: asking the receiver for its usage around each timed call
+            # woke it just before the transfer and cost 16 MB shm a fifth of its speed
+            cpu: dict[str, tuple[float, float]] = {}
+            for name, once in methods.items():
+                conn.send(("cpu",))
+                sender_cpu, receiver_cpu = _cpu_s(), conn.recv()
+                for _ in range(reps):
+                    once()
+                conn.send(("cpu",))
+                cpu[name] = ((_cpu_s() - sender_cpu) / reps, (conn.recv() - receiver_cpu) / reps)
             raw_sock.close()
             gloo_stop()
             gbps = {name: nbytes / statistics.median(ts) / 1e9 for name, ts in times.items()}
@@ -284,6 +302,7 @@ def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pi
                     for c in CEILINGS_OF[k]
                 )
                 lines.append(f"{mb:>5} MB {k:>11}: {ratios}")
+            cpu_lines.append(f"{mb:>5} " + " ".join(f"{1e3 * cpu[n][0]:>6.1f}+{1e3 * cpu[n][1]:<5.1f}" for n in names))
             # free this size's gloo group now: left to the collector, it was destroyed at exit with its
             # threads running ("terminate called without an active exception")
             del methods, gloo_once, gloo_stop
@@ -295,7 +314,16 @@ def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pi
         os.sched_setaffinity(0, own_cpus)
     print("ratio to the ceilings of each path (medians of the same run):")
     print("\n".join(lines))
+    print("CPU ms per transfer, sender + receiver process (means of a pass of their own; all threads, user + system):")
+    print(f"{'MB':>5} " + " ".join(f"{n:>12}" for n in names))
+    print("\n".join(cpu_lines))
     print(f"load average after: {_load()}")
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system) used so far by every thread of this process."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _paired_ratio(ceiling_s: list[float], transport_s: list[float]) -> float:
