@@ -11,9 +11,12 @@ raw TCP loopback (``sendall`` / ``recv_into`` per layer into a reused layer
 buffer) and raw gloo (``send``/``recv`` of each layer's K and V between the
 same two processes). Each transport's ratio is printed against the ceilings
 of its path. nixl runs in a second pass with its own ceilings: its
-receiving agent's UCX progress thread spins on a core while it exists. The
-receiver's callback does nothing, so the numbers are the transport's
-(checksums on). The load average is printed before and after: the machine
+receiving agent's UCX progress thread spins on a core while it exists. By
+default the receiver's callback does nothing, so the numbers are the
+transport's (checksums on); ``--layers clone`` clones each layer in the
+callback, as a decode worker that hands layers to its engine thread must,
+and ``--layers keep`` takes the private copies ``expect(keep=True)`` makes
+in the pass that verifies them instead. The load average is printed before and after: the machine
 may be shared. ``--pin`` puts the receiver on the last CPU and this process
 on the others, as prefill and decode workers on separate cores. The
 transports copy and checksum with the C kernel when it is built
@@ -29,7 +32,7 @@ with the KV sent, then admission and the first decode step in process B),
 with and without layer-wise overlap, and prints the extra time to the first
 decoded token.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/kv_transfer.py [--quick] [--pin] [--kinds tcp,shm]
+    PYTHONPATH=. .venv/bin/python benchmarks/kv_transfer.py [--quick] [--pin] [--kinds tcp,shm] [--layers clone|keep]
 """
 
 from __future__ import annotations
@@ -72,9 +75,19 @@ CEILINGS_OF: dict[str, tuple[str, ...]] = {
     "nixl": ("memcpy", "memcpy/layer"),
 }
 CEILINGS = ("memcpy", "memcpy/layer", "raw_tcp", "raw_gloo")
+# What the receiver's callback does with each layer (--layers): nothing with the staging views (the
+# transport alone), clone them (a decode worker that hands layers to its engine thread), or keep the
+# private copies that expect(keep=True) makes in the pass that verifies them
+ON_LAYER: dict[str, Callable[[int, torch.Tensor, torch.Tensor], None]] = {
+    "views": lambda i, k, v: None,
+    "clone": lambda i, k, v: (k.clone(), v.clone()) and None,
+    "keep": lambda i, k, v: None,
+}
 
 
-def _receiver_main(conn: Connection, kinds: tuple[str, ...], cpus: set[int] | None = None) -> None:
+def _receiver_main(
+    conn: Connection, kinds: tuple[str, ...], cpus: set[int] | None = None, layers: str = "views"
+) -> None:
     """Child process: one endpoint per transport, plus a raw TCP sink for the ceiling."""
     if cpus is not None:
         os.sched_setaffinity(0, cpus)  # before any thread starts: threads inherit it
@@ -130,7 +143,7 @@ def _receiver_main(conn: Connection, kinds: tuple[str, ...], cpus: set[int] | No
             break
         if msg[0] == "expect":
             _, kind, rid, num_tokens = msg
-            receivers[rid] = endpoints[kind].expect(rid, num_tokens, spec, lambda i, k, v: None)
+            receivers[rid] = endpoints[kind].expect(rid, num_tokens, spec, ON_LAYER[layers], keep=layers == "keep")
             conn.send(receivers[rid].descriptor.to_json())
         elif msg[0] == "wait":
             conn.send(receivers.pop(msg[1]).wait(120).seconds)
@@ -247,18 +260,21 @@ def _split_cpus() -> tuple[set[int], set[int]]:
     return set(cpus[:-1]), {cpus[-1]}
 
 
-def bandwidth(sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pin: bool = False) -> None:
+def bandwidth(
+    sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pin: bool = False, layers: str = "views"
+) -> None:
     """Part 1: GB/s per transport and ceiling, per size (methods interleaved, so load drift hits all alike)."""
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     own_cpus = os.sched_getaffinity(0)
     sender_cpus, receiver_cpus = _split_cpus() if pin else (own_cpus, None)
-    proc = ctx.Process(target=_receiver_main, args=(child, kinds, receiver_cpus), daemon=True)
+    proc = ctx.Process(target=_receiver_main, args=(child, kinds, receiver_cpus, layers), daemon=True)
     proc.start()
     assert conn.recv() == "ready"
     os.sched_setaffinity(0, sender_cpus)  # before the client's sending threads start
     client = KVClient()
     placement = f"sender on CPUs {sorted(sender_cpus)}, receiver on {sorted(receiver_cpus or ())}" if pin else "unpinned"
+    placement += f"; receiver's layers: {layers}"
     print(f"\n== KV transfer bandwidth: {NUM_LAYERS} layers, {DTYPE}, sender here -> receiver process ({placement}); "
           f"median of {reps}, GB/s; load average {_load()} ==")
     names = (*CEILINGS, *kinds)
@@ -421,6 +437,9 @@ def main() -> int:
                         help="bandwidth part: receiver process on the last CPU, this process on the others, as "
                              "prefill and decode workers on separate cores (on two cores, unpinned, the scheduler "
                              "often woke the receiver on the sender's busy CPU and it waited milliseconds)")
+    parser.add_argument("--layers", choices=sorted(ON_LAYER), default="views",
+                        help="bandwidth part: what the receiver does with each layer: nothing with the staging "
+                             "views (default), clone them, or keep the copies expect(keep=True) makes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     reps = args.reps or (3 if args.quick else 7)
@@ -432,7 +451,7 @@ def main() -> int:
         # gets a run (and ceilings) of its own.
         for group in (tuple(k for k in kinds if k != "nixl"), tuple(k for k in kinds if k == "nixl")):
             if group:
-                bandwidth(sizes, reps, group, pin=args.pin)
+                bandwidth(sizes, reps, group, pin=args.pin, layers=args.layers)
     if not args.skip_ttft:
         cache_dir = args.cache_dir or str(Path(tempfile.gettempdir()) / "pdserve-bench-cache")
         ttft(args.prompt_len, reps, cache_dir, verbose=args.verbose)

@@ -8,8 +8,10 @@ Lifecycle of one request's transfer:
    background thread puts the layer on the wire), then ``finish()``;
 3. decode side: the endpoint verifies each layer's checksum and calls
    ``on_layer(i, k, v)`` with views of a reused staging buffer (valid only
-   during the call: copy them out); ``receiver.wait(timeout_s)`` returns the
-   stats once every layer landed, or raises a ``KVTransferError``.
+   during the call: copy them out), or, when ``expect`` was given
+   ``keep=True``, with private copies the callback may keep, made in the
+   same pass over the bytes that verifies them; ``receiver.wait(timeout_s)``
+   returns the stats once every layer landed, or raises a ``KVTransferError``.
 """
 
 from __future__ import annotations
@@ -110,8 +112,10 @@ class KVEndpoint(Protocol):
 
     kind: TransportKind
 
-    def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> KVReceiver:
-        """Register an incoming transfer and return its receiver."""
+    def expect(
+        self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback, keep: bool = False
+    ) -> KVReceiver:
+        """Register an incoming transfer and return its receiver (``keep``: hand ``on_layer`` private copies)."""
         ...
 
     def close(self) -> None:

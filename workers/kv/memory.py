@@ -35,9 +35,11 @@ class MemoryEndpoint:
         with _LOCK:
             _ENDPOINTS[self.address] = self
 
-    def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
+    def expect(
+        self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback, keep: bool = False
+    ) -> PendingTransfer:
         """Register an incoming transfer and return its receiver."""
-        return self.table.register(request_id, num_tokens, spec, on_layer)
+        return self.table.register(request_id, num_tokens, spec, on_layer, keep)
 
     def close(self) -> None:
         """Unregister; pending transfers fail."""

@@ -25,7 +25,7 @@ from typing import Protocol, cast
 
 import torch
 
-from workers.kv.checksum import checksum_buffer, device_checksum
+from workers.kv.checksum import checksum_buffer, copy_and_checksum, device_checksum
 from workers.kv.descriptor import TransferDescriptor, TransferStats, TransportKind
 from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
 from workers.kv.interface import KVSpec, LayerCallback, SenderOptions
@@ -273,6 +273,24 @@ class PipelinedSender:
                 self._error = exc
 
 
+def _private_copy(payload: torch.Tensor, actual: int | None) -> tuple[torch.Tensor, int]:
+    """A copy of ``payload`` the callback may keep, and the checksum of exactly the bytes copied.
+
+    On CPU the copy and the checksum are one pass (workers.kv.checksum), so verifying costs no
+    read of its own; and a sender that rewrote a shared slot after announcing it cannot make the
+    kept bytes differ from the verified ones. ``actual`` (hashed while the bytes were received into
+    a buffer only this process writes) is kept as it is.
+    """
+    if payload.is_cuda:
+        copy = payload.clone()
+        return copy, device_checksum(copy) if actual is None else actual
+    copy = torch.empty_like(payload)
+    if actual is None:
+        return copy, copy_and_checksum(copy.numpy(), (payload.numpy().data,))
+    copy.copy_(payload)
+    return copy, actual
+
+
 @dataclass
 class _Progress:
     layers: set[int]
@@ -283,9 +301,12 @@ class _Progress:
 class PendingTransfer:
     """A KVReceiver: collects verified layers of one request and reports completion or failure."""
 
-    def __init__(self, descriptor: TransferDescriptor, on_layer: LayerCallback, table: PendingTable) -> None:
+    def __init__(
+        self, descriptor: TransferDescriptor, on_layer: LayerCallback, table: PendingTable, keep: bool = False
+    ) -> None:
         self._desc = descriptor
         self._on_layer = on_layer
+        self._keep = keep
         self._table = table
         self._progress = _Progress(layers=set())
         self._done = threading.Event()
@@ -319,11 +340,13 @@ class PendingTransfer:
             raise self.fail(KVTransferError(f"request {rid!r}: unexpected layer {layer_idx}"))
         if self._progress.t_first is None:
             self._progress.t_first = time.perf_counter()
-        if actual is None:
+        if self._keep:
+            payload, actual = _private_copy(payload, actual)
+        elif actual is None:
             actual = device_checksum(payload) if payload.is_cuda else checksum_buffer(payload.numpy().data)
         if actual != checksum:
             raise self.fail(KVChecksumError(rid, layer_idx, f"sender {checksum:#018x}, received {actual:#018x}"))
-        k, v = self._views(payload)
+        k, v = self._split(payload) if self._keep else self._views(payload)
         with self._lock:
             if self._error is not None:  # failed (timed out, cancelled) while this layer was verified
                 raise self._error
@@ -333,17 +356,21 @@ class PendingTransfer:
                 raise self.fail(KVTransferError(f"request {rid!r}: on_layer({layer_idx}) failed: {exc!r}")) from exc
             self._progress.layers.add(layer_idx)
 
+    def _split(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as views of ``payload``."""
+        half = self._desc.tensor_nbytes
+        k = payload[:half].view(self._dtype).view(self._shape)
+        v = payload[half : 2 * half].view(self._dtype).view(self._shape)
+        return k, v
+
     def _views(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V views of a payload; cached per buffer, since transports reuse a few (~15 us saved a layer)."""
+        """K and V views of a reused buffer; cached per buffer, since transports reuse a few (~15 us saved a layer)."""
         key = payload.data_ptr()
         views = self._view_cache.get(key)
         if views is None:
-            half = self._desc.tensor_nbytes
-            k = payload[:half].view(self._dtype).view(self._shape)
-            v = payload[half : 2 * half].view(self._dtype).view(self._shape)
             if len(self._view_cache) >= 8:  # a transport that does not reuse buffers
                 self._view_cache.clear()
-            views = self._view_cache[key] = (k, v)
+            views = self._view_cache[key] = self._split(payload)
         return views
 
     def complete(self) -> None:
@@ -404,8 +431,10 @@ class PendingTable:
         self._pending: dict[str, PendingTransfer] = {}
         self._claimed: set[str] = set()
 
-    def register(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
-        """Create the receiver of a new transfer."""
+    def register(
+        self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback, keep: bool = False
+    ) -> PendingTransfer:
+        """Create the receiver of a new transfer (``keep``: the callback gets private copies)."""
         desc = TransferDescriptor(
             request_id=request_id, kind=self.kind, address=self.address, num_tokens=num_tokens,
             num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
@@ -414,7 +443,7 @@ class PendingTable:
         with self._lock:
             if request_id in self._pending:
                 raise KVTransferError(f"request {request_id!r} already has a pending transfer")
-            pending = PendingTransfer(desc, on_layer, self)
+            pending = PendingTransfer(desc, on_layer, self, keep)
             self._pending[request_id] = pending
         return pending
 

@@ -47,9 +47,11 @@ class ReceivingSide:
         self.table = PendingTable(kind, self.address, device=device)
         self._acceptor = Acceptor(listener, serve, name=f"kv-{kind.value}-accept-{self.address}")
 
-    def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
+    def expect(
+        self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback, keep: bool = False
+    ) -> PendingTransfer:
         """Register an incoming transfer and return its receiver."""
-        return self.table.register(request_id, num_tokens, spec, on_layer)
+        return self.table.register(request_id, num_tokens, spec, on_layer, keep)
 
     def close(self) -> None:
         """Stop accepting, end open connections, and fail every pending transfer."""
@@ -62,9 +64,11 @@ class SideEndpoint:
 
     _side: ReceivingSide
 
-    def expect(self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback) -> PendingTransfer:
+    def expect(
+        self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback, keep: bool = False
+    ) -> PendingTransfer:
         """Register an incoming transfer and return its receiver."""
-        return self._side.expect(request_id, num_tokens, spec, on_layer)
+        return self._side.expect(request_id, num_tokens, spec, on_layer, keep)
 
 
 _Job = tuple[PendingTransfer, int, torch.Tensor, torch.Tensor, int, "int | None"]

@@ -117,12 +117,11 @@ class DecodeWorker:
             raise WorkerError(f"cannot reserve KV for {num_tokens} tokens: {exc}") from exc
 
         def on_layer(layer: int, k: Any, v: Any) -> None:
-            # The views are valid only during this call; the engine thread writes the copies.
-            k_copy, v_copy = k.clone(), v.clone()
-            self.loop.submit(lambda e: e.write_layer_kv(request_id, layer, k_copy, v_copy))
+            # private copies (keep=True, made while verifying): the engine thread writes them later
+            self.loop.submit(lambda e: e.write_layer_kv(request_id, layer, k, v))
 
         try:
-            receiver = self.endpoint.expect(request_id, num_tokens, self._spec, on_layer)
+            receiver = self.endpoint.expect(request_id, num_tokens, self._spec, on_layer, keep=True)
         except Exception:
             self.loop.submit(lambda e: e.release(request_id))
             raise

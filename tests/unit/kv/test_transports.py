@@ -259,3 +259,46 @@ def test_no_layer_is_written_after_the_receiver_gave_up(endpoint: KVEndpoint, cl
         tx.finish()
     time.sleep(0.4)
     assert ends and all(t <= gave_up_at for t in ends)
+
+
+def test_keep_hands_the_callback_private_verified_copies(endpoint: KVEndpoint, client: KVClient) -> None:
+    """keep=True: the tensors stay valid (and unchanged) after later transfers reuse the staging or ring."""
+    spec = KVSpec(num_layers=4, num_kv_heads=2, head_dim=64, dtype="float16")
+    kept: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    sent: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for n, num_tokens in enumerate((100, 100, 61)):  # the second reuses the first's buffers; the third, smaller
+        rid = f"keep-{n}"
+        layers = kept[rid] = {}
+        rx = endpoint.expect(rid, num_tokens, spec, lambda i, k, v, layers=layers: layers.update({i: (k, v)}), keep=True)
+        tx = client.open(rx.descriptor)
+        sent[rid] = _random_layers(spec, num_tokens, seed=n)
+        for i, (k, v) in enumerate(sent[rid]):
+            tx.send_layer(i, k, v)
+        tx.finish()
+        rx.wait(10)
+    storages: set[int] = set()
+    for rid, layers in kept.items():
+        assert sorted(layers) == list(range(spec.num_layers))
+        for i, (k, v) in enumerate(sent[rid]):
+            gk, gv = layers[i]  # no clone was taken: these are what the callback was handed
+            assert torch.equal(_bits(gk), _bits(k)) and torch.equal(_bits(gv), _bits(v))
+            storages.add(gk.untyped_storage().data_ptr())
+    assert len(storages) == 3 * spec.num_layers  # every layer its own copy
+
+
+def test_keep_still_catches_a_corrupted_layer(endpoint: KVEndpoint) -> None:
+    spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=16, dtype="float32")
+    got = _Collector()
+    rx = endpoint.expect("keep-corrupt", 20, spec, got, keep=True)
+    client = KVClient(SenderOptions(timeout_s=5.0, fault=FaultInjection(corrupt_layer_idx=2)))
+    try:
+        tx = client.open(rx.descriptor)
+        with pytest.raises(KVChecksumError, match="'keep-corrupt' layer 2"):
+            for i, (k, v) in enumerate(_random_layers(spec, 20, 0)):
+                tx.send_layer(i, k, v)
+            tx.finish()
+    finally:
+        client.close()
+    with pytest.raises(KVChecksumError, match="'keep-corrupt' layer 2"):
+        rx.wait(5)
+    assert sorted(got.layers) == [0, 1]
