@@ -103,12 +103,19 @@ def block_groups(parts: Iterable[memoryview]) -> Iterator[tuple[memoryview, ...]
         yield tuple(group)
 
 
+def _hash_one(piece: memoryview, seed: int) -> int:
+    """xxh3-64 (seeded) of one contiguous piece."""
+    if KERNEL is not None and len(piece) >= KERNEL.MIN_NBYTES:
+        return int(KERNEL.xxh3_64(piece, seed))
+    return xxhash.xxh3_64_intdigest(piece, seed)
+
+
 def _hash_pieces(pieces: tuple[memoryview, ...], seed: int) -> int:
     """xxh3-64 (seeded) of the concatenation of one block's pieces."""
+    if len(pieces) == 1:
+        return _hash_one(pieces[0], seed)
     if KERNEL is not None and sum(len(piece) for piece in pieces) >= KERNEL.MIN_NBYTES:
         return int(KERNEL.xxh3_64(pieces, seed))
-    if len(pieces) == 1:
-        return xxhash.xxh3_64_intdigest(pieces[0], seed)
     state = xxhash.xxh3_64(seed=seed)
     for piece in pieces:
         state.update(piece)
@@ -118,6 +125,11 @@ def _hash_pieces(pieces: tuple[memoryview, ...], seed: int) -> int:
 def checksum_parts(parts: Iterable[memoryview]) -> int:
     """Checksum of the concatenation of ``parts`` (equal to hashing them as one buffer)."""
     value = 0
+    if isinstance(parts, tuple) and len(parts) == 1:  # one buffer (every receiver): its blocks are plain slices
+        view = parts[0]
+        for start in range(0, len(view), BLOCK_NBYTES):
+            value = _hash_one(view[start : start + BLOCK_NBYTES], value)
+        return value
     for pieces in block_groups(parts):
         value = _hash_pieces(pieces, value)
     return value
@@ -167,7 +179,8 @@ def copy_and_checksum(target: np.ndarray, parts: Iterable[memoryview], corrupt: 
     for pieces in block_groups(parts):
         end = offset + sum(len(piece) for piece in pieces)
         if KERNEL is not None and end - offset >= KERNEL.MIN_NBYTES:
-            value = KERNEL.copy_xxh3_64(target[offset:end], pieces, value, True)
+            source = pieces[0] if len(pieces) == 1 else pieces
+            value = KERNEL.copy_xxh3_64(target[offset:end], source, value, True)
         else:
             start = offset
             for piece in pieces:
