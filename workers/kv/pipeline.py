@@ -273,22 +273,14 @@ class PipelinedSender:
                 self._error = exc
 
 
-def _private_copy(payload: torch.Tensor, actual: int | None) -> tuple[torch.Tensor, int]:
-    """A copy of ``payload`` the callback may keep, and the checksum of exactly the bytes copied.
+def _verified_copy(payload: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A private copy of a CPU ``payload`` and the checksum of exactly the bytes copied, in one pass.
 
-    On CPU the copy and the checksum are one pass (workers.kv.checksum), so verifying costs no
-    read of its own; and a sender that rewrote a shared slot after announcing it cannot make the
-    kept bytes differ from the verified ones. ``actual`` (hashed while the bytes were received into
-    a buffer only this process writes) is kept as it is.
+    Verifying a shared slot this way costs no read of its own (workers.kv.checksum), and a sender
+    that rewrote the slot after announcing it cannot make the kept bytes differ from the verified ones.
     """
-    if payload.is_cuda:
-        copy = payload.clone()
-        return copy, device_checksum(copy) if actual is None else actual
     copy = torch.empty_like(payload)
-    if actual is None:
-        return copy, copy_and_checksum(copy.numpy(), (payload.numpy().data,))
-    copy.copy_(payload)
-    return copy, actual
+    return copy, copy_and_checksum(copy.numpy(), (payload.numpy().data,))
 
 
 @dataclass
@@ -340,13 +332,16 @@ class PendingTransfer:
             raise self.fail(KVTransferError(f"request {rid!r}: unexpected layer {layer_idx}"))
         if self._progress.t_first is None:
             self._progress.t_first = time.perf_counter()
-        if self._keep:
-            payload, actual = _private_copy(payload, actual)
+        copied = self._keep and actual is None and not payload.is_cuda  # a slot: copy and verify in one pass
+        if copied:
+            payload, actual = _verified_copy(payload)
         elif actual is None:
             actual = device_checksum(payload) if payload.is_cuda else checksum_buffer(payload.numpy().data)
         if actual != checksum:
             raise self.fail(KVChecksumError(rid, layer_idx, f"sender {checksum:#018x}, received {actual:#018x}"))
-        k, v = self._split(payload) if self._keep else self._views(payload)
+        k, v = self._split(payload) if copied else self._views(payload)
+        if self._keep and not copied:  # verified in a buffer only this process writes (or on the device)
+            k, v = k.clone(), v.clone()
         with self._lock:
             if self._error is not None:  # failed (timed out, cancelled) while this layer was verified
                 raise self._error
