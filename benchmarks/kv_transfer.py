@@ -15,8 +15,8 @@ receiving agent's UCX progress thread spins on a core while it exists. By
 default the receiver's callback does nothing, so the numbers are the
 transport's (checksums on); ``--layers clone`` clones each layer in the
 callback, as a decode worker that hands layers to its engine thread must,
-and ``--layers keep`` takes the private copies ``expect(keep=True)`` makes
-in the pass that verifies them instead. The load average is printed before and after: the machine
+and ``--layers keep`` takes the private copies ``expect(keep=True)`` hands
+out instead (from a shm slot, made in the pass that verifies it). The load average is printed before and after: the machine
 may be shared. ``--pin`` puts the receiver on the last CPU and this process
 on the others, as prefill and decode workers on separate cores. The
 transports copy and checksum with the C kernel when it is built
@@ -77,7 +77,7 @@ CEILINGS_OF: dict[str, tuple[str, ...]] = {
 CEILINGS = ("memcpy", "memcpy/layer", "raw_tcp", "raw_gloo")
 # What the receiver's callback does with each layer (--layers): nothing with the staging views (the
 # transport alone), clone them (a decode worker that hands layers to its engine thread), or keep the
-# private copies that expect(keep=True) makes in the pass that verifies them
+# private copies that expect(keep=True) hands out (from a shm slot: made in the pass that verifies it)
 ON_LAYER: dict[str, Callable[[int, torch.Tensor, torch.Tensor], None]] = {
     "views": lambda i, k, v: None,
     "clone": lambda i, k, v: (k.clone(), v.clone()) and None,
@@ -439,7 +439,7 @@ def main() -> int:
                              "often woke the receiver on the sender's busy CPU and it waited milliseconds)")
     parser.add_argument("--layers", choices=sorted(ON_LAYER), default="views",
                         help="bandwidth part: what the receiver does with each layer: nothing with the staging "
-                             "views (default), clone them, or keep the copies expect(keep=True) makes")
+                             "views (default), clone them, or keep the copies expect(keep=True) hands out")
     args = parser.parse_args()
     torch.set_num_threads(1)
     reps = args.reps or (3 if args.quick else 7)
