@@ -16,11 +16,12 @@ default the receiver's callback does nothing, so the numbers are the
 transport's (checksums on); ``--layers clone`` clones each layer in the
 callback, as a decode worker that hands layers to its engine thread must,
 and ``--layers keep`` takes the private copies ``expect(keep=True)`` hands
-out instead (from a shm slot, made in the pass that verifies it). The load average is printed before and after: the machine
-may be shared. ``--pin`` puts the receiver on the last CPU and this process
-on the others, as prefill and decode workers on separate cores. The
-transports copy and checksum with the C kernel when it is built
-(workers.kv.native); ``PDSERVE_KV_PURE=1`` measures the numpy + xxhash path.
+out instead (from a shm slot, made in the pass that verifies it). The load
+average is printed before and after: the machine may be shared. ``--pin``
+puts the receiver on the last CPU and this process on the others, as
+prefill and decode workers on separate cores. The transports copy and
+checksum with the C kernel when it is built (workers.kv.native);
+``PDSERVE_KV_PURE=1`` measures the numpy + xxhash path.
 Last, each method runs ``reps`` more times in a pass of its own, and the CPU
 time both processes spent per transfer (user + system, every thread) is
 printed: on a host with few cores a transport that needs twice the CPU of
@@ -78,11 +79,16 @@ CEILINGS = ("memcpy", "memcpy/layer", "raw_tcp", "raw_gloo")
 # What the receiver's callback does with each layer (--layers): nothing with the staging views (the
 # transport alone), clone them (a decode worker that hands layers to its engine thread), or keep the
 # private copies that expect(keep=True) hands out (from a shm slot: made in the pass that verifies it)
-ON_LAYER: dict[str, Callable[[int, torch.Tensor, torch.Tensor], None]] = {
-    "views": lambda i, k, v: None,
-    "clone": lambda i, k, v: (k.clone(), v.clone()) and None,
-    "keep": lambda i, k, v: None,
-}
+def _ignore(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Receiver callback that does nothing with the layer."""
+
+
+def _clone(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Receiver callback that copies the layer out of the staging, as a decode worker must without keep."""
+    k.clone(), v.clone()
+
+
+ON_LAYER: dict[str, Callable[[int, torch.Tensor, torch.Tensor], None]] = {"views": _ignore, "clone": _clone, "keep": _ignore}
 
 
 def _receiver_main(

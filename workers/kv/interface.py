@@ -9,9 +9,9 @@ Lifecycle of one request's transfer:
 3. decode side: the endpoint verifies each layer's checksum and calls
    ``on_layer(i, k, v)`` with views of a reused staging buffer (valid only
    during the call: copy them out), or, when ``expect`` was given
-   ``keep=True``, with private copies the callback may keep (from a
-   shared-memory slot or a staging buffer of the endpoint's, made in the same
-   pass over the bytes that verifies them); ``receiver.wait(timeout_s)``
+   ``keep=True``, with private copies the callback may keep (where the
+   endpoint verifies a shared-memory slot or staging buffer after it was
+   filled, the copy is made in the pass that verifies it); ``receiver.wait(timeout_s)``
    returns the stats once every layer landed, or raises a ``KVTransferError``.
 """
 

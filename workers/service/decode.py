@@ -117,7 +117,7 @@ class DecodeWorker:
             raise WorkerError(f"cannot reserve KV for {num_tokens} tokens: {exc}") from exc
 
         def on_layer(layer: int, k: Any, v: Any) -> None:
-            # private copies (keep=True, made while verifying): the engine thread writes them later
+            # private copies (keep=True): the engine thread writes them later
             self.loop.submit(lambda e: e.write_layer_kv(request_id, layer, k, v))
 
         try:
