@@ -8,7 +8,9 @@ What is asserted, and why these bounds (2-core machine shared with other work):
 - the serving overheads fitted on the probes (requests sent one at a time,
   alone and beside one long decode) are there: some request overhead (HTTP,
   routing, two gRPC calls: tens of ms measured, > 5 ms asserted) and some
-  decode overhead per step;
+  overhead in the decode phase, hand-off plus per step (how twelve probes
+  split it between the two moves with the machine's load: two loaded runs
+  put all of it, 6-8 ms, in the hand-off and none per step);
 - on the probes themselves the simulator with overheads is within 30% of
   live at p50 TTFT and TPOT (it was fitted there, but on medians per term,
   so the p50s of the mix need not land exactly: -3% to +19% seen; the bare
@@ -127,7 +129,8 @@ def test_twin_small_slice(twin_ray: None, tiny_model_dir: Path, tmp_path: Path) 
     assert overheads is not None
     assert read_profile(tmp_path / "twin-profile.json").overheads == overheads
     assert overheads.request_s > 0.005
-    assert overheads.decode_step_s + overheads.decode_token_s > 0.0
+    shortest_decode = 7  # steps after the first token of the probes' shortest output (8 tokens)
+    assert overheads.handoff_s + shortest_decode * (overheads.decode_step_s + overheads.decode_token_s) > 0.0
 
     assert report.idle_live is not None and report.idle_live.num_ok == 12
     for metric in ("ttft_p50", "tpot_p50"):
