@@ -307,6 +307,33 @@ static int get_source(PyObject *src, source_t *source) {
     return ok;
 }
 
+/* xxh3_64 of `src_obj` seeded with `seed_obj`, copied into `dst` unless it is NULL; NULL with an
+   exception set on bad arguments. */
+static PyObject *hash_source(PyObject *src_obj, PyObject *seed_obj, Py_buffer *dst, int nontemporal) {
+    uint64_t seed = 0;
+    source_t src = {0, NULL, NULL, 0};
+    PyObject *result = NULL;
+    if ((seed_obj && !get_seed(seed_obj, &seed)) || !get_source(src_obj, &src)) goto done;
+    if (dst && ((size_t)dst->len != src.len || src.len < MIN_LEN)) {
+        PyErr_Format(PyExc_ValueError, "dst and src must have equal lengths above %d bytes (got %zd and %zu)",
+                     MIN_LEN - 1, dst->len, src.len);
+        goto done;
+    }
+    if (src.len < MIN_LEN) {
+        PyErr_Format(PyExc_ValueError, "src must be longer than %d bytes (got %zu)", MIN_LEN - 1, src.len);
+        goto done;
+    }
+    uint8_t *target = dst ? (uint8_t *)dst->buf : NULL;
+    uint64_t digest;
+    Py_BEGIN_ALLOW_THREADS
+    digest = copy_hash_pieces(src.pieces, target, src.len, seed, nontemporal);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromUnsignedLongLong(digest);
+done:
+    release_source(&src);
+    return result;
+}
+
 PyDoc_STRVAR(copy_xxh3_64_doc,
              "copy_xxh3_64(dst, src, seed=0, nontemporal=False) -> int\n\n"
              "Copy src (a buffer, or a tuple or list of buffers taken as their concatenation) into dst\n"
@@ -320,22 +347,7 @@ static PyObject *py_copy_xxh3_64(PyObject *self, PyObject *args, PyObject *kwarg
     int nontemporal = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "w*O|Op", keywords, &dst, &src_obj, &seed_obj, &nontemporal))
         return NULL;
-    PyObject *result = NULL;
-    uint64_t seed = 0;
-    source_t src = {0, NULL, NULL, 0};
-    if ((seed_obj && !get_seed(seed_obj, &seed)) || !get_source(src_obj, &src)) goto done;
-    if ((size_t)dst.len != src.len || src.len < MIN_LEN) {
-        PyErr_Format(PyExc_ValueError, "dst and src must have equal lengths above %d bytes (got %zd and %zu)",
-                     MIN_LEN - 1, dst.len, src.len);
-        goto done;
-    }
-    uint64_t digest;
-    Py_BEGIN_ALLOW_THREADS
-    digest = copy_hash_pieces(src.pieces, (uint8_t *)dst.buf, src.len, seed, nontemporal);
-    Py_END_ALLOW_THREADS
-    result = PyLong_FromUnsignedLongLong(digest);
-done:
-    release_source(&src);
+    PyObject *result = hash_source(src_obj, seed_obj, &dst, nontemporal);
     PyBuffer_Release(&dst);
     return result;
 }
@@ -350,22 +362,7 @@ static PyObject *py_xxh3_64(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"src", "seed", NULL};
     PyObject *src_obj, *seed_obj = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O", keywords, &src_obj, &seed_obj)) return NULL;
-    PyObject *result = NULL;
-    uint64_t seed = 0;
-    source_t src = {0, NULL, NULL, 0};
-    if ((seed_obj && !get_seed(seed_obj, &seed)) || !get_source(src_obj, &src)) goto done;
-    if (src.len < MIN_LEN) {
-        PyErr_Format(PyExc_ValueError, "src must be longer than %d bytes (got %zu)", MIN_LEN - 1, src.len);
-        goto done;
-    }
-    uint64_t digest;
-    Py_BEGIN_ALLOW_THREADS
-    digest = copy_hash_pieces(src.pieces, NULL, src.len, seed, 0);
-    Py_END_ALLOW_THREADS
-    result = PyLong_FromUnsignedLongLong(digest);
-done:
-    release_source(&src);
-    return result;
+    return hash_source(src_obj, seed_obj, NULL, 0);
 }
 
 PyDoc_STRVAR(use_isa_doc,
