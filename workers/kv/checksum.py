@@ -44,7 +44,13 @@ if TYPE_CHECKING:
 BLOCK_NBYTES = 512 << 10  # a block and its copy fit in one core's 2 MiB L2 together
 
 KERNEL, KERNEL_STATE = native.load()  # (None, why) without a current build: numpy + xxhash
-_hash_block = KERNEL.xxh3_64 if KERNEL is not None else xxhash.xxh3_64_intdigest
+
+
+def _hash_one(piece: memoryview, seed: int) -> int:
+    """xxh3-64 (seeded) of one contiguous piece."""
+    if KERNEL is not None and len(piece) >= KERNEL.MIN_NBYTES:
+        return int(KERNEL.xxh3_64(piece, seed))
+    return xxhash.xxh3_64_intdigest(piece, seed)
 
 
 class ChunkedChecksum:
@@ -60,7 +66,7 @@ class ChunkedChecksum:
     def update(self, data: memoryview) -> None:
         """Add the next bytes of the layer."""
         if self._filled == 0 and len(data) == BLOCK_NBYTES:  # the common case: exactly one aligned block
-            self._value = _hash_block(data, self._value)
+            self._value = _hash_one(data, self._value)
             return
         while len(data):
             take = min(BLOCK_NBYTES - self._filled, len(data))
@@ -101,13 +107,6 @@ def block_groups(parts: Iterable[memoryview]) -> Iterator[tuple[memoryview, ...]
             group, filled = [], 0
     if group:
         yield tuple(group)
-
-
-def _hash_one(piece: memoryview, seed: int) -> int:
-    """xxh3-64 (seeded) of one contiguous piece."""
-    if KERNEL is not None and len(piece) >= KERNEL.MIN_NBYTES:
-        return int(KERNEL.xxh3_64(piece, seed))
-    return xxhash.xxh3_64_intdigest(piece, seed)
 
 
 def _hash_pieces(pieces: tuple[memoryview, ...], seed: int) -> int:
