@@ -7,9 +7,9 @@ END. The checksum (workers.kv.checksum) trails the payload: the sender
 hashes each layer on a helper thread from the moment it is queued while its
 sending thread writes each frame with one ``sendmsg`` (two when the hash is
 not ready yet: the trailer follows the payload; hashing releases the GIL,
-so it runs on another core instead of between sends),
-and the receiver hashes each block right after its socket copy, while it
-is in cache. The receiver reads each payload block by block with ``recv_into`` into the connection's staging
+so it runs on another core instead of between sends), and the receiver
+hashes each block right after its socket copy, while it is in cache. The
+receiver reads each payload block by block with ``recv_into`` into the connection's staging
 buffer (the last block and the trailer with one ``recvmsg_into``), compares
 the checksums and calls the engine's callback on the connection thread,
 then reads the next layer: while the callback runs, the kernel's socket
