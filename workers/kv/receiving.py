@@ -161,6 +161,7 @@ def receive_slot_layers(
     pending: PendingTransfer,
     num_slots: int,
     slot_payload: Callable[[int, int], torch.Tensor],
+    poll_s: float = 0.0,
 ) -> KVTransferError | None:
     """Slot transports (shm, nixl): deliver each announced slot, free it, stop at END; the first error.
 
@@ -174,7 +175,7 @@ def receive_slot_layers(
     send_free = desc.num_layers > num_slots
     error: KVTransferError | None = None
     while True:
-        frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, num_slots)
+        frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, num_slots, poll_s)
         if frame is None:
             return error
         if error is None:

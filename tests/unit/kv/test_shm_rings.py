@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
@@ -78,6 +79,19 @@ def test_more_layers_than_slots_still_arrive_in_order_through_freed_slots() -> N
             (ring,) = connector.rings_by_connection.values()
             assert ring.num_slots == 2
             assert all(torch.equal(got[i], k) for i, (k, _) in enumerate(sent))
+    finally:
+        connector.close()
+        endpoint.close()
+
+
+@pytest.mark.parametrize("poll_us", [0.0, 100.0, 5e6])
+def test_layers_arrive_whether_the_receiver_sleeps_or_polls_between_them(poll_us: float) -> None:
+    """0: sleeps in recv at once; 5e6: polls through every gap (the END frame ends the poll too)."""
+    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0, shm_poll_us=poll_us))
+    connector = ShmConnector()
+    try:
+        for rid in ("a", "b"):
+            _round_trip(endpoint, connector, f"{rid}-{poll_us}", 32)
     finally:
         connector.close()
         endpoint.close()

@@ -11,9 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+from workers.kv import framing
 from workers.kv.checksum import BLOCK_NBYTES, checksum_buffer, request_tag
 from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
-from workers.kv.framing import Frame, FrameKind, pack_header, recv_vectored, send_vectored, set_stall_timeout
+from workers.kv.framing import (
+    Frame,
+    FrameKind,
+    pack_header,
+    recv_into_polling,
+    recv_vectored,
+    send_vectored,
+    set_stall_timeout,
+)
 from workers.kv.interface import EndpointOptions, KVSpec
 from workers.kv.pipeline import as_bytes
 from workers.kv.tcp import TcpEndpoint
@@ -52,6 +61,88 @@ def test_vectored_receive_times_out_after_partial_data() -> None:
         recv_vectored(b, views, "layer 3")
     assert time.monotonic() - t0 < 2.0
     assert bytes(views[0]) == b"x" * 8  # what arrived was kept
+    a.close()
+    b.close()
+
+
+def _count_yields(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    yields = [0]
+    real = framing.os.sched_yield
+
+    def counted() -> None:
+        yields[0] += 1
+        real()
+
+    monkeypatch.setattr(framing.os, "sched_yield", counted)
+    return yields
+
+
+def _send_later(sock: socket.socket, delay_s: float, *chunks: bytes) -> threading.Thread:
+    def run() -> None:
+        for chunk in chunks:
+            time.sleep(delay_s)
+            sock.sendall(chunk)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_polling_read_takes_a_waiting_frame_without_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    yields = _count_yields(monkeypatch)
+    a, b = _pair()
+    a.sendall(b"h" * 40)
+    view = memoryview(bytearray(40))
+    recv_into_polling(b, view, "a header", 1.0)
+    assert bytes(view) == b"h" * 40 and yields[0] == 0
+    a.close()
+    b.close()
+
+
+def test_polling_read_catches_pieces_arriving_while_it_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two pieces 20 ms apart inside a 5 s poll: both are taken by polling (it yielded), in order."""
+    yields = _count_yields(monkeypatch)
+    a, b = _pair()
+    sender = _send_later(a, 0.02, b"a" * 10, b"b" * 30)
+    view = memoryview(bytearray(40))
+    t0 = time.monotonic()
+    recv_into_polling(b, view, "a header", 5.0)
+    sender.join(5)
+    assert bytes(view) == b"a" * 10 + b"b" * 30
+    assert yields[0] > 0 and time.monotonic() - t0 < 2.0
+    a.close()
+    b.close()
+
+
+def test_polling_read_sleeps_once_the_poll_is_over() -> None:
+    """A frame later than the poll is still read whole, by the blocking receive it falls back to."""
+    a, b = _pair()
+    sender = _send_later(a, 0.1, b"x" * 5, b"y" * 35)
+    view = memoryview(bytearray(40))
+    recv_into_polling(b, view, "a header", 0.001)
+    sender.join(5)
+    assert bytes(view) == b"x" * 5 + b"y" * 35
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("poll_s", [0.001, 5.0])
+def test_polling_read_from_a_closed_peer_fails(poll_s: float) -> None:
+    a, b = _pair()
+    a.sendall(b"z" * 3)
+    a.close()
+    with pytest.raises(KVTransferError, match="closed the connection while reading a header"):
+        recv_into_polling(b, memoryview(bytearray(40)), "a header", poll_s)
+    b.close()
+
+
+def test_polling_read_of_a_silent_peer_times_out_after_the_stall_timeout() -> None:
+    a, b = _pair()
+    set_stall_timeout(b, 0.2)
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferTimeout, match="a header"):
+        recv_into_polling(b, memoryview(bytearray(40)), "a header", 0.01)
+    assert 0.15 < time.monotonic() - t0 < 2.0
     a.close()
     b.close()
 
