@@ -307,7 +307,7 @@ class PendingTransfer:
         # no callback is running or will run, so the caller may free the reserved blocks.
         self._lock = threading.RLock()
         self._dtype = torch_dtype(descriptor.dtype)
-        self._shape = (descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
+        self._kv_shape = (2, descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
         self._view_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by payload address; emptied at the end
 
     @property
@@ -335,11 +335,15 @@ class PendingTransfer:
         copied = self._keep and actual is None and not payload.is_cuda  # a slot: copy and verify in one pass
         if copied:
             payload, actual = _verified_copy(payload)
-        elif actual is None:
-            actual = device_checksum(payload) if payload.is_cuda else checksum_buffer(payload.numpy().data)
+            k, v = self._split(payload)
+        else:
+            # views before the hash: made after it, with torch's own data flushed from the cache by the
+            # payload, they cost a shm receiver ~13 us a layer instead of ~9
+            k, v = self._views(payload)
+            if actual is None:
+                actual = device_checksum(payload) if payload.is_cuda else checksum_buffer(payload.numpy().data)
         if actual != checksum:
             raise self.fail(KVChecksumError(rid, layer_idx, f"sender {checksum:#018x}, received {actual:#018x}"))
-        k, v = self._split(payload) if copied else self._views(payload)
         if self._keep and not copied:  # verified in a buffer only this process writes (or on the device)
             k, v = k.clone(), v.clone()
         with self._lock:
@@ -352,11 +356,15 @@ class PendingTransfer:
             self._progress.layers.add(layer_idx)
 
     def _split(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V as views of ``payload``."""
-        half = self._desc.tensor_nbytes
-        k = payload[:half].view(self._dtype).view(self._shape)
-        v = payload[half : 2 * half].view(self._dtype).view(self._shape)
-        return k, v
+        """K and V as views of ``payload``.
+
+        One (2, tokens, heads, dim) view indexed twice: half the torch calls of viewing each half
+        (2.9 vs 5.5 us here, and ~16 us on a shm receiver whose caches its hashing just flushed).
+        """
+        if payload.numel() != 2 * self._desc.tensor_nbytes:
+            payload = payload[: 2 * self._desc.tensor_nbytes]
+        both = payload.view(self._dtype).view(self._kv_shape)
+        return both[0], both[1]
 
     def _views(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V views of a reused buffer; cached per buffer, since transports reuse a few (~15 us saved a layer)."""
