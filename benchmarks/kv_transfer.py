@@ -165,7 +165,8 @@ def _receiver_main(
         endpoint.close()
 
 
-def _memcpy(nbytes: int, per_layer: bool) -> Callable[[], float]:
+def memcpy_timer(nbytes: int, per_layer: bool) -> Callable[[], float]:
+    """The ceiling ``memcpy`` (or ``memcpy/layer``): a timed copy of ``nbytes`` into a reused buffer."""
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dst = np.zeros(nbytes, dtype=np.uint8)
     layer = nbytes // NUM_LAYERS
@@ -258,7 +259,7 @@ def _transport(conn: Connection, client: KVClient, kind: str, nbytes: int) -> Ca
     return once
 
 
-def _split_cpus() -> tuple[set[int], set[int]]:
+def split_cpus() -> tuple[set[int], set[int]]:
     """(sender's, receiver's) CPUs: the receiver gets the last one, the sender the others."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -273,7 +274,7 @@ def bandwidth(
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     own_cpus = os.sched_getaffinity(0)
-    sender_cpus, receiver_cpus = _split_cpus() if pin else (own_cpus, None)
+    sender_cpus, receiver_cpus = split_cpus() if pin else (own_cpus, None)
     proc = ctx.Process(target=_receiver_main, args=(child, kinds, receiver_cpus, layers), daemon=True)
     proc.start()
     assert conn.recv() == "ready"
@@ -293,7 +294,7 @@ def bandwidth(
             raw_once, raw_sock = _raw_tcp(conn, nbytes)
             gloo_once, gloo_stop = _raw_gloo(conn, nbytes)
             methods = {
-                "memcpy": _memcpy(nbytes, per_layer=False), "memcpy/layer": _memcpy(nbytes, per_layer=True),
+                "memcpy": memcpy_timer(nbytes, per_layer=False), "memcpy/layer": memcpy_timer(nbytes, per_layer=True),
                 "raw_tcp": raw_once, "raw_gloo": gloo_once,
             }
             methods |= {kind: _transport(conn, client, kind, nbytes) for kind in kinds}
