@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
-from workers.kv.shm import ShmConnector, ShmEndpoint
+from workers.kv.shm import ShmConnector, ShmEndpoint, create_ring, map_ring
 
 SPEC = KVSpec(num_layers=3, num_kv_heads=2, head_dim=16, dtype="float32")
 
@@ -95,3 +95,31 @@ def test_layers_arrive_whether_the_receiver_sleeps_or_polls_between_them(poll_us
     finally:
         connector.close()
         endpoint.close()
+
+
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of this process's mapping that contains ``address`` (from /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_rings_are_mapped_with_huge_pages_advised_on_both_sides() -> None:
+    """Both the owner's and the sender's mapping carry MADV_HUGEPAGE ("hg"), whatever the host then grants."""
+    owner = create_ring(2, 1 << 21)
+    try:
+        sender = map_ring(owner.ring_id, owner.path, owner.num_slots, owner.slot_nbytes)
+        try:
+            for ring in (owner, sender):
+                assert "hg" in _vm_flags(ring.array.ctypes.data)
+        finally:
+            sender.close()
+    finally:
+        owner.close()
