@@ -26,7 +26,9 @@ from workers.kv.descriptor import TransferDescriptor, TransferStats, TransportKi
 if TYPE_CHECKING:
     import torch
 
-# on_layer(layer_idx, k, v): k, v are [num_tokens, num_kv_heads, head_dim] views, valid during the call.
+# on_layer(layer_idx, k, v): k, v are [num_tokens, num_kv_heads, head_dim] views, valid during the call. They
+# are read-only: a transport may hand the same view objects to later calls, so never modify them in place
+# (data or shape); expect(keep=True) hands out private copies instead.
 LayerCallback = Callable[[int, "torch.Tensor", "torch.Tensor"], None]
 
 

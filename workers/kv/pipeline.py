@@ -283,6 +283,11 @@ def _verified_copy(payload: torch.Tensor) -> tuple[torch.Tensor, int]:
     return copy, copy_and_checksum(copy.numpy(), (payload.numpy().data,))
 
 
+# K/V views of a transport buffer: (address, bytes, dtype, (2, tokens, heads, dim)) -> (k, v)
+ViewCache = dict[tuple[int, int, torch.dtype, tuple[int, int, int, int]], tuple[torch.Tensor, torch.Tensor]]
+_MAX_CACHED_VIEWS = 256  # more than a ring has slots (128) or a connection has staging buffers
+
+
 @dataclass
 class _Progress:
     layers: set[int]
@@ -308,7 +313,7 @@ class PendingTransfer:
         self._lock = threading.RLock()
         self._dtype = torch_dtype(descriptor.dtype)
         self._kv_shape = (2, descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
-        self._view_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by payload address; emptied at the end
+        self._view_cache: ViewCache = {}  # this transfer's, by payload address; emptied at the end
 
     @property
     def descriptor(self) -> TransferDescriptor:
@@ -320,10 +325,15 @@ class PendingTransfer:
         """Whether the transfer already failed (later layers are dropped)."""
         return self._error is not None
 
-    def deliver(self, layer_idx: int, payload: torch.Tensor, checksum: int, actual: int | None = None) -> None:
+    def deliver(
+        self, layer_idx: int, payload: torch.Tensor, checksum: int, actual: int | None = None,
+        views: ViewCache | None = None,
+    ) -> None:
         """Verify one layer held in ``payload`` (uint8, layer_nbytes) and hand it to the callback.
 
         ``actual`` is the payload's checksum when the transport computed it while receiving.
+        ``views``: K/V views of the transport's buffers, kept by the transport across transfers for as
+        long as those buffers stay mapped (a shm ring); without it they are cached for this transfer.
         """
         if self._error is not None:
             raise self._error
@@ -339,7 +349,7 @@ class PendingTransfer:
         else:
             # views before the hash: made after it, with torch's own data flushed from the cache by the
             # payload, they cost a shm receiver ~13 us a layer instead of ~9
-            k, v = self._views(payload)
+            k, v = self._views(payload, views)
             if actual is None:
                 actual = device_checksum(payload) if payload.is_cuda else checksum_buffer(payload.numpy().data)
         if actual != checksum:
@@ -366,14 +376,16 @@ class PendingTransfer:
         both = payload.view(self._dtype).view(self._kv_shape)
         return both[0], both[1]
 
-    def _views(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views(self, payload: torch.Tensor, cache: ViewCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V views of a reused buffer; cached per buffer, since transports reuse a few (~15 us saved a layer)."""
-        key = payload.data_ptr()
-        views = self._view_cache.get(key)
+        if cache is None:
+            cache = self._view_cache
+        key = (payload.data_ptr(), payload.numel(), self._dtype, self._kv_shape)
+        views = cache.get(key)
         if views is None:
-            if len(self._view_cache) >= 8:  # a transport that does not reuse buffers
-                self._view_cache.clear()
-            views = self._view_cache[key] = self._split(payload)
+            if len(cache) >= _MAX_CACHED_VIEWS:  # a transport that does not reuse buffers
+                cache.clear()
+            views = cache[key] = self._split(payload)
         return views
 
     def complete(self) -> None:

@@ -28,7 +28,7 @@ from workers.kv.descriptor import TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.framing import Acceptor, Frame, FrameKind, listen, next_layer_frame, send_frame
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback
-from workers.kv.pipeline import PendingTable, PendingTransfer, StagingPool
+from workers.kv.pipeline import PendingTable, PendingTransfer, StagingPool, ViewCache
 
 
 class ReceivingSide:
@@ -162,10 +162,12 @@ def receive_slot_layers(
     num_slots: int,
     slot_payload: Callable[[int, int], torch.Tensor],
     poll_s: float = 0.0,
+    views: ViewCache | None = None,
 ) -> KVTransferError | None:
     """Slot transports (shm, nixl): deliver each announced slot, free it, stop at END; the first error.
 
-    ``slot_payload(slot, nbytes)`` is a view of the slot's bytes. After a failed delivery the
+    ``slot_payload(slot, nbytes)`` is a view of the slot's bytes; ``views`` caches K/V views of the
+    slots for as long as they stay mapped (``PendingTransfer.deliver``). After a failed delivery the
     stream is still drained (every slot freed), so the sender reaches END and reads the verdict.
     When every layer has a slot of its own the sender never runs out, so no FREE is sent (the
     sender starts each request with all slots free: the previous one ended with ACK).
@@ -180,7 +182,7 @@ def receive_slot_layers(
             return error
         if error is None:
             try:
-                pending.deliver(frame.layer_idx, slot_payload(frame.slot, frame.nbytes), frame.checksum)
+                pending.deliver(frame.layer_idx, slot_payload(frame.slot, frame.nbytes), frame.checksum, views=views)
             except KVTransferError as exc:
                 error = exc
         if send_free:

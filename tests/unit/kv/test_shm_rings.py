@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -123,3 +125,38 @@ def test_rings_are_mapped_with_huge_pages_advised_on_both_sides() -> None:
             sender.close()
     finally:
         owner.close()
+
+
+def test_slot_views_are_made_once_per_ring_and_released_with_it() -> None:
+    """A later request on the connection gets the very K/V views of the earlier one; closing unmaps the ring."""
+    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0))
+    connector = ShmConnector()
+    seen: list[dict[int, torch.Tensor]] = []
+    try:
+        for rid in ("first", "second"):
+            shape = (16, SPEC.num_kv_heads, SPEC.head_dim)
+            sent = [(torch.randn(shape), torch.randn(shape)) for _ in range(SPEC.num_layers)]
+            got: dict[int, torch.Tensor] = {}
+            values: dict[int, torch.Tensor] = {}
+
+            def on_layer(i: int, k: torch.Tensor, v: torch.Tensor, got: dict = got, values: dict = values) -> None:
+                got[i] = k
+                values[i] = v.clone()
+
+            rx = endpoint.expect(rid, 16, SPEC, on_layer)
+            tx = connector.open(rx.descriptor, SenderOptions(timeout_s=5.0))
+            for i, (k, v) in enumerate(sent):
+                tx.send_layer(i, k, v)
+            tx.finish()
+            rx.wait(5)
+            assert all(torch.equal(values[i], v) for i, (_, v) in enumerate(sent))  # the views show this request
+            seen.append(got)
+        assert all(seen[1][i] is seen[0][i] for i in range(SPEC.num_layers))
+        (ring,) = endpoint._all
+        del seen, got, on_layer, rx  # this test's own references to the views
+        gc.collect()
+    finally:
+        connector.close()
+        endpoint.close()
+    assert not ring.views and not ring.payloads
+    assert ring.mm.closed  # nothing of pdserve's kept a view: the mapping went at close
