@@ -236,7 +236,8 @@ def _raw_tcp(conn: Connection, nbytes: int) -> tuple[Callable[[], float], socket
     return once, sock
 
 
-def _transport(conn: Connection, client: KVClient, kind: str, nbytes: int) -> Callable[[], float]:
+def transport_timer(conn: Connection, client: KVClient, kind: str, nbytes: int) -> Callable[[], float]:
+    """A timed transfer of ``nbytes`` to the receiver process's endpoint ``kind`` (open to finish)."""
     num_tokens = nbytes // (NUM_LAYERS * TOKEN_LAYER_NBYTES)
     shape = (num_tokens, NUM_KV_HEADS, HEAD_DIM)
     layers = [(torch.randn(shape).half(), torch.randn(shape).half()) for _ in range(NUM_LAYERS)]
@@ -297,7 +298,7 @@ def bandwidth(
                 "memcpy": memcpy_timer(nbytes, per_layer=False), "memcpy/layer": memcpy_timer(nbytes, per_layer=True),
                 "raw_tcp": raw_once, "raw_gloo": gloo_once,
             }
-            methods |= {kind: _transport(conn, client, kind, nbytes) for kind in kinds}
+            methods |= {kind: transport_timer(conn, client, kind, nbytes) for kind in kinds}
             times: dict[str, list[float]] = {name: [] for name in methods}
             for rep in range(reps + 1):  # round 0 warms up: page faults, connections, mappings
                 for name, once in methods.items():

@@ -19,8 +19,6 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import torch
@@ -32,8 +30,8 @@ from benchmarks.kv_transfer import (
     TOKEN_LAYER_NBYTES,
     memcpy_timer,
     split_cpus,
+    transport_timer,
 )
-from workers.kv.descriptor import TransferDescriptor
 from workers.kv.interface import EndpointOptions, KVSpec
 from workers.kv.registry import KVClient
 from workers.kv.shm import ShmEndpoint
@@ -63,29 +61,6 @@ def _receiver(conn: Connection, poll_us: float, cpus: set[int] | None) -> None:
         endpoint.close()
 
 
-def _sender(conn: Connection, client: KVClient, name: str, nbytes: int) -> Callable[[], float]:
-    num_tokens = nbytes // (NUM_LAYERS * TOKEN_LAYER_NBYTES)
-    shape = (num_tokens, NUM_KV_HEADS, HEAD_DIM)
-    layers = [(torch.randn(shape).half(), torch.randn(shape).half()) for _ in range(NUM_LAYERS)]
-    counter = iter(range(10**9))
-
-    def once() -> float:
-        rid = f"{name}-{next(counter)}"
-        conn.send(("expect", name, rid, num_tokens))
-        desc = TransferDescriptor.from_json(conn.recv())
-        t0 = time.perf_counter()
-        sender = client.open(desc)
-        for i, (k, v) in enumerate(layers):
-            sender.send_layer(i, k, v)
-        sender.finish()
-        elapsed = time.perf_counter() - t0
-        conn.send(("wait", rid))
-        conn.recv()
-        return elapsed
-
-    return once
-
-
 def main() -> int:
     """Run the A/B for each size and print one line per size."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,7 +85,7 @@ def main() -> int:
         for mb in (int(x) for x in args.sizes_mb.split(",")):
             nbytes = (mb << 20) // (NUM_LAYERS * TOKEN_LAYER_NBYTES) * NUM_LAYERS * TOKEN_LAYER_NBYTES
             methods = {"memcpy": memcpy_timer(nbytes, per_layer=False)}
-            methods |= {name: _sender(conn, client, name, nbytes) for name in ("sleeping", "polling")}
+            methods |= {name: transport_timer(conn, client, name, nbytes) for name in ("sleeping", "polling")}
             times: dict[str, list[float]] = {name: [] for name in methods}
             for rep in range(args.reps + 1):
                 # the two endpoints swap places every round: whichever goes second finds the source
