@@ -39,6 +39,7 @@ decoded token.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import multiprocessing as mp
@@ -92,13 +93,15 @@ ON_LAYER: dict[str, Callable[[int, torch.Tensor, torch.Tensor], None]] = {"views
 
 
 def _receiver_main(
-    conn: Connection, kinds: tuple[str, ...], cpus: set[int] | None = None, layers: str = "views"
+    conn: Connection, kinds: tuple[str, ...], cpus: set[int] | None = None, layers: str = "views",
+    options: EndpointOptions | None = None,
 ) -> None:
     """Child process: one endpoint per transport, plus a raw TCP sink for the ceiling."""
     if cpus is not None:
         os.sched_setaffinity(0, cpus)  # before any thread starts: threads inherit it
     torch.set_num_threads(1)
-    endpoints = {k: open_endpoint(k, EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)) for k in kinds}
+    options = options or EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)
+    endpoints = {k: open_endpoint(k, options) for k in kinds}
     receivers = {}
     spec = KVSpec(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, DTYPE)
     sink = socket.socket()
@@ -269,14 +272,18 @@ def split_cpus() -> tuple[set[int], set[int]]:
 
 
 def bandwidth(
-    sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pin: bool = False, layers: str = "views"
+    sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pin: bool = False, layers: str = "views",
+    shm_poll_us: float | None = None,
 ) -> None:
     """Part 1: GB/s per transport and ceiling, per size (methods interleaved, so load drift hits all alike)."""
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     own_cpus = os.sched_getaffinity(0)
     sender_cpus, receiver_cpus = split_cpus() if pin else (own_cpus, None)
-    proc = ctx.Process(target=_receiver_main, args=(child, kinds, receiver_cpus, layers), daemon=True)
+    options = EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)
+    if shm_poll_us is not None:
+        options = dataclasses.replace(options, shm_poll_us=shm_poll_us)
+    proc = ctx.Process(target=_receiver_main, args=(child, kinds, receiver_cpus, layers, options), daemon=True)
     proc.start()
     assert conn.recv() == "ready"
     os.sched_setaffinity(0, sender_cpus)  # before the client's sending threads start
@@ -445,6 +452,8 @@ def main() -> int:
                         help="bandwidth part: receiver process on the last CPU, this process on the others, as "
                              "prefill and decode workers on separate cores (on two cores, unpinned, the scheduler "
                              "often woke the receiver on the sender's busy CPU and it waited milliseconds)")
+    parser.add_argument("--shm-poll-us", type=float, default=None,
+                        help="bandwidth part: the shm receiver's EndpointOptions.shm_poll_us (default: the library's)")
     parser.add_argument("--layers", choices=sorted(ON_LAYER), default="views",
                         help="bandwidth part: what the receiver does with each layer: nothing with the staging "
                              "views (default), clone them, or keep the copies expect(keep=True) hands out")
@@ -459,7 +468,7 @@ def main() -> int:
         # gets a run (and ceilings) of its own.
         for group in (tuple(k for k in kinds if k != "nixl"), tuple(k for k in kinds if k == "nixl")):
             if group:
-                bandwidth(sizes, reps, group, pin=args.pin, layers=args.layers)
+                bandwidth(sizes, reps, group, pin=args.pin, layers=args.layers, shm_poll_us=args.shm_poll_us)
     if not args.skip_ttft:
         cache_dir = args.cache_dir or str(Path(tempfile.gettempdir()) / "pdserve-bench-cache")
         ttft(args.prompt_len, reps, cache_dir, verbose=args.verbose)
