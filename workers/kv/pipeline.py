@@ -86,7 +86,8 @@ class SenderWire(Protocol):
 
     A wire may also define ``prepare(layer_idx, k, v)``: the sender calls it with CPU tensors
     when the layer is queued, on the caller's thread, so work such as hashing starts before the
-    sending thread reaches the layer.
+    sending thread reaches the layer. A wire that holds bytes back to send them with the next
+    layer defines ``flush()``: the sending thread calls it whenever it runs out of queued layers.
     """
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
@@ -164,6 +165,7 @@ class PipelinedSender:
         self._shape = (descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
         self._stopped = threading.Event()  # set when the sending loop returned
         self._prepare: Callable[[int, torch.Tensor, torch.Tensor], None] | None = getattr(wire, "prepare", None)
+        self._flush: Callable[[], None] | None = getattr(wire, "flush", None)
         SEND_THREADS.submit(self._run)
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -256,6 +258,11 @@ class PipelinedSender:
     def _send_queued(self) -> None:
         fault = self._options.fault
         while True:
+            if self._flush is not None and self._error is None and self._queue.empty():
+                try:
+                    self._flush()  # nothing queued: what the wire held back for the next layer goes now
+                except BaseException as exc:  # surfaced to the caller on its next call
+                    self._error = exc
             item = self._queue.get()
             if item is _STOP:
                 return

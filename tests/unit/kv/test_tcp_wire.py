@@ -15,7 +15,7 @@ from workers.kv.checksum import checksum_buffer, request_tag
 from workers.kv.errors import KVChecksumError, KVTransferError
 from workers.kv.framing import HEADER_NBYTES, Frame, FrameKind, pack_header, recv_frame
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
-from workers.kv.tcp import TcpEndpoint
+from workers.kv.tcp import TcpConnector, TcpEndpoint
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=1, head_dim=4, dtype="float32")
 NUM_TOKENS = 3
@@ -120,6 +120,8 @@ class _ScriptedHelper:
     def submit(self, parts: tuple[memoryview, ...]) -> Future[int]:
         from workers.kv.checksum import checksum_parts
 
+        if self.state == "inline":
+            raise AssertionError("a small layer was handed to the helper")
         future: Future[int] = Future()
         if self.state == "done":
             future.set_result(checksum_parts(parts))
@@ -129,14 +131,21 @@ class _ScriptedHelper:
         return future  # "queued": never begun, so the sender cancels it and hashes inline
 
 
-@pytest.mark.parametrize("state", ["done", "running", "queued"])
+@pytest.mark.parametrize("state", ["done", "running", "queued", "inline"])
 def test_sender_frames_whatever_state_the_hash_is_in(
     endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch, state: str
 ) -> None:
-    """One sendmsg with the trailer when the hash is ready, payload then trailer otherwise: same bytes land."""
+    """One sendmsg with the trailer when the hash is ready, payload then trailer otherwise: same bytes land.
+
+    "inline": layers below HASH_AHEAD_MIN_NBYTES are hashed on the sending thread, never handed over,
+    each trailer riding on the next frame's sendmsg.
+    """
     import workers.kv.tcp as tcp
 
     monkeypatch.setattr(tcp, "BACKGROUND_CHECKSUMS", _ScriptedHelper(state))
+    if state != "inline":  # these layers are tiny: make the sender treat them as large, on a multi-core host
+        monkeypatch.setattr(tcp, "HASH_AHEAD_MIN_NBYTES", 0)
+        monkeypatch.setattr(tcp, "_may_use_several_cpus", lambda: True)
     landed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     rx = endpoint.expect(f"h-{state}", NUM_TOKENS, SPEC, lambda i, k, v: landed.update({i: (k.clone(), v.clone())}))
     layers = [(torch.randn(NUM_TOKENS, 1, 4), torch.randn(NUM_TOKENS, 1, 4)) for _ in range(SPEC.num_layers)]
@@ -151,3 +160,23 @@ def test_sender_frames_whatever_state_the_hash_is_in(
         connector.close()
     for i, (k, v) in enumerate(layers):
         assert torch.equal(landed[i][0], k) and torch.equal(landed[i][1], v)
+
+
+def test_a_held_back_trailer_goes_out_when_no_next_layer_is_queued(endpoint: TcpEndpoint) -> None:
+    """A sender that queues layers one at a time (as prefill computes them) gets each verified before the next.
+
+    The trailer of an inline-hashed layer waits for the next frame only while one is queued: here the
+    receiver must have delivered layer i before layer i+1 is even handed to the sender.
+    """
+    delivered = threading.Semaphore(0)
+    rx = endpoint.expect("spaced", NUM_TOKENS, SPEC, lambda i, k, v: delivered.release())
+    connector = TcpConnector()
+    try:
+        with connector.open(rx.descriptor, SenderOptions(timeout_s=5)) as sender:
+            for i in range(SPEC.num_layers):
+                sender.send_layer(i, torch.randn(NUM_TOKENS, 1, 4), torch.randn(NUM_TOKENS, 1, 4))
+                assert delivered.acquire(timeout=5), f"layer {i} was not delivered before the next was queued"
+            sender.finish()
+        rx.wait(5)
+    finally:
+        connector.close()
