@@ -63,8 +63,8 @@ class EndpointOptions:
     # a power of two; a request whose layers all fit needs no FREE messages and never waits for a slot
     shm_ring_nbytes: int = 32 << 20
     # after each shm layer the receiver polls the control socket this long before sleeping in recv (yielding
-    # its CPU to any other runnable thread meanwhile); a frame that finds it polling skips the wake-up (64 MB,
-    # 2 MiB layers: 6-11% faster); 0 sleeps at once
+    # its CPU to any other runnable thread meanwhile); a frame that finds it polling skips the wake-up: 6-10%
+    # less time per 16 or 64 MB transfer in most runs (benchmarks/shm_poll.py); 0 sleeps at once
     shm_poll_us: float = 100.0
     device: str = "cpu"  # "cuda": staging on the GPU (torch_dist with NCCL)
 
