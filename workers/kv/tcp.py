@@ -280,36 +280,36 @@ class TcpWire(PooledWire):
         started = self._checksums.pop(layer_idx, None)
         frame = (self._owed, header, corrupted(k_bytes) if corrupt else k_bytes, v_bytes)
         self._owed = b""
-        try:
-            if started is None:  # hashed right after the send, from cache; the trailer goes with the next call
-                send_vectored(self._sock, frame)
-                self._owed = TRAILER.pack(checksum_parts((k_bytes, v_bytes)))
-                return
-            if started.done():  # the helper is ahead of the socket: one call carries the whole frame
-                send_vectored(self._sock, (*frame, TRAILER.pack(started.result())))
-                return
-            send_vectored(self._sock, frame)
+        what = f"layer {layer_idx}"
+        if started is None:  # hashed right after the send, from cache; the trailer goes with the next call
+            self._send(frame, what)
+            self._owed = TRAILER.pack(checksum_parts((k_bytes, v_bytes)))
+        elif started.done():  # the helper is ahead of the socket: one call carries the whole frame
+            self._send((*frame, TRAILER.pack(started.result())), what)
+        else:
+            self._send(frame, what)
             # a hash the helper has not begun is cheaper done here than waited for behind others
             digest = checksum_parts((k_bytes, v_bytes)) if started.cancel() else started.result()
-            send_vectored(self._sock, (TRAILER.pack(digest),))
-        except KVTransferError as exc:
-            self._raise_receiver_error()
-            raise with_context(exc, self._desc.request_id, f"layer {layer_idx}") from None
+            self._send((TRAILER.pack(digest),), what)
 
     def flush(self) -> None:
         """Send a trailer still held back (the sender has no next frame to carry it yet)."""
         if self._owed:
             owed, self._owed = self._owed, b""
-            try:
-                send_vectored(self._sock, (owed,))
-            except KVTransferError as exc:
-                self._raise_receiver_error()
-                raise with_context(exc, self._desc.request_id, "a layer's checksum") from None
+            self._send((owed,), "a layer's checksum")
 
     def finish(self) -> None:
         """Send the last trailer, END, and wait for the receiver's verdict."""
         self.flush()
         super().finish()
+
+    def _send(self, parts: tuple[memoryview | bytes, ...], what: str) -> None:
+        """``send_vectored``; on failure, the receiver's own ERROR if it sent one, else the send's error."""
+        try:
+            send_vectored(self._sock, parts)
+        except KVTransferError as exc:
+            self._raise_receiver_error()
+            raise with_context(exc, self._desc.request_id, what) from None
 
     def _raise_receiver_error(self) -> None:
         """After a failed send, surface the ERROR the receiver may have sent before closing."""
