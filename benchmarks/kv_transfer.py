@@ -93,14 +93,12 @@ ON_LAYER: dict[str, Callable[[int, torch.Tensor, torch.Tensor], None]] = {"views
 
 
 def _receiver_main(
-    conn: Connection, kinds: tuple[str, ...], cpus: set[int] | None = None, layers: str = "views",
-    options: EndpointOptions | None = None,
+    conn: Connection, kinds: tuple[str, ...], cpus: set[int] | None, layers: str, options: EndpointOptions
 ) -> None:
     """Child process: one endpoint per transport, plus a raw TCP sink for the ceiling."""
     if cpus is not None:
         os.sched_setaffinity(0, cpus)  # before any thread starts: threads inherit it
     torch.set_num_threads(1)
-    options = options or EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)
     endpoints = {k: open_endpoint(k, options) for k in kinds}
     receivers = {}
     spec = KVSpec(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, DTYPE)
