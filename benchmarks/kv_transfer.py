@@ -60,7 +60,8 @@ import numpy as np
 import torch
 
 from workers.kv.descriptor import TransferDescriptor
-from workers.kv.interface import EndpointOptions, KVSpec
+from workers.kv.congestion import apply_congestion_control
+from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
 from workers.kv.registry import KVClient, open_endpoint
 
 NUM_LAYERS = 32
@@ -219,10 +220,12 @@ def _raw_gloo(conn: Connection, nbytes: int) -> tuple[Callable[[], float], Calla
     return once, stop
 
 
-def _raw_tcp(conn: Connection, nbytes: int) -> tuple[Callable[[], float], socket.socket]:
+def _raw_tcp(conn: Connection, nbytes: int, congestion: str) -> tuple[Callable[[], float], socket.socket, str]:
+    """The raw TCP ceiling over a connection with the congestion control the tcp transport uses."""
     data = memoryview(bytearray(b"\x01" * nbytes))
     conn.send(("raw", nbytes))
     sock = socket.create_connection(("127.0.0.1", conn.recv()))
+    algorithm = apply_congestion_control(sock, congestion) or _host_algorithm()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     layer = nbytes // NUM_LAYERS
@@ -234,7 +237,15 @@ def _raw_tcp(conn: Connection, nbytes: int) -> tuple[Callable[[], float], socket
         sock.recv(1)
         return time.perf_counter() - t0
 
-    return once, sock
+    return once, sock, algorithm
+
+
+def _host_algorithm() -> str:
+    """The host's default TCP congestion control."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "the host's default"
 
 
 def transport_timer(conn: Connection, client: KVClient, kind: str, nbytes: int) -> Callable[[], float]:
@@ -271,7 +282,7 @@ def split_cpus() -> tuple[set[int], set[int]]:
 
 def bandwidth(
     sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pin: bool = False, layers: str = "views",
-    shm_poll_us: float | None = None,
+    poll_us: float | None = None, tcp_congestion: str = SenderOptions().tcp_congestion,
 ) -> None:
     """Part 1: GB/s per transport and ceiling, per size (methods interleaved, so load drift hits all alike)."""
     ctx = mp.get_context("spawn")
@@ -279,13 +290,13 @@ def bandwidth(
     own_cpus = os.sched_getaffinity(0)
     sender_cpus, receiver_cpus = split_cpus() if pin else (own_cpus, None)
     options = EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)
-    if shm_poll_us is not None:
-        options = dataclasses.replace(options, shm_poll_us=shm_poll_us)
+    if poll_us is not None:
+        options = dataclasses.replace(options, poll_us=poll_us)
     proc = ctx.Process(target=_receiver_main, args=(child, kinds, receiver_cpus, layers, options), daemon=True)
     proc.start()
     assert conn.recv() == "ready"
     os.sched_setaffinity(0, sender_cpus)  # before the client's sending threads start
-    client = KVClient()
+    client = KVClient(SenderOptions(tcp_congestion=tcp_congestion))
     placement = f"sender on CPUs {sorted(sender_cpus)}, receiver on {sorted(receiver_cpus or ())}" if pin else "unpinned"
     placement += f"; receiver's layers: {layers}"
     print(f"\n== KV transfer bandwidth: {NUM_LAYERS} layers, {DTYPE}, sender here -> receiver process ({placement}); "
@@ -297,7 +308,9 @@ def bandwidth(
     try:
         for mb in sizes_mb:
             nbytes = (mb << 20) // (NUM_LAYERS * TOKEN_LAYER_NBYTES) * NUM_LAYERS * TOKEN_LAYER_NBYTES
-            raw_once, raw_sock = _raw_tcp(conn, nbytes)
+            raw_once, raw_sock, algorithm = _raw_tcp(conn, nbytes, tcp_congestion)
+            if mb == sizes_mb[0]:
+                print(f"(TCP congestion control of raw TCP and tcp alike: {algorithm}; tcp_congestion={tcp_congestion!r})")
             gloo_once, gloo_stop = _raw_gloo(conn, nbytes)
             methods = {
                 "memcpy": memcpy_timer(nbytes, per_layer=False), "memcpy/layer": memcpy_timer(nbytes, per_layer=True),
@@ -450,8 +463,11 @@ def main() -> int:
                         help="bandwidth part: receiver process on the last CPU, this process on the others, as "
                              "prefill and decode workers on separate cores (on two cores, unpinned, the scheduler "
                              "often woke the receiver on the sender's busy CPU and it waited milliseconds)")
-    parser.add_argument("--shm-poll-us", type=float, default=None,
-                        help="bandwidth part: the shm receiver's EndpointOptions.shm_poll_us (default: the library's)")
+    parser.add_argument("--poll-us", type=float, default=None,
+                        help="bandwidth part: the shm and tcp receivers' EndpointOptions.poll_us (default: the library's)")
+    parser.add_argument("--tcp-congestion", default=SenderOptions().tcp_congestion,
+                        help="bandwidth part: SenderOptions.tcp_congestion of the tcp transport, also applied to the raw "
+                             "TCP ceiling: 'auto' (default: reno on loopback), 'system', or an algorithm such as 'bbr'")
     parser.add_argument("--layers", choices=sorted(ON_LAYER), default="views",
                         help="bandwidth part: what the receiver does with each layer: nothing with the staging "
                              "views (default), clone them, or keep the copies expect(keep=True) hands out")
@@ -466,7 +482,10 @@ def main() -> int:
         # gets a run (and ceilings) of its own.
         for group in (tuple(k for k in kinds if k != "nixl"), tuple(k for k in kinds if k == "nixl")):
             if group:
-                bandwidth(sizes, reps, group, pin=args.pin, layers=args.layers, shm_poll_us=args.shm_poll_us)
+                bandwidth(
+                    sizes, reps, group, pin=args.pin, layers=args.layers, poll_us=args.poll_us,
+                    tcp_congestion=args.tcp_congestion,
+                )
     if not args.skip_ttft:
         cache_dir = args.cache_dir or str(Path(tempfile.gettempdir()) / "pdserve-bench-cache")
         ttft(args.prompt_len, reps, cache_dir, verbose=args.verbose)

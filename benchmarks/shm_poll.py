@@ -1,7 +1,7 @@
-"""The shm receiver's polling between layers (``EndpointOptions.shm_poll_us``): A/B in one run.
+"""The shm receiver's polling between layers (``EndpointOptions.poll_us``): A/B in one run.
 
 One receiver process holds two shm endpoints, one that sleeps in ``recv``
-as soon as a layer is handled (``shm_poll_us=0``) and one that polls first
+as soon as a layer is handled (``poll_us=0``) and one that polls first
 (``--poll-us``, default the library's). This process sends the same 32
 layers to each, interleaved round by round with a memcpy of the same bytes,
 so load drift on a shared machine hits all three alike; the two endpoints
@@ -45,7 +45,7 @@ def _receiver(conn: Connection, poll_us: float, cpus: set[int] | None) -> None:
         os.sched_setaffinity(0, cpus)
     torch.set_num_threads(1)
     endpoints = {
-        name: ShmEndpoint(EndpointOptions(stall_timeout_s=60, shm_poll_us=us))
+        name: ShmEndpoint(EndpointOptions(stall_timeout_s=60, poll_us=us))
         for name, us in (("sleeping", 0.0), ("polling", poll_us))
     }
     receivers = {}
@@ -66,7 +66,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15, help="timed rounds per size (one more warms up)")
     parser.add_argument("--sizes-mb", default="16,64", help="comma-separated transfer sizes in MB")
-    parser.add_argument("--poll-us", type=float, default=EndpointOptions().shm_poll_us, help="the polling endpoint's")
+    parser.add_argument("--poll-us", type=float, default=EndpointOptions().poll_us, help="the polling endpoint's")
     parser.add_argument("--pin", action="store_true", help="receiver on the last CPU, this process on the others")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -21,16 +21,13 @@ stores into aligned targets, as memcpy does for large copies) -- one pass
 over memory at about memcpy's speed, where copy-then-hash ran at 0.5-0.75x
 of it. Without the kernel a straddling block goes through xxhash's streaming
 state, which gives the same digest as the one-shot call. A sender whose
-bytes go through the kernel's socket code instead hashes on a helper thread
-(``BACKGROUND_CHECKSUMS``).
+bytes go through the kernel's socket code hashes each block right after its
+send, while the block is still in cache (``hash_block``).
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -109,8 +106,8 @@ def block_groups(parts: Iterable[memoryview]) -> Iterator[tuple[memoryview, ...]
         yield tuple(group)
 
 
-def _hash_pieces(pieces: tuple[memoryview, ...], seed: int) -> int:
-    """xxh3-64 (seeded) of the concatenation of one block's pieces."""
+def hash_block(pieces: tuple[memoryview, ...], seed: int) -> int:
+    """The chained checksum after one more block (its pieces, from ``block_groups``), from ``seed`` before it."""
     if len(pieces) == 1:
         return _hash_one(pieces[0], seed)
     if KERNEL is not None and sum(len(piece) for piece in pieces) >= KERNEL.MIN_NBYTES:
@@ -130,34 +127,8 @@ def checksum_parts(parts: Iterable[memoryview]) -> int:
             value = _hash_one(view[start : start + BLOCK_NBYTES], value)
         return value
     for pieces in block_groups(parts):
-        value = _hash_pieces(pieces, value)
+        value = hash_block(pieces, value)
     return value
-
-
-class BackgroundChecksums:
-    """Layer checksums computed on helper threads, beside a thread that moves the same bytes.
-
-    Hashing releases the GIL, so a sender that hands the hash to another core spends its own
-    time in the socket instead (tcp, 64 MB on two unpinned cores: 2.5-2.75 -> 2.7-3.2 GB/s).
-    One helper keeps ahead of a socket (hashing runs at ~12 GB/s); more competed with the
-    sending thread for the CPU. Recreated in a forked child, which has none of the parent's threads.
-    """
-
-    def __init__(self, max_workers: int = 1) -> None:
-        self._max_workers = max_workers
-        self._lock = threading.Lock()
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None
-
-    def submit(self, parts: tuple[memoryview, ...]) -> Future[int]:
-        """Start ``checksum_parts(parts)``; the caller keeps ``parts`` alive and unchanged until the result."""
-        with self._lock:
-            if self._pool is None or self._pool[0] != os.getpid():
-                self._pool = (os.getpid(), ThreadPoolExecutor(self._max_workers, thread_name_prefix="kv-hash"))
-            pool = self._pool[1]
-        return pool.submit(checksum_parts, parts)
-
-
-BACKGROUND_CHECKSUMS = BackgroundChecksums()
 
 
 def checksum_buffer(buffer: memoryview) -> int:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from workers.kv.congestion import AUTO, validate_choice
 from workers.kv.descriptor import TransferDescriptor, TransferStats, TransportKind
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class EndpointOptions:
     # after each shm layer the receiver polls the control socket this long before sleeping in recv (yielding
     # its CPU to any other runnable thread meanwhile); a frame that finds it polling skips the wake-up: 6-10%
     # less time per 16 or 64 MB transfer in most runs (benchmarks/shm_poll.py); 0 sleeps at once
-    shm_poll_us: float = 100.0
+    poll_us: float = 100.0
     device: str = "cpu"  # "cuda": staging on the GPU (torch_dist with NCCL)
 
 
@@ -78,7 +79,14 @@ class SenderOptions:
     # tensors, not copies; a shallow queue made the two threads hand off every layer (~0.1 ms each)
     max_inflight_layers: int = 32
     socket_buffer_nbytes: int = 4 << 20
+    # TCP congestion control of tcp data connections opened with these options (workers.kv.congestion):
+    # "auto" = reno between two processes of one host (pacing such as BBR's only slows loopback), the host's
+    # default otherwise; "system" = always the host's default; or an algorithm name, e.g. "cubic"
+    tcp_congestion: str = AUTO
     fault: FaultInjection | None = None
+
+    def __post_init__(self) -> None:
+        validate_choice(self.tcp_congestion)
 
 
 class KVReceiver(Protocol):

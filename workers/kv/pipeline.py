@@ -84,10 +84,8 @@ def corrupted(view: memoryview) -> memoryview:
 class SenderWire(Protocol):
     """The transport-specific half of a sender: moves one layer, then ends the transfer.
 
-    A wire may also define ``prepare(layer_idx, k, v)``: the sender calls it with CPU tensors
-    when the layer is queued, on the caller's thread, so work such as hashing starts before the
-    sending thread reaches the layer. A wire that holds bytes back to send them with the next
-    layer defines ``flush()``: the sending thread calls it whenever it runs out of queued layers.
+    A wire that holds bytes back to send them with the next layer defines ``flush()``: the
+    sending thread calls it whenever it runs out of queued layers.
     """
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
@@ -164,7 +162,6 @@ class PipelinedSender:
         self._t_first: float | None = None
         self._shape = (descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
         self._stopped = threading.Event()  # set when the sending loop returned
-        self._prepare: Callable[[int, torch.Tensor, torch.Tensor], None] | None = getattr(wire, "prepare", None)
         self._flush: Callable[[], None] | None = getattr(wire, "flush", None)
         SEND_THREADS.submit(self._run)
 
@@ -191,10 +188,7 @@ class PipelinedSender:
             if k.is_cuda:
                 ready = torch.cuda.Event()
                 ready.record()
-            item: _Item = (layer_idx, k.contiguous(), v.contiguous(), ready)
-            if self._prepare is not None and ready is None:
-                self._prepare(layer_idx, item[1], item[2])
-            self._queue.put(item, timeout=self._options.timeout_s)
+            self._queue.put((layer_idx, k.contiguous(), v.contiguous(), ready), timeout=self._options.timeout_s)
         except queue.Full:
             raise KVTransferTimeout(
                 f"request {self._desc.request_id!r}: layer {layer_idx} not accepted within "

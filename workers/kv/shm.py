@@ -18,7 +18,7 @@ cache; without it, hashed right after its copy while it is in cache), and
 sends LAYER(slot, checksum); the receiver verifies the slot in place and
 hands views of it to the callback, while the sender fills the next slot.
 Between layers the receiver polls the control socket for a while
-(``shm_poll_us``) before it sleeps in ``recv``: waking a sleeping receiver
+(``poll_us``) before it sleeps in ``recv``: waking a sleeping receiver
 cost the sender ~10 us a frame and the receiver ~25 us of latency here.
 Only when a request has more layers than the ring has slots does the
 receiver answer each layer with FREE(slot), and the sender waits for one
@@ -255,7 +255,7 @@ class ShmEndpoint(SideEndpoint):
             try:
                 ring = self._ring_for(sock, held, pending.descriptor.layer_nbytes)
                 error = receive_slot_layers(
-                    sock, scratch, pending, ring.num_slots, ring.payload, self._options.shm_poll_us * 1e-6, ring.views
+                    sock, scratch, pending, ring.num_slots, ring.payload, self._options.poll_us * 1e-6, ring.views
                 )
             except BaseException:
                 if held.ring is not None:  # a stalled sender might still write into it: never reuse

@@ -4,22 +4,23 @@ Per request: the sender takes a pooled connection (or connects) and sends
 HELLO (the descriptor), then one LAYER frame per layer (header, K||V
 straight from the tensors' memory, and an 8-byte checksum trailer), then
 END. The checksum (workers.kv.checksum) trails the payload: the sender
-sends header, K and V with one ``sendmsg`` and then hashes the layer while
-its bytes are still in cache; the trailer rides on the next frame's
-``sendmsg`` (the byte stream is the same), or goes alone when nothing else
-is queued (``flush``). A layer of ``HASH_AHEAD_MIN_NBYTES`` or more, in a
-process that may use more than one CPU, is instead hashed on a helper
-thread from the moment it is queued (hashing releases the GIL, so it runs
-on another core beside the send; the trailer follows the payload if the
-hash is not ready). Handing a small layer to the helper cost more than it
-overlapped: with the two versions swapping places every round, the time
-ratio helper/inline was 0.98-1.10 per run (median 1.06) at 16 MB (512 KiB
-layers), 1.07-1.11 at 64 MB on one CPU, and 1.00-1.04 where both used the
-helper. The receiver
-hashes each block right after its socket copy, while it is in cache. The
-receiver reads each payload block by block with ``recv_into`` into the connection's staging
-buffer (the last block and the trailer with one ``recvmsg_into``), compares
-the checksums and calls the engine's callback on the connection thread,
+sends the payload a checksum block (512 KiB) at a time and hashes each
+block right after its ``sendmsg``, while the socket copy has left it in
+cache; the trailer rides on the next frame's ``sendmsg`` (the byte stream
+is the same), or goes alone when nothing else is queued (``flush``).
+Hashing on a helper thread beside the send instead lost on two cores,
+where the receiver needs the other one (``TcpWire._send_hashing``). New
+connections get the congestion control ``SenderOptions.tcp_congestion``
+names (workers.kv.congestion: reno between processes of one host, where
+BBR's pacing cost a 16 MB transfer 1.6x its time).
+
+The receiver reads each payload block by block into the connection's
+staging buffer (the last block and the trailer with one ``recvmsg_into``)
+and hashes each block right after its socket copy, while it is in cache.
+Between reads it polls the socket for ``EndpointOptions.poll_us`` before
+it sleeps (``recv_polling``): a sender whose bytes find the receiver asleep
+pays for waking it. It compares the checksums and calls the engine's
+callback on the connection thread,
 then reads the next layer: while the callback runs, the kernel's socket
 buffer (``socket_buffer_nbytes``) keeps taking the sender's bytes, so no
 second thread (and no per-layer hand-off between two threads, which cost
@@ -32,20 +33,20 @@ the same receiver; any failure closes it on both sides.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
-from concurrent.futures import Future
 
 import torch
 
 from workers.kv.checksum import (
-    BACKGROUND_CHECKSUMS,
     ChunkedChecksum,
+    block_groups,
     block_views,
     checksum_parts,
+    hash_block,
     request_tag,
 )
+from workers.kv.congestion import apply_congestion_control
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.framing import (
@@ -61,8 +62,7 @@ from workers.kv.framing import (
     raise_if_error,
     recv_control_payload,
     recv_frame,
-    recv_into,
-    recv_vectored,
+    recv_polling,
     send_error,
     send_frame,
     send_vectored,
@@ -76,20 +76,9 @@ from workers.kv.pipeline import (
     PendingTransfer,
     PipelinedSender,
     StagingPool,
-    as_bytes,
     corrupted,
 )
 from workers.kv.receiving import ReceivingSide, SideEndpoint
-
-# Layers from this size on are hashed ahead on the helper thread (where there is a second CPU); smaller
-# ones on the sending thread right after their bytes went out, the trailer riding on the next frame.
-HASH_AHEAD_MIN_NBYTES = 2 << 20
-
-
-def _may_use_several_cpus() -> bool:
-    """Whether this process may run on more than one CPU (a helper thread can then hash beside the send)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return (len(affinity(0)) if affinity is not None else os.cpu_count() or 1) > 1
 
 
 def read_hello(sock: socket.socket, scratch: bytearray, table: PendingTable) -> PendingTransfer:
@@ -173,17 +162,18 @@ class TcpEndpoint(SideEndpoint):
         trailer = bytearray(TRAILER.size)
         trailer_view = memoryview(trailer)
         error: KVTransferError | None = None
+        poll_s = self._options.poll_us * 1e-6
         while True:
-            frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes)
+            frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, poll_s=poll_s)
             if frame is None:
                 return error
             what = f"layer {frame.layer_idx}"
             payload, blocks = staging.blocks(frame.nbytes)
             checksum = ChunkedChecksum()
             for block in blocks[:-1]:
-                recv_into(sock, block, what)
+                recv_polling(sock, (block,), what, poll_s)
                 checksum.update(block)  # hashed while still in cache
-            recv_vectored(sock, (*blocks[-1:], trailer_view), what)  # the last block and the checksum: one call
+            recv_polling(sock, (*blocks[-1:], trailer_view), what, poll_s)  # the last block and the checksum: one call
             for block in blocks[-1:]:
                 checksum.update(block)
             if error is None:
@@ -259,38 +249,40 @@ class PooledWire:
 
 
 class TcpWire(PooledWire):
-    """Sending half: one connection, frames written with ``sendall`` straight from the tensors."""
+    """Sending half: one connection, frames written with ``sendmsg`` straight from the tensors."""
 
     def __init__(self, descriptor: TransferDescriptor, sock: socket.socket, pool: ConnectionPool) -> None:
         super().__init__(descriptor, sock, pool)
-        self._checksums: dict[int, Future[int]] = {}  # started when their layers were queued
-        self._hash_ahead = descriptor.layer_nbytes >= HASH_AHEAD_MIN_NBYTES and _may_use_several_cpus()
-        self._owed = b""  # the last layer's trailer, when it was hashed after its payload went out
+        self._owed = b""  # the last layer's trailer, held back to ride on the next frame's sendmsg
         send_hello(self._sock, descriptor)
 
-    def prepare(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Start hashing a large queued CPU layer on the helper thread (the sending thread is busy in the kernel)."""
-        if self._hash_ahead:
-            self._checksums[layer_idx] = BACKGROUND_CHECKSUMS.submit((as_bytes(k), as_bytes(v)))
-
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
-        """Send one LAYER frame: header, K and V from the tensors' memory, then the checksum."""
+        """Send one LAYER frame: header, K and V from the tensors' memory; its checksum trails it."""
         k_bytes, v_bytes = self._stager.parts(k, v)
         header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, len(k_bytes) + len(v_bytes), 0, self._tag))
-        started = self._checksums.pop(layer_idx, None)
-        frame = (self._owed, header, corrupted(k_bytes) if corrupt else k_bytes, v_bytes)
-        self._owed = b""
+        head, self._owed = (self._owed, header), b""
         what = f"layer {layer_idx}"
-        if started is None:  # hashed right after the send, from cache; the trailer goes with the next call
-            self._send(frame, what)
-            self._owed = TRAILER.pack(checksum_parts((k_bytes, v_bytes)))
-        elif started.done():  # the helper is ahead of the socket: one call carries the whole frame
-            self._send((*frame, TRAILER.pack(started.result())), what)
+        if corrupt:  # fault injection: damaged bytes go out under the checksum of the true ones
+            self._send((*head, corrupted(k_bytes), v_bytes), what)
+            digest = checksum_parts((k_bytes, v_bytes))
         else:
-            self._send(frame, what)
-            # a hash the helper has not begun is cheaper done here than waited for behind others
-            digest = checksum_parts((k_bytes, v_bytes)) if started.cancel() else started.result()
-            self._send((TRAILER.pack(digest),), what)
+            digest = self._send_hashing(head, (k_bytes, v_bytes), what)
+        self._owed = TRAILER.pack(digest)
+
+    def _send_hashing(self, head: tuple[bytes, ...], parts: tuple[memoryview, ...], what: str) -> int:
+        """Send ``head`` then ``parts`` a checksum block at a time, hashing each block right after its send.
+
+        The block is then still in this core's cache (the socket copy just read it): a 2 MiB layer
+        sent whole and then hashed had left cache. Pinned, 64 MB took 1.21x as long sent whole
+        (256 MB 1.11x), and 1.18-1.21x with a helper thread hashing each layer beside the send on
+        two unpinned cores, where the receiver needs the other core.
+        """
+        value = 0
+        for pieces in block_groups(parts):
+            self._send((*head, *pieces), what)
+            head = ()
+            value = hash_block(pieces, value)
+        return value
 
     def flush(self) -> None:
         """Send a trailer still held back (the sender has no next frame to carry it yet)."""
@@ -366,6 +358,17 @@ class ConnectionPool:
                 sock.close()
 
 
+def _connect(address: str, options: SenderOptions) -> socket.socket:
+    """A new data connection to ``address``, with the congestion control ``options`` ask for."""
+    sock = connect(address, options.timeout_s, options.socket_buffer_nbytes)
+    try:
+        apply_congestion_control(sock, options.tcp_congestion)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class TcpConnector:
     """Sending side of the tcp transport: keeps finished connections per receiver for reuse."""
 
@@ -374,11 +377,9 @@ class TcpConnector:
 
     def open(self, descriptor: TransferDescriptor, options: SenderOptions) -> PipelinedSender:
         """Reuse or open a connection to the receiver and return a pipelined sender."""
-        sock = self._pool.take(descriptor.address)
-        if sock is None:
-            sock = connect(descriptor.address, options.timeout_s, options.socket_buffer_nbytes)
-        set_stall_timeout(sock, options.timeout_s)
+        sock = self._pool.take(descriptor.address) or _connect(descriptor.address, options)
         try:
+            set_stall_timeout(sock, options.timeout_s)
             wire = TcpWire(descriptor, sock, self._pool)
         except BaseException:
             sock.close()

@@ -64,22 +64,3 @@ def test_copy_with_fault_injection_damages_the_copy_not_the_checksum() -> None:
     checksum = copy_and_checksum(target, (memoryview(data),), corrupt=True)
     assert checksum == checksum_buffer(memoryview(data))
     assert checksum_buffer(memoryview(target)) != checksum
-
-
-def _background_checksum_in_child(data: bytes) -> int:
-    from workers.kv.checksum import BACKGROUND_CHECKSUMS
-
-    return BACKGROUND_CHECKSUMS.submit((memoryview(data),)).result(timeout=10)
-
-
-def test_background_checksums_match_and_survive_a_fork() -> None:
-    import multiprocessing
-
-    from workers.kv.checksum import BACKGROUND_CHECKSUMS
-
-    data = _payload(2 * BLOCK_NBYTES + 5)
-    view = memoryview(data)
-    want = checksum_parts((view[:7], view[7:]))
-    assert BACKGROUND_CHECKSUMS.submit((view[:7], view[7:])).result(timeout=10) == want  # the parent's helper runs
-    with multiprocessing.get_context("fork").Pool(1) as pool:  # a child inherits no helper thread: it makes its own
-        assert pool.apply(_background_checksum_in_child, (data.tobytes(),)) == want

@@ -89,7 +89,7 @@ def test_more_layers_than_slots_still_arrive_in_order_through_freed_slots() -> N
 @pytest.mark.parametrize("poll_us", [0.0, 100.0, 5e6])
 def test_layers_arrive_whether_the_receiver_sleeps_or_polls_between_them(poll_us: float) -> None:
     """0: sleeps in recv at once; 5e6: polls through every gap (the END frame ends the poll too)."""
-    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0, shm_poll_us=poll_us))
+    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0, poll_us=poll_us))
     connector = ShmConnector()
     try:
         for rid in ("a", "b"):

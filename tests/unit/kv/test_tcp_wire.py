@@ -6,7 +6,6 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 
 import pytest
 import torch
@@ -111,44 +110,37 @@ def test_sender_to_a_receiver_that_stopped_reading_times_out() -> None:
         listener.close()
 
 
-class _ScriptedHelper:
-    """Stands in for the hashing helper thread so each state a layer's hash can be in at send time is hit."""
-
-    def __init__(self, state: str) -> None:
-        self.state = state
-
-    def submit(self, parts: tuple[memoryview, ...]) -> Future[int]:
-        from workers.kv.checksum import checksum_parts
-
-        if self.state == "inline":
-            raise AssertionError("a small layer was handed to the helper")
-        future: Future[int] = Future()
-        if self.state == "done":
-            future.set_result(checksum_parts(parts))
-        elif self.state == "running":  # begun, not finished: the sender must wait for it
-            future.set_running_or_notify_cancel()
-            threading.Timer(0.02, lambda: future.set_result(checksum_parts(parts))).start()
-        return future  # "queued": never begun, so the sender cancels it and hashes inline
+# 320 tokens x 8 heads x 128 x float16: K and V of 640 KiB each, a layer of three blocks (one straddles K and V)
+BIG = KVSpec(num_layers=3, num_kv_heads=8, head_dim=128, dtype="float16")
+BIG_TOKENS = 320
 
 
-@pytest.mark.parametrize("state", ["done", "running", "queued", "inline"])
-def test_sender_frames_whatever_state_the_hash_is_in(
-    endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch, state: str
+def test_a_layer_of_several_blocks_is_hashed_block_by_block_right_after_each_send(
+    endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One sendmsg with the trailer when the hash is ready, payload then trailer otherwise: same bytes land.
+    """Each block is hashed right after the sendmsg that carried it (still in cache), and lands intact.
 
-    "inline": layers below HASH_AHEAD_MIN_NBYTES are hashed on the sending thread, never handed over,
-    each trailer riding on the next frame's sendmsg.
+    The layer's checksum trails it: it rides on the next layer's first sendmsg, the last one on flush.
     """
     import workers.kv.tcp as tcp
 
-    monkeypatch.setattr(tcp, "BACKGROUND_CHECKSUMS", _ScriptedHelper(state))
-    if state != "inline":  # these layers are tiny: make the sender treat them as large, on a multi-core host
-        monkeypatch.setattr(tcp, "HASH_AHEAD_MIN_NBYTES", 0)
-        monkeypatch.setattr(tcp, "_may_use_several_cpus", lambda: True)
+    events: list[tuple[str, int]] = []
+    real_send, real_hash = tcp.send_vectored, tcp.hash_block
+
+    def send(sock: socket.socket, parts: tuple[memoryview | bytes, ...]) -> None:
+        events.append(("send", sum(len(p) for p in parts)))
+        real_send(sock, parts)
+
+    def hash_block(pieces: tuple[memoryview, ...], seed: int) -> int:
+        events.append(("hash", sum(len(p) for p in pieces)))
+        return real_hash(pieces, seed)
+
+    monkeypatch.setattr(tcp, "send_vectored", send)
+    monkeypatch.setattr(tcp, "hash_block", hash_block)
     landed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    rx = endpoint.expect(f"h-{state}", NUM_TOKENS, SPEC, lambda i, k, v: landed.update({i: (k.clone(), v.clone())}))
-    layers = [(torch.randn(NUM_TOKENS, 1, 4), torch.randn(NUM_TOKENS, 1, 4)) for _ in range(SPEC.num_layers)]
+    rx = endpoint.expect("blocks", BIG_TOKENS, BIG, lambda i, k, v: landed.update({i: (k.clone(), v.clone())}))
+    shape = (BIG_TOKENS, BIG.num_kv_heads, BIG.head_dim)
+    layers = [(torch.randn(shape).half(), torch.randn(shape).half()) for _ in range(BIG.num_layers)]
     connector = tcp.TcpConnector()
     try:
         with connector.open(rx.descriptor, SenderOptions(timeout_s=5)) as sender:
@@ -160,6 +152,12 @@ def test_sender_frames_whatever_state_the_hash_is_in(
         connector.close()
     for i, (k, v) in enumerate(layers):
         assert torch.equal(landed[i][0], k) and torch.equal(landed[i][1], v)
+    layer = rx.descriptor.layer_nbytes
+    blocks = [512 << 10, 512 << 10, layer - (1 << 20)]
+    per_layer = [("send", HEADER_NBYTES + blocks[0]), ("hash", blocks[0]), ("send", blocks[1]), ("hash", blocks[1]),
+                 ("send", blocks[2]), ("hash", blocks[2])]
+    later = [("send", 8 + HEADER_NBYTES + blocks[0]), *per_layer[1:]]  # the last layer's trailer rides along
+    assert events == [*per_layer, *later, *later, ("send", 8)]  # the last trailer goes alone, on flush
 
 
 def test_a_held_back_trailer_goes_out_when_no_next_layer_is_queued(endpoint: TcpEndpoint) -> None:

@@ -18,7 +18,7 @@ from workers.kv.framing import (
     Frame,
     FrameKind,
     pack_header,
-    recv_into_polling,
+    recv_polling,
     recv_vectored,
     send_vectored,
     set_stall_timeout,
@@ -93,7 +93,7 @@ def test_polling_read_takes_a_waiting_frame_without_polling(monkeypatch: pytest.
     a, b = _pair()
     a.sendall(b"h" * 40)
     view = memoryview(bytearray(40))
-    recv_into_polling(b, view, "a header", 1.0)
+    recv_polling(b, (view,), "a header", 1.0)
     assert bytes(view) == b"h" * 40 and yields[0] == 0
     a.close()
     b.close()
@@ -106,7 +106,7 @@ def test_polling_read_catches_pieces_arriving_while_it_polls(monkeypatch: pytest
     sender = _send_later(a, 0.02, b"a" * 10, b"b" * 30)
     view = memoryview(bytearray(40))
     t0 = time.monotonic()
-    recv_into_polling(b, view, "a header", 5.0)
+    recv_polling(b, (view,), "a header", 5.0)
     sender.join(5)
     assert bytes(view) == b"a" * 10 + b"b" * 30
     assert yields[0] > 0 and time.monotonic() - t0 < 2.0
@@ -119,9 +119,49 @@ def test_polling_read_sleeps_once_the_poll_is_over() -> None:
     a, b = _pair()
     sender = _send_later(a, 0.1, b"x" * 5, b"y" * 35)
     view = memoryview(bytearray(40))
-    recv_into_polling(b, view, "a header", 0.001)
+    recv_polling(b, (view,), "a header", 0.001)
     sender.join(5)
     assert bytes(view) == b"x" * 5 + b"y" * 35
+    a.close()
+    b.close()
+
+
+def test_polling_read_fills_several_views_and_restarts_its_poll_while_bytes_arrive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A block and its trailer from four pieces 30 ms apart, polling 60 ms: 90 ms in all, yet no sleep.
+
+    The poll restarts with every piece that arrives, so a payload that keeps streaming in never falls
+    back to the blocking read (which a poll measured from the start would do after 60 ms).
+    """
+    yields = _count_yields(monkeypatch)
+    blocking: list[int] = []
+    real = framing.recv_vectored
+
+    def spied(sock: socket.socket, views: list[memoryview], what: str) -> None:
+        blocking.append(len(views))
+        real(sock, views, what)
+
+    monkeypatch.setattr(framing, "recv_vectored", spied)
+    a, b = _pair()
+    sender = _send_later(a, 0.03, b"a" * 10, b"b" * 20, b"c" * 15, b"t" * 8)
+    block, trailer = bytearray(45), bytearray(8)
+    recv_polling(b, (memoryview(block), memoryview(trailer)), "a layer", 0.06)
+    sender.join(5)
+    assert bytes(block) == b"a" * 10 + b"b" * 20 + b"c" * 15 and bytes(trailer) == b"t" * 8
+    assert yields[0] > 0 and blocking == []
+    a.close()
+    b.close()
+
+
+def test_polling_read_without_a_poll_reads_blocking_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    yields = _count_yields(monkeypatch)
+    a, b = _pair()
+    sender = _send_later(a, 0.02, b"p" * 6, b"q" * 4)
+    views = (memoryview(bytearray(6)), memoryview(bytearray(0)), memoryview(bytearray(4)))
+    recv_polling(b, views, "a layer", 0.0)
+    sender.join(5)
+    assert bytes(views[0]) + bytes(views[2]) == b"p" * 6 + b"q" * 4 and yields[0] == 0
     a.close()
     b.close()
 
@@ -132,7 +172,7 @@ def test_polling_read_from_a_closed_peer_fails(poll_s: float) -> None:
     a.sendall(b"z" * 3)
     a.close()
     with pytest.raises(KVTransferError, match="closed the connection while reading a header"):
-        recv_into_polling(b, memoryview(bytearray(40)), "a header", poll_s)
+        recv_polling(b, (memoryview(bytearray(40)),), "a header", poll_s)
     b.close()
 
 
@@ -141,7 +181,7 @@ def test_polling_read_of_a_silent_peer_times_out_after_the_stall_timeout() -> No
     set_stall_timeout(b, 0.2)
     t0 = time.monotonic()
     with pytest.raises(KVTransferTimeout, match="a header"):
-        recv_into_polling(b, memoryview(bytearray(40)), "a header", 0.01)
+        recv_polling(b, (memoryview(bytearray(40)),), "a header", 0.01)
     assert 0.15 < time.monotonic() - t0 < 2.0
     a.close()
     b.close()
