@@ -59,8 +59,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.kv.descriptor import TransferDescriptor
 from workers.kv.congestion import apply_congestion_control
+from workers.kv.descriptor import TransferDescriptor
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
 from workers.kv.registry import KVClient, open_endpoint
 
