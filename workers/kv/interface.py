@@ -63,9 +63,10 @@ class EndpointOptions:
     # a shm ring has as many slots (up to 128) as fit in this many bytes, each the layer size rounded up to
     # a power of two; a request whose layers all fit needs no FREE messages and never waits for a slot
     shm_ring_nbytes: int = 32 << 20
-    # after each shm layer the receiver polls the control socket this long before sleeping in recv (yielding
-    # its CPU to any other runnable thread meanwhile); a frame that finds it polling skips the wake-up: 6-10%
-    # less time per 16 or 64 MB transfer in most runs (benchmarks/shm_poll.py); 0 sleeps at once
+    # between reads the shm and tcp receivers poll their socket this long (restarted whenever bytes arrive)
+    # before sleeping in recv, yielding the CPU to any other runnable thread meanwhile; bytes that find the
+    # receiver polling cost the sender no wake-up: shm 6-10% less time per 16 or 64 MB transfer in most runs
+    # (benchmarks/shm_poll.py), tcp 16 MB 1.3-1.6x the GB/s (kv_transfer.py --poll-us 0); 0 sleeps at once
     poll_us: float = 100.0
     device: str = "cpu"  # "cuda": staging on the GPU (torch_dist with NCCL)
 

@@ -12,7 +12,7 @@ Hashing on a helper thread beside the send instead lost on two cores,
 where the receiver needs the other one (``TcpWire._send_hashing``). New
 connections get the congestion control ``SenderOptions.tcp_congestion``
 names (workers.kv.congestion: reno between processes of one host, where
-BBR's pacing cost a 16 MB transfer 1.6x its time).
+BBR's pacing cost a 16 MB transfer 1.4-1.6x its time).
 
 The receiver reads each payload block by block into the connection's
 staging buffer (the last block and the trailer with one ``recvmsg_into``)
