@@ -8,7 +8,10 @@ copy glibc streams non-temporal stores over interleaved pages, which no
 layer-sized copy gets), ``memcpy/layer`` (the same bytes copied one layer
 per call into a reused destination: what a layer-wise path can at best do),
 raw TCP loopback (``sendall`` / ``recv_into`` per layer into a reused layer
-buffer) and raw gloo (``send``/``recv`` of each layer's K and V between the
+buffer, over a connection with the congestion control the tcp transport
+picks: ``--tcp-congestion``, default ``auto``, which is reno on loopback;
+under this machine's BBR both ran slower, the ceiling less at 16 MB and
+more at 256 MB) and raw gloo (``send``/``recv`` of each layer's K and V between the
 same two processes). Each transport's ratio is printed against the ceilings
 of its path. nixl runs in a second pass with its own ceilings: its
 receiving agent's UCX progress thread spins on a core while it exists. By
