@@ -6,8 +6,10 @@ two processes of one host there is no network to protect, and the estimate
 follows the sender's own pauses (the checksum it computes between layers): on
 loopback, with the rest unchanged, a 16 MB tcp transfer took 1.4-1.6x as long
 and 1.4-1.6x the sender's CPU under BBR as under reno (two runs, 20 rounds each). ``auto`` therefore picks reno, which every
-Linux host allows every user, for a connection whose two ends are on one host,
-and leaves any other connection to the host's setting.
+Linux host allows every user, for a connection whose peer address is a loopback
+address or this end's own (two processes in one network namespace), and leaves
+any other connection to the host's setting: two pods of one node have addresses
+of their own and are not told apart from two nodes.
 """
 
 from __future__ import annotations
