@@ -99,31 +99,33 @@ def test_polling_read_takes_a_waiting_frame_without_polling(monkeypatch: pytest.
     b.close()
 
 
-def test_polling_read_catches_pieces_arriving_while_it_polls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two pieces 20 ms apart inside a 5 s poll: both are taken by polling (it yielded), in order."""
+def _read_polling(
+    monkeypatch: pytest.MonkeyPatch, delay_s: float, chunks: tuple[bytes, ...], sizes: tuple[int, ...], poll_s: float
+) -> tuple[list[bytes], int]:
+    """``recv_polling`` into views of ``sizes`` while ``chunks`` arrive ``delay_s`` apart: (views' bytes, yields)."""
     yields = _count_yields(monkeypatch)
     a, b = _pair()
-    sender = _send_later(a, 0.02, b"a" * 10, b"b" * 30)
-    view = memoryview(bytearray(40))
+    sender = _send_later(a, delay_s, *chunks)
+    views = [memoryview(bytearray(n)) for n in sizes]
+    recv_polling(b, views, "a layer", poll_s)
+    sender.join(5)
+    a.close()
+    b.close()
+    return [bytes(view) for view in views], yields[0]
+
+
+def test_polling_read_catches_pieces_arriving_while_it_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two pieces 20 ms apart inside a 5 s poll: both are taken by polling (it yielded), in order."""
     t0 = time.monotonic()
-    recv_polling(b, (view,), "a header", 5.0)
-    sender.join(5)
-    assert bytes(view) == b"a" * 10 + b"b" * 30
-    assert yields[0] > 0 and time.monotonic() - t0 < 2.0
-    a.close()
-    b.close()
+    got, yields = _read_polling(monkeypatch, 0.02, (b"a" * 10, b"b" * 30), (40,), 5.0)
+    assert got == [b"a" * 10 + b"b" * 30]
+    assert yields > 0 and time.monotonic() - t0 < 2.0
 
 
-def test_polling_read_sleeps_once_the_poll_is_over() -> None:
+def test_polling_read_sleeps_once_the_poll_is_over(monkeypatch: pytest.MonkeyPatch) -> None:
     """A frame later than the poll is still read whole, by the blocking receive it falls back to."""
-    a, b = _pair()
-    sender = _send_later(a, 0.1, b"x" * 5, b"y" * 35)
-    view = memoryview(bytearray(40))
-    recv_polling(b, (view,), "a header", 0.001)
-    sender.join(5)
-    assert bytes(view) == b"x" * 5 + b"y" * 35
-    a.close()
-    b.close()
+    got, _ = _read_polling(monkeypatch, 0.1, (b"x" * 5, b"y" * 35), (40,), 0.001)
+    assert got == [b"x" * 5 + b"y" * 35]
 
 
 def test_polling_read_fills_several_views_and_restarts_its_poll_while_bytes_arrive(
@@ -134,7 +136,6 @@ def test_polling_read_fills_several_views_and_restarts_its_poll_while_bytes_arri
     The poll restarts with every piece that arrives, so a payload that keeps streaming in never falls
     back to the blocking read (which a poll measured from the start would do after 60 ms).
     """
-    yields = _count_yields(monkeypatch)
     blocking: list[int] = []
     real = framing.recv_vectored
 
@@ -143,27 +144,14 @@ def test_polling_read_fills_several_views_and_restarts_its_poll_while_bytes_arri
         real(sock, views, what)
 
     monkeypatch.setattr(framing, "recv_vectored", spied)
-    a, b = _pair()
-    sender = _send_later(a, 0.03, b"a" * 10, b"b" * 20, b"c" * 15, b"t" * 8)
-    block, trailer = bytearray(45), bytearray(8)
-    recv_polling(b, (memoryview(block), memoryview(trailer)), "a layer", 0.06)
-    sender.join(5)
-    assert bytes(block) == b"a" * 10 + b"b" * 20 + b"c" * 15 and bytes(trailer) == b"t" * 8
-    assert yields[0] > 0 and blocking == []
-    a.close()
-    b.close()
+    got, yields = _read_polling(monkeypatch, 0.03, (b"a" * 10, b"b" * 20, b"c" * 15, b"t" * 8), (45, 8), 0.06)
+    assert got == [b"a" * 10 + b"b" * 20 + b"c" * 15, b"t" * 8]
+    assert yields > 0 and blocking == []
 
 
 def test_polling_read_without_a_poll_reads_blocking_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    yields = _count_yields(monkeypatch)
-    a, b = _pair()
-    sender = _send_later(a, 0.02, b"p" * 6, b"q" * 4)
-    views = (memoryview(bytearray(6)), memoryview(bytearray(0)), memoryview(bytearray(4)))
-    recv_polling(b, views, "a layer", 0.0)
-    sender.join(5)
-    assert bytes(views[0]) + bytes(views[2]) == b"p" * 6 + b"q" * 4 and yields[0] == 0
-    a.close()
-    b.close()
+    got, yields = _read_polling(monkeypatch, 0.02, (b"p" * 6, b"q" * 4), (6, 0, 4), 0.0)
+    assert got == [b"p" * 6, b"", b"q" * 4] and yields == 0
 
 
 @pytest.mark.parametrize("poll_s", [0.001, 5.0])
