@@ -66,7 +66,7 @@ class EndpointOptions:
     # between reads the shm and tcp receivers poll their socket this long (restarted whenever bytes arrive)
     # before sleeping in recv, yielding the CPU to any other runnable thread meanwhile; bytes that find the
     # receiver polling cost the sender no wake-up: shm 6-10% less time per 16 or 64 MB transfer in most runs
-    # (benchmarks/shm_poll.py), tcp 16 MB 1.3-1.6x the GB/s (kv_transfer.py --poll-us 0); 0 sleeps at once
+    # (benchmarks/shm_poll.py), tcp 16 MB 1.3-1.8x the GB/s in 3 runs against --poll-us 0 (kv_transfer.py); 0 sleeps at once
     poll_us: float = 100.0
     device: str = "cpu"  # "cuda": staging on the GPU (torch_dist with NCCL)
 
