@@ -5,11 +5,12 @@ spaces a sender's segments with a timer at the rate it has estimated. Between
 two processes of one host there is no network to protect, and the estimate
 follows the sender's own pauses (the checksum it computes between layers): on
 loopback, with the rest unchanged, a 16 MB tcp transfer took 1.4-1.6x as long
-and 1.4-1.6x the sender's CPU under BBR as under reno (two runs, 20 rounds each). ``auto`` therefore picks reno, which every
-Linux host allows every user, for a connection whose peer address is a loopback
-address or this end's own (two processes in one network namespace), and leaves
-any other connection to the host's setting: two pods of one node have addresses
-of their own and are not told apart from two nodes.
+and 1.4-1.6x the sender's CPU under BBR as under reno (two runs, 20 rounds
+each). ``auto`` therefore picks reno, which every Linux host allows every
+user, for a connection to a receiver on this host: its descriptor names this
+host (workers.kv.host; two pods of one node share it, though each has an
+address of its own), or its address is a loopback address or this end's own.
+Any other connection keeps the host's setting.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import socket
 from pathlib import Path
 
 from workers.kv.errors import KVTransferError
+from workers.kv.host import local_host_id
 
 AUTO = "auto"  # reno on same-host connections, the host's default elsewhere
 SYSTEM = "system"  # always the host's default (net.ipv4.tcp_congestion_control)
@@ -27,28 +29,32 @@ _ALLOWED = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
 _AVAILABLE = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
 
 
-def same_host(sock: socket.socket) -> bool:
-    """Whether a connected socket's peer is on this host (a loopback address, or this end's own address)."""
+def same_host(sock: socket.socket, peer_host_id: str = "") -> bool:
+    """Whether a connected socket's peer is on this host: its host id is ours, or its address is loopback or ours."""
+    if peer_host_id and peer_host_id == local_host_id():
+        return True
     local, peer = sock.getsockname()[0], sock.getpeername()[0]
     return bool(local == peer or ipaddress.ip_address(peer).is_loopback)
 
 
-def chosen_algorithm(sock: socket.socket, choice: str) -> str | None:
+def chosen_algorithm(sock: socket.socket, choice: str, peer_host_id: str = "") -> str | None:
     """The algorithm ``choice`` means for this connected socket; None keeps the host's default."""
     if choice == SYSTEM:
         return None
     if choice == AUTO:
-        return SAME_HOST_ALGORITHM if same_host(sock) else None
+        return SAME_HOST_ALGORITHM if same_host(sock, peer_host_id) else None
     return choice
 
 
-def apply_congestion_control(sock: socket.socket, choice: str) -> str | None:
+def apply_congestion_control(sock: socket.socket, choice: str, peer_host_id: str = "") -> str | None:
     """Set the connection's algorithm as ``choice`` says; return the one set (None: the host's default).
+
+    ``peer_host_id``: the receiver's host id, from its descriptor ("" unknown).
 
     An algorithm named explicitly that the kernel refuses is a KVTransferError that lists what
     this host allows; under ``auto`` a refusal (no such socket option off Linux) keeps the default.
     """
-    name = chosen_algorithm(sock, choice)
+    name = chosen_algorithm(sock, choice, peer_host_id)
     option = getattr(socket, "TCP_CONGESTION", None)
     if name is None or (option is None and choice == AUTO):
         return None

@@ -54,6 +54,7 @@ class TransferDescriptor:
     head_dim: int
     dtype: str
     device: str = "cpu"  # where the receiver's staging lives: "cpu" or "cuda"
+    host_id: str = ""  # the receiving host's id (workers.kv.host: its boot id); "" when unknown
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -104,12 +105,12 @@ class TransferDescriptor:
             raise InvalidDescriptor(
                 f"unknown transport kind {fields['kind']!r}; choose from {[k.value for k in TransportKind]}"
             ) from None
-        expected: dict[str, type] = {"request_id": str, "address": str, "dtype": str, "device": str}
+        expected: dict[str, type] = {"request_id": str, "address": str, "dtype": str, "device": str, "host_id": str}
         expected |= {n: int for n in ("num_tokens", "num_layers", "num_kv_heads", "head_dim")}
         values: dict[str, Any] = {}
         for name, typ in expected.items():
             if name not in fields:
-                if name == "device":
+                if name in ("device", "host_id"):  # optional: their defaults hold
                     continue
                 raise InvalidDescriptor(f"missing field {name!r}")
             if not isinstance(fields[name], typ) or isinstance(fields[name], bool):

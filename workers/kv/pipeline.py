@@ -28,6 +28,7 @@ import torch
 from workers.kv.checksum import checksum_buffer, copy_and_checksum, device_checksum
 from workers.kv.descriptor import TransferDescriptor, TransferStats, TransportKind
 from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
+from workers.kv.host import local_host_id
 from workers.kv.interface import KVSpec, LayerCallback, SenderOptions
 
 
@@ -454,7 +455,7 @@ class PendingTable:
         desc = TransferDescriptor(
             request_id=request_id, kind=self.kind, address=self.address, num_tokens=num_tokens,
             num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-            dtype=spec.dtype, device=self.device,
+            dtype=spec.dtype, device=self.device, host_id=local_host_id(),
         )
         with self._lock:
             if request_id in self._pending:

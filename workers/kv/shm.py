@@ -59,6 +59,7 @@ from workers.kv.framing import (
     set_stall_timeout,
     with_context,
 )
+from workers.kv.host import local_host_id
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import PendingTransfer, PipelinedSender, ViewCache
 from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers
@@ -346,6 +347,11 @@ class ShmConnector:
 
     def open(self, descriptor: TransferDescriptor, options: SenderOptions) -> PipelinedSender:
         """Connect to the receiver, map its ring, and return a pipelined sender."""
+        if descriptor.host_id and descriptor.host_id != local_host_id():
+            raise KVTransferError(
+                f"request {descriptor.request_id!r}: shm needs the receiver on this host, and its descriptor names "
+                f"host {descriptor.host_id} (this one is {local_host_id() or 'unknown'}); use tcp or torch_dist"
+            )
         return PipelinedSender(descriptor, ShmWire(descriptor, options, self), options)
 
     def close(self) -> None:

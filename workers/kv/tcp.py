@@ -358,11 +358,11 @@ class ConnectionPool:
                 sock.close()
 
 
-def _connect(address: str, options: SenderOptions) -> socket.socket:
-    """A new data connection to ``address``, with the congestion control ``options`` ask for."""
-    sock = connect(address, options.timeout_s, options.socket_buffer_nbytes)
+def _connect(descriptor: TransferDescriptor, options: SenderOptions) -> socket.socket:
+    """A new data connection to the descriptor's receiver, with the congestion control ``options`` ask for."""
+    sock = connect(descriptor.address, options.timeout_s, options.socket_buffer_nbytes)
     try:
-        apply_congestion_control(sock, options.tcp_congestion)
+        apply_congestion_control(sock, options.tcp_congestion, descriptor.host_id)
     except BaseException:
         sock.close()
         raise
@@ -377,7 +377,7 @@ class TcpConnector:
 
     def open(self, descriptor: TransferDescriptor, options: SenderOptions) -> PipelinedSender:
         """Reuse or open a connection to the receiver and return a pipelined sender."""
-        sock = self._pool.take(descriptor.address) or _connect(descriptor.address, options)
+        sock = self._pool.take(descriptor.address) or _connect(descriptor, options)
         try:
             set_stall_timeout(sock, options.timeout_s)
             wire = TcpWire(descriptor, sock, self._pool)

@@ -79,6 +79,7 @@ def descriptor_to_pb(desc: TransferDescriptor) -> pb.TransferDescriptor:
         head_dim=desc.head_dim,
         dtype=desc.dtype,
         device=desc.device,
+        host_id=desc.host_id,
     )
 
 
@@ -98,6 +99,7 @@ def descriptor_from_pb(msg: pb.TransferDescriptor) -> TransferDescriptor:
         head_dim=msg.head_dim,
         dtype=msg.dtype,
         device=msg.device or "cpu",
+        host_id=msg.host_id,
     )
 
 

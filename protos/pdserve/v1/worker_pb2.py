@@ -24,55 +24,55 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\"\xad\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xb6\x01\n\x12TransferDescriptor\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\"\x8c\x01\n\rTransferStats\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x11\n\tblocked_s\x18\x06 \x01(\x01\x12\x0e\n\x06wire_s\x18\x07 \x01(\x01\"\x94\x01\n\nTokenEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\"\xea\x02\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x18\n\x10waiting_requests\x18\x05 \x01(\r\x12\x18\n\x10running_requests\x18\x06 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x07 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x1c\n\x14max_running_requests\x18\n \x01(\r\x12\x1a\n\rrecent_ttft_s\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rrecent_tpot_s\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\x10\n\x0e_recent_ttft_sB\x10\n\x0e_recent_tpot_s\"g\n\x10ReserveKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"[\n\x11ReserveKVResponse\x12\x32\n\ndescriptor\x18\x01 \x01(\x0b\x32\x1e.pdserve.v1.TransferDescriptor\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\"\xa0\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x32\n\ndescriptor\x18\x04 \x01(\x0b\x32\x1e.pdserve.v1.TransferDescriptor\"j\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x12\n\nfirst_text\x18\x02 \x01(\t\x12+\n\x08transfer\x18\x03 \x01(\x0b\x32\x19.pdserve.v1.TransferStats\"\xe1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.GenerateMode\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\x12transfer_timeout_s\x18\x06 \x01(\x01\x42\x11\n\x0f_first_token_id\"\x88\x01\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13generated_token_ids\x18\x03 \x03(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\x0f\n\rHealthRequest\"6\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x13\n\x0binstance_id\x18\x02 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03*p\n\x0cGenerateMode\x12\x1d\n\x19GENERATE_MODE_UNSPECIFIED\x10\x00\x12 \n\x1cGENERATE_MODE_AFTER_TRANSFER\x10\x01\x12\x1f\n\x1bGENERATE_MODE_LOCAL_PREFILL\x10\x02\x32\xcd\x01\n\rWorkerControl\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.LoadReport\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse2M\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse2\xd4\x01\n\x06\x44\x65\x63ode\x12H\n\tReserveKV\x12\x1c.pdserve.v1.ReserveKVRequest\x1a\x1d.pdserve.v1.ReserveKVResponse\x12\x41\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x16.pdserve.v1.TokenEvent0\x01\x12=\n\x06Resume\x12\x19.pdserve.v1.ResumeRequest\x1a\x16.pdserve.v1.TokenEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\"\xad\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xc7\x01\n\x12TransferDescriptor\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x0f\n\x07host_id\x18\n \x01(\t\"\x8c\x01\n\rTransferStats\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x11\n\tblocked_s\x18\x06 \x01(\x01\x12\x0e\n\x06wire_s\x18\x07 \x01(\x01\"\x94\x01\n\nTokenEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\"\xea\x02\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x18\n\x10waiting_requests\x18\x05 \x01(\r\x12\x18\n\x10running_requests\x18\x06 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x07 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x1c\n\x14max_running_requests\x18\n \x01(\r\x12\x1a\n\rrecent_ttft_s\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rrecent_tpot_s\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\x10\n\x0e_recent_ttft_sB\x10\n\x0e_recent_tpot_s\"g\n\x10ReserveKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"[\n\x11ReserveKVResponse\x12\x32\n\ndescriptor\x18\x01 \x01(\x0b\x32\x1e.pdserve.v1.TransferDescriptor\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\"\xa0\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x32\n\ndescriptor\x18\x04 \x01(\x0b\x32\x1e.pdserve.v1.TransferDescriptor\"j\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x12\n\nfirst_text\x18\x02 \x01(\t\x12+\n\x08transfer\x18\x03 \x01(\x0b\x32\x19.pdserve.v1.TransferStats\"\xe1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12&\n\x04mode\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.GenerateMode\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\x12transfer_timeout_s\x18\x06 \x01(\x01\x42\x11\n\x0f_first_token_id\"\x88\x01\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13generated_token_ids\x18\x03 \x03(\x05\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\x0f\n\rHealthRequest\"6\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x13\n\x0binstance_id\x18\x02 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03*p\n\x0cGenerateMode\x12\x1d\n\x19GENERATE_MODE_UNSPECIFIED\x10\x00\x12 \n\x1cGENERATE_MODE_AFTER_TRANSFER\x10\x01\x12\x1f\n\x1bGENERATE_MODE_LOCAL_PREFILL\x10\x02\x32\xcd\x01\n\rWorkerControl\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.LoadReport\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse2M\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse2\xd4\x01\n\x06\x44\x65\x63ode\x12H\n\tReserveKV\x12\x1c.pdserve.v1.ReserveKVRequest\x1a\x1d.pdserve.v1.ReserveKVResponse\x12\x41\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x16.pdserve.v1.TokenEvent0\x01\x12=\n\x06Resume\x12\x19.pdserve.v1.ResumeRequest\x1a\x16.pdserve.v1.TokenEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2054
-  _globals['_FINISHREASON']._serialized_end=2174
-  _globals['_WORKERROLE']._serialized_start=2176
-  _globals['_WORKERROLE']._serialized_end=2293
-  _globals['_GENERATEMODE']._serialized_start=2295
-  _globals['_GENERATEMODE']._serialized_end=2407
+  _globals['_FINISHREASON']._serialized_start=2071
+  _globals['_FINISHREASON']._serialized_end=2191
+  _globals['_WORKERROLE']._serialized_start=2193
+  _globals['_WORKERROLE']._serialized_end=2310
+  _globals['_GENERATEMODE']._serialized_start=2312
+  _globals['_GENERATEMODE']._serialized_end=2424
   _globals['_SAMPLINGPARAMS']._serialized_start=40
   _globals['_SAMPLINGPARAMS']._serialized_end=213
   _globals['_TRANSFERDESCRIPTOR']._serialized_start=216
-  _globals['_TRANSFERDESCRIPTOR']._serialized_end=398
-  _globals['_TRANSFERSTATS']._serialized_start=401
-  _globals['_TRANSFERSTATS']._serialized_end=541
-  _globals['_TOKENEVENT']._serialized_start=544
-  _globals['_TOKENEVENT']._serialized_end=692
-  _globals['_LOADREPORT']._serialized_start=695
-  _globals['_LOADREPORT']._serialized_end=1057
-  _globals['_RESERVEKVREQUEST']._serialized_start=1059
-  _globals['_RESERVEKVREQUEST']._serialized_end=1162
-  _globals['_RESERVEKVRESPONSE']._serialized_start=1164
-  _globals['_RESERVEKVRESPONSE']._serialized_end=1255
-  _globals['_PREFILLREQUEST']._serialized_start=1258
-  _globals['_PREFILLREQUEST']._serialized_end=1418
-  _globals['_PREFILLRESPONSE']._serialized_start=1420
-  _globals['_PREFILLRESPONSE']._serialized_end=1526
-  _globals['_GENERATEREQUEST']._serialized_start=1529
-  _globals['_GENERATEREQUEST']._serialized_end=1754
-  _globals['_RESUMEREQUEST']._serialized_start=1757
-  _globals['_RESUMEREQUEST']._serialized_end=1893
-  _globals['_ABORTREQUEST']._serialized_start=1895
-  _globals['_ABORTREQUEST']._serialized_end=1929
-  _globals['_ABORTRESPONSE']._serialized_start=1931
-  _globals['_ABORTRESPONSE']._serialized_end=1961
-  _globals['_GETLOADREQUEST']._serialized_start=1963
-  _globals['_GETLOADREQUEST']._serialized_end=1979
-  _globals['_HEALTHREQUEST']._serialized_start=1981
-  _globals['_HEALTHREQUEST']._serialized_end=1996
-  _globals['_HEALTHRESPONSE']._serialized_start=1998
-  _globals['_HEALTHRESPONSE']._serialized_end=2052
-  _globals['_WORKERCONTROL']._serialized_start=2410
-  _globals['_WORKERCONTROL']._serialized_end=2615
-  _globals['_PREFILL']._serialized_start=2617
-  _globals['_PREFILL']._serialized_end=2694
-  _globals['_DECODE']._serialized_start=2697
-  _globals['_DECODE']._serialized_end=2909
+  _globals['_TRANSFERDESCRIPTOR']._serialized_end=415
+  _globals['_TRANSFERSTATS']._serialized_start=418
+  _globals['_TRANSFERSTATS']._serialized_end=558
+  _globals['_TOKENEVENT']._serialized_start=561
+  _globals['_TOKENEVENT']._serialized_end=709
+  _globals['_LOADREPORT']._serialized_start=712
+  _globals['_LOADREPORT']._serialized_end=1074
+  _globals['_RESERVEKVREQUEST']._serialized_start=1076
+  _globals['_RESERVEKVREQUEST']._serialized_end=1179
+  _globals['_RESERVEKVRESPONSE']._serialized_start=1181
+  _globals['_RESERVEKVRESPONSE']._serialized_end=1272
+  _globals['_PREFILLREQUEST']._serialized_start=1275
+  _globals['_PREFILLREQUEST']._serialized_end=1435
+  _globals['_PREFILLRESPONSE']._serialized_start=1437
+  _globals['_PREFILLRESPONSE']._serialized_end=1543
+  _globals['_GENERATEREQUEST']._serialized_start=1546
+  _globals['_GENERATEREQUEST']._serialized_end=1771
+  _globals['_RESUMEREQUEST']._serialized_start=1774
+  _globals['_RESUMEREQUEST']._serialized_end=1910
+  _globals['_ABORTREQUEST']._serialized_start=1912
+  _globals['_ABORTREQUEST']._serialized_end=1946
+  _globals['_ABORTRESPONSE']._serialized_start=1948
+  _globals['_ABORTRESPONSE']._serialized_end=1978
+  _globals['_GETLOADREQUEST']._serialized_start=1980
+  _globals['_GETLOADREQUEST']._serialized_end=1996
+  _globals['_HEALTHREQUEST']._serialized_start=1998
+  _globals['_HEALTHREQUEST']._serialized_end=2013
+  _globals['_HEALTHRESPONSE']._serialized_start=2015
+  _globals['_HEALTHRESPONSE']._serialized_end=2069
+  _globals['_WORKERCONTROL']._serialized_start=2427
+  _globals['_WORKERCONTROL']._serialized_end=2632
+  _globals['_PREFILL']._serialized_start=2634
+  _globals['_PREFILL']._serialized_end=2711
+  _globals['_DECODE']._serialized_start=2714
+  _globals['_DECODE']._serialized_end=2926
 # @@protoc_insertion_point(module_scope)

@@ -59,7 +59,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class TransferDescriptor(_message.Message):
-    __slots__ = ("request_id", "kind", "address", "num_tokens", "num_layers", "num_kv_heads", "head_dim", "dtype", "device")
+    __slots__ = ("request_id", "kind", "address", "num_tokens", "num_layers", "num_kv_heads", "head_dim", "dtype", "device", "host_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class TransferDescriptor(_message.Message):
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kind: str
     address: str
@@ -78,7 +79,8 @@ class TransferDescriptor(_message.Message):
     head_dim: int
     dtype: str
     device: str
-    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[str] = ..., address: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    host_id: str
+    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[str] = ..., address: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class TransferStats(_message.Message):
     __slots__ = ("request_id", "kind", "num_bytes", "num_layers", "seconds", "blocked_s", "wire_s")

@@ -11,6 +11,7 @@ import torch
 
 from workers.kv.congestion import apply_congestion_control, chosen_algorithm, same_host
 from workers.kv.errors import KVTransferError
+from workers.kv.host import local_host_id
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
 from workers.kv.tcp import TcpConnector, TcpEndpoint
 
@@ -77,8 +78,25 @@ class _RemotePeer:
 def test_auto_leaves_a_connection_to_another_host_to_the_host_default() -> None:
     remote = _RemotePeer()
     assert not same_host(remote)  # type: ignore[arg-type]
+    assert not same_host(remote, "another-boot-id")  # type: ignore[arg-type]
     assert chosen_algorithm(remote, "auto") is None  # type: ignore[arg-type]
     assert chosen_algorithm(remote, "cubic") == "cubic"  # type: ignore[arg-type]
+
+
+def test_auto_treats_a_receiver_whose_descriptor_names_this_host_as_same_host() -> None:
+    """Two pods of one node: addresses of their own, one kernel (its boot id is in the descriptor)."""
+    assert len(local_host_id()) == 36  # a UUID, the same in every process and container of this host
+    remote = _RemotePeer()
+    assert same_host(remote, local_host_id())  # type: ignore[arg-type]
+    assert chosen_algorithm(remote, "auto", local_host_id()) == "reno"  # type: ignore[arg-type]
+
+
+def test_endpoints_put_this_host_in_their_descriptors() -> None:
+    endpoint = TcpEndpoint(EndpointOptions())
+    try:
+        assert endpoint.expect("h", 5, SPEC, lambda i, k, v: None).descriptor.host_id == local_host_id()
+    finally:
+        endpoint.close()
 
 
 @pytest.mark.parametrize("bad", ["", "no such", "x" * 16, "bbr;"])

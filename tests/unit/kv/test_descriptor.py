@@ -25,7 +25,7 @@ def test_sizes_follow_shape_and_dtype() -> None:
 
 @pytest.mark.parametrize("kind", list(TransportKind))
 def test_json_round_trip_keeps_every_field(kind: TransportKind) -> None:
-    d = _desc(kind=kind, device="cuda", request_id="ünï-çødé")
+    d = _desc(kind=kind, device="cuda", request_id="ünï-çødé", host_id="4d89cc8f-8fdc-43bc-887f-e8eceea8aa3d")
     text = d.to_json()
     assert "torch." not in text  # plain fields only
     assert TransferDescriptor.from_json(text) == d
@@ -40,6 +40,7 @@ def test_json_round_trip_keeps_every_field(kind: TransportKind) -> None:
         ({"num_layers": "4"}, "'num_layers' must be int"),
         ({"dtype": "complex64"}, "dtype 'complex64' not supported"),
         ({"device": "tpu"}, "device must be"),
+        ({"host_id": 7}, "'host_id' must be str"),
         ({"extra_field": 1}, "unknown fields"),
     ],
 )
@@ -56,6 +57,13 @@ def test_missing_field_and_bad_json() -> None:
         TransferDescriptor.from_dict(fields)
     with pytest.raises(InvalidDescriptor, match="not valid JSON"):
         TransferDescriptor.from_json("{not json")
+
+
+def test_optional_fields_may_be_missing() -> None:
+    """A descriptor from a peer that sends neither device nor host_id gets their defaults."""
+    fields = _desc(device="cpu", host_id="").to_dict()
+    del fields["device"], fields["host_id"]
+    assert TransferDescriptor.from_dict(fields) == _desc(device="cpu", host_id="")
 
 
 def test_stats_rates() -> None:

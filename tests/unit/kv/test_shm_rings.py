@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import pytest
 import torch
 
+from workers.kv.errors import KVTransferError
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
 from workers.kv.shm import ShmConnector, ShmEndpoint, create_ring, map_ring
 
@@ -160,3 +162,19 @@ def test_slot_views_are_made_once_per_ring_and_released_with_it() -> None:
         endpoint.close()
     assert not ring.views and not ring.payloads
     assert ring.mm.closed  # nothing of pdserve's kept a view: the mapping went at close
+
+
+def test_a_receiver_on_another_host_is_refused_before_anything_is_mapped() -> None:
+    """Its descriptor names another host: a clear error that points at tcp, and no connection is made."""
+    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0))
+    connector = ShmConnector()
+    try:
+        rx = endpoint.expect("elsewhere", 4, KVSpec(2, 1, 8, "float16"), lambda i, k, v: None)
+        moved = dataclasses.replace(rx.descriptor, host_id="00000000-0000-0000-0000-000000000000")
+        with pytest.raises(KVTransferError, match="shm needs the receiver on this host.*use tcp"):
+            connector.open(moved, SenderOptions(timeout_s=2.0))
+        assert connector.rings_by_connection == {}
+        rx.cancel()
+    finally:
+        connector.close()
+        endpoint.close()

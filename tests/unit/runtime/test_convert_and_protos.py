@@ -22,7 +22,7 @@ def test_every_message_round_trips() -> None:
     assert convert.sampling_from_pb(convert.sampling_to_pb(sampling)) == sampling
     unseeded = SamplingParams(max_tokens=3)
     assert convert.sampling_from_pb(convert.sampling_to_pb(unseeded)).seed is None
-    desc = TransferDescriptor("r1", TransportKind.TCP, "127.0.0.1:5000", 33, 4, 2, 64, "float32")
+    desc = TransferDescriptor("r1", TransportKind.TCP, "127.0.0.1:5000", 33, 4, 2, 64, "float32", host_id="boot-1")
     res = Reservation(desc, num_blocks=3)
     assert convert.reservation_from_pb(pb.ReserveKVResponse.FromString(
         convert.reservation_to_pb(res).SerializeToString())) == res
