@@ -204,10 +204,12 @@ def recv_polling(sock: socket.socket, views: Sequence[memoryview], what: str, po
     to 0.6 ms of a 16 MB transfer with the receiver polling. The poll restarts whenever bytes arrive, so a payload that keeps
     streaming in is read without sleeping. Each empty poll yields the CPU (``sched_yield``):
     without it, a poller sharing a core with the sender's threads slowed shm transfers by up to
-    a third. ``poll_s`` <= 0 reads blocking at once.
+    a third. ``poll_s`` <= 0 reads blocking at once, as does a socket with a Python timeout (on
+    which CPython waits for data before each ``MSG_DONTWAIT`` read): polling needs
+    ``set_stall_timeout``.
     """
     pending = [view for view in views if len(view)]
-    if poll_s <= 0 and pending:
+    if (poll_s <= 0 or sock.gettimeout() is not None) and pending:
         recv_vectored(sock, pending, what)
         return
     deadline = time.perf_counter() + poll_s

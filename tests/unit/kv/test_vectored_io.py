@@ -154,6 +154,21 @@ def test_polling_read_without_a_poll_reads_blocking_at_once(monkeypatch: pytest.
     assert got == [b"p" * 6, b"", b"q" * 4] and yields == 0
 
 
+def test_polling_read_on_a_socket_with_a_python_timeout_reads_blocking() -> None:
+    """CPython waits out such a socket's timeout before a MSG_DONTWAIT read; the read blocks instead.
+
+    So a silent peer is a KVTransferTimeout after the socket's timeout, as on any blocking read.
+    """
+    a, b = _pair()
+    b.settimeout(0.2)
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferTimeout, match="a header"):
+        recv_polling(b, (memoryview(bytearray(40)),), "a header", 5.0)
+    assert time.monotonic() - t0 < 2.0
+    a.close()
+    b.close()
+
+
 @pytest.mark.parametrize("poll_s", [0.001, 5.0])
 def test_polling_read_from_a_closed_peer_fails(poll_s: float) -> None:
     a, b = _pair()
