@@ -33,7 +33,10 @@ def same_host(sock: socket.socket, peer_host_id: str = "") -> bool:
     """Whether a connected socket's peer is on this host: its host id is ours, or its address is loopback or ours."""
     if peer_host_id and peer_host_id == local_host_id():
         return True
-    local, peer = sock.getsockname()[0], sock.getpeername()[0]
+    try:
+        local, peer = sock.getsockname()[0], sock.getpeername()[0]
+    except OSError:  # the peer is already gone: the first send will say so
+        return False
     return bool(local == peer or ipaddress.ip_address(peer).is_loopback)
 
 

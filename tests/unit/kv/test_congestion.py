@@ -134,3 +134,13 @@ def test_tcp_transfers_use_the_chosen_algorithm_whether_the_receiver_sleeps_or_p
     finally:
         connector.close()
         endpoint.close()
+
+
+def test_a_socket_whose_peer_is_gone_counts_as_another_host() -> None:
+    """getpeername fails on a connection already reset: no error here, the host's default stays."""
+    sock = socket.socket()
+    try:
+        assert not same_host(sock)
+        assert apply_congestion_control(sock, "auto") is None
+    finally:
+        sock.close()
