@@ -11,7 +11,8 @@ raw TCP loopback (``sendall`` / ``recv_into`` per layer into a reused layer
 buffer, over a connection with the congestion control the tcp transport
 picks: ``--tcp-congestion``, default ``auto``, which is reno on loopback;
 under this machine's BBR both ran slower, the ceiling less at 16 MB and
-more at 256 MB) and raw gloo (``send``/``recv`` of each layer's K and V between the
+more at 256 MB; its receiver sleeps in ``recv``, or polls first as the tcp
+receiver does with ``--raw-poll``) and raw gloo (``send``/``recv`` of each layer's K and V between the
 same two processes). Each transport's ratio is printed against the ceilings
 of its path. nixl runs in a second pass with its own ceilings: its
 receiving agent's UCX progress thread spins on a core while it exists. By
@@ -64,6 +65,8 @@ import torch
 
 from workers.kv.congestion import apply_congestion_control
 from workers.kv.descriptor import TransferDescriptor
+from workers.kv.errors import KVTransferError
+from workers.kv.framing import recv_polling, set_stall_timeout
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
 from workers.kv.registry import KVClient, open_endpoint
 
@@ -96,7 +99,7 @@ def _clone(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
 ON_LAYER: dict[str, Callable[[int, torch.Tensor, torch.Tensor], None]] = {"views": _ignore, "clone": _clone, "keep": _ignore}
 
 
-def _receiver_main(
+def receiver_main(
     conn: Connection, kinds: tuple[str, ...], cpus: set[int] | None, layers: str, options: EndpointOptions
 ) -> None:
     """Child process: one endpoint per transport, plus a raw TCP sink for the ceiling."""
@@ -111,11 +114,21 @@ def _receiver_main(
     sink.bind(("127.0.0.1", 0))
     sink.listen(4)
 
-    def raw_sink(nbytes: int) -> None:
+    def raw_sink(nbytes: int, poll_s: float) -> None:
         layer = nbytes // NUM_LAYERS
         view = memoryview(bytearray(layer))  # one reused layer buffer, like a transport's staging
         sock, _ = sink.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if poll_s > 0:  # polls as the tcp receiver does (--raw-poll)
+            set_stall_timeout(sock, None)
+            try:
+                while True:
+                    for _ in range(NUM_LAYERS):
+                        recv_polling(sock, (view,), "a layer", poll_s)
+                    sock.sendall(b"k")
+            except KVTransferError:  # the sender closed the connection
+                sock.close()
+                return
         while True:
             for _ in range(NUM_LAYERS):
                 got = 0
@@ -161,7 +174,7 @@ def _receiver_main(
         elif msg[0] == "cpu":
             conn.send(_cpu_s())
         elif msg[0] == "raw":
-            threading.Thread(target=raw_sink, args=(msg[1],), daemon=True).start()
+            threading.Thread(target=raw_sink, args=msg[1:], daemon=True).start()
             conn.send(sink.getsockname()[1])
         elif msg[0] == "gloo":
             threading.Thread(target=raw_gloo, args=msg[1:], daemon=True).start()
@@ -223,14 +236,27 @@ def _raw_gloo(conn: Connection, nbytes: int) -> tuple[Callable[[], float], Calla
     return once, stop
 
 
-def _raw_tcp(conn: Connection, nbytes: int, congestion: str) -> tuple[Callable[[], float], socket.socket, str]:
-    """The raw TCP ceiling over a connection with the congestion control the tcp transport uses."""
-    data = memoryview(bytearray(b"\x01" * nbytes))
-    conn.send(("raw", nbytes))
+def raw_tcp_connection(
+    conn: Connection, nbytes: int, congestion: str, poll_us: float = 0.0
+) -> tuple[socket.socket, str]:
+    """A connection to the receiver process's raw sink for ``nbytes`` transfers, and its congestion control.
+
+    ``poll_us`` > 0: the sink polls this long before it sleeps in recv, as the tcp receiver does.
+    """
+    conn.send(("raw", nbytes, poll_us * 1e-6))
     sock = socket.create_connection(("127.0.0.1", conn.recv()))
     algorithm = apply_congestion_control(sock, congestion) or _host_algorithm()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    return sock, algorithm
+
+
+def _raw_tcp(
+    conn: Connection, nbytes: int, congestion: str, poll_us: float
+) -> tuple[Callable[[], float], socket.socket, str]:
+    """The raw TCP ceiling over a connection with the congestion control the tcp transport uses."""
+    data = memoryview(bytearray(b"\x01" * nbytes))
+    sock, algorithm = raw_tcp_connection(conn, nbytes, congestion, poll_us)
     layer = nbytes // NUM_LAYERS
 
     def once() -> float:
@@ -285,7 +311,7 @@ def split_cpus() -> tuple[set[int], set[int]]:
 
 def bandwidth(
     sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pin: bool = False, layers: str = "views",
-    poll_us: float | None = None, tcp_congestion: str = SenderOptions().tcp_congestion,
+    poll_us: float | None = None, tcp_congestion: str = SenderOptions().tcp_congestion, raw_poll: bool = False,
 ) -> None:
     """Part 1: GB/s per transport and ceiling, per size (methods interleaved, so load drift hits all alike)."""
     ctx = mp.get_context("spawn")
@@ -295,7 +321,7 @@ def bandwidth(
     options = EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)
     if poll_us is not None:
         options = dataclasses.replace(options, poll_us=poll_us)
-    proc = ctx.Process(target=_receiver_main, args=(child, kinds, receiver_cpus, layers, options), daemon=True)
+    proc = ctx.Process(target=receiver_main, args=(child, kinds, receiver_cpus, layers, options), daemon=True)
     proc.start()
     assert conn.recv() == "ready"
     os.sched_setaffinity(0, sender_cpus)  # before the client's sending threads start
@@ -311,9 +337,10 @@ def bandwidth(
     try:
         for mb in sizes_mb:
             nbytes = (mb << 20) // (NUM_LAYERS * TOKEN_LAYER_NBYTES) * NUM_LAYERS * TOKEN_LAYER_NBYTES
-            raw_once, raw_sock, algorithm = _raw_tcp(conn, nbytes, tcp_congestion)
+            raw_once, raw_sock, algorithm = _raw_tcp(conn, nbytes, tcp_congestion, options.poll_us if raw_poll else 0.0)
             if mb == sizes_mb[0]:
-                print(f"(TCP congestion control of raw TCP and tcp alike: {algorithm}; tcp_congestion={tcp_congestion!r})")
+                print(f"(TCP congestion control of raw TCP and tcp alike: {algorithm}; tcp_congestion={tcp_congestion!r}; "
+                      f"raw TCP's receiver {'polls' if raw_poll else 'sleeps in recv'})")
             gloo_once, gloo_stop = _raw_gloo(conn, nbytes)
             methods = {
                 "memcpy": memcpy_timer(nbytes, per_layer=False), "memcpy/layer": memcpy_timer(nbytes, per_layer=True),
@@ -471,6 +498,9 @@ def main() -> int:
     parser.add_argument("--tcp-congestion", default=SenderOptions().tcp_congestion,
                         help="bandwidth part: SenderOptions.tcp_congestion of the tcp transport, also applied to the raw "
                              "TCP ceiling: 'auto' (default: reno on loopback), 'system', or an algorithm such as 'bbr'")
+    parser.add_argument("--raw-poll", action="store_true",
+                        help="bandwidth part: the raw TCP ceiling's receiver polls before it sleeps, as the tcp receiver "
+                             "does (poll_us): a stronger ceiling (default: it sleeps in recv)")
     parser.add_argument("--layers", choices=sorted(ON_LAYER), default="views",
                         help="bandwidth part: what the receiver does with each layer: nothing with the staging "
                              "views (default), clone them, or keep the copies expect(keep=True) hands out")
@@ -487,7 +517,7 @@ def main() -> int:
             if group:
                 bandwidth(
                     sizes, reps, group, pin=args.pin, layers=args.layers, poll_us=args.poll_us,
-                    tcp_congestion=args.tcp_congestion,
+                    tcp_congestion=args.tcp_congestion, raw_poll=args.raw_poll,
                 )
     if not args.skip_ttft:
         cache_dir = args.cache_dir or str(Path(tempfile.gettempdir()) / "pdserve-bench-cache")
