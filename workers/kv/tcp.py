@@ -20,11 +20,11 @@ and hashes each block right after its socket copy, while it is in cache.
 Between reads it polls the socket for ``EndpointOptions.poll_us`` before
 it sleeps (``recv_polling``): a sender whose bytes find the receiver asleep
 pays for waking it. It compares the checksums and calls the engine's
-callback on the connection thread,
-then reads the next layer: while the callback runs, the kernel's socket
-buffer (``socket_buffer_nbytes``) keeps taking the sender's bytes, so no
-second thread (and no per-layer hand-off between two threads, which cost
-more than the callback on a loaded two-core host) is needed. After END
+callback on the connection thread, then reads the next layer: while the
+callback runs, the kernel's socket buffer (``socket_buffer_nbytes``) keeps
+taking the sender's bytes, so no second thread (and no per-layer hand-off
+between two threads, which cost more than the callback on a loaded
+two-core host) is needed. After END
 the receiver answers ACK or ERROR. After a bad layer it keeps draining the
 stream so the sender reads the verdict instead of a reset connection. A
 connection that ended in ACK is kept by the sender for the next request to
