@@ -43,6 +43,7 @@ decoded token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -55,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ ON_LAYER: dict[str, Callable[[int, torch.Tensor, torch.Tensor], None]] = {"views
 
 
 def receiver_main(
-    conn: Connection, kinds: tuple[str, ...], cpus: set[int] | None, layers: str, options: EndpointOptions
+    conn: Connection, cpus: set[int] | None, kinds: tuple[str, ...], layers: str, options: EndpointOptions
 ) -> None:
     """Child process: one endpoint per transport, plus a raw TCP sink for the ceiling."""
     if cpus is not None:
@@ -277,6 +278,22 @@ def _host_algorithm() -> str:
         return "the host's default"
 
 
+def timed_rounds(
+    methods: dict[str, Callable[[], float]], reps: int, order: Callable[[int], Sequence[str]] | None = None
+) -> dict[str, list[float]]:
+    """Each method once per round, for one warm-up round and ``reps`` timed ones; ``order(round)`` sets a round's order.
+
+    Interleaving puts load drift on a shared machine on every method alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for rep in range(reps + 1):  # round 0 warms up: page faults, connections, mappings
+        for name in order(rep) if order is not None else methods:
+            elapsed = methods[name]()
+            if rep:
+                times[name].append(elapsed)
+    return times
+
+
 def transport_timer(conn: Connection, client: KVClient, kind: str, nbytes: int) -> Callable[[], float]:
     """A timed transfer of ``nbytes`` to the receiver process's endpoint ``kind`` (open to finish)."""
     num_tokens = nbytes // (NUM_LAYERS * TOKEN_LAYER_NBYTES)
@@ -309,24 +326,41 @@ def split_cpus() -> tuple[set[int], set[int]]:
     return set(cpus[:-1]), {cpus[-1]}
 
 
+@contextlib.contextmanager
+def receiver_process(target: Callable[..., None], args: tuple[Any, ...], pin: bool) -> Iterator[Connection]:
+    """A spawned receiver process running ``target(conn, cpus, *args)``; yields this side's pipe end.
+
+    ``pin``: the receiver on the last CPU (``cpus``; None unpinned) and this process on the others,
+    as prefill and decode workers on separate cores, until the block ends and the receiver is stopped.
+    """
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    own_cpus = os.sched_getaffinity(0)
+    sender_cpus, receiver_cpus = split_cpus() if pin else (own_cpus, None)
+    proc = ctx.Process(target=target, args=(child, receiver_cpus, *args), daemon=True)
+    proc.start()
+    assert conn.recv() == "ready"
+    os.sched_setaffinity(0, sender_cpus)  # before this process's sending threads start
+    try:
+        yield conn
+    finally:
+        conn.send(("stop",))
+        proc.join(30)
+        os.sched_setaffinity(0, own_cpus)
+
+
 def bandwidth(
     sizes_mb: list[int], reps: int, kinds: tuple[str, ...] = KINDS, pin: bool = False, layers: str = "views",
     poll_us: float | None = None, tcp_congestion: str = SenderOptions().tcp_congestion, raw_poll: bool = False,
 ) -> None:
     """Part 1: GB/s per transport and ceiling, per size (methods interleaved, so load drift hits all alike)."""
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    own_cpus = os.sched_getaffinity(0)
-    sender_cpus, receiver_cpus = split_cpus() if pin else (own_cpus, None)
     options = EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)
     if poll_us is not None:
         options = dataclasses.replace(options, poll_us=poll_us)
-    proc = ctx.Process(target=receiver_main, args=(child, kinds, receiver_cpus, layers, options), daemon=True)
-    proc.start()
-    assert conn.recv() == "ready"
-    os.sched_setaffinity(0, sender_cpus)  # before the client's sending threads start
-    client = KVClient(SenderOptions(tcp_congestion=tcp_congestion))
-    placement = f"sender on CPUs {sorted(sender_cpus)}, receiver on {sorted(receiver_cpus or ())}" if pin else "unpinned"
+    placement = "unpinned"
+    if pin:
+        sender_cpus, receiver_cpus = split_cpus()
+        placement = f"sender on CPUs {sorted(sender_cpus)}, receiver on {sorted(receiver_cpus)}"
     placement += f"; receiver's layers: {layers}"
     print(f"\n== KV transfer bandwidth: {NUM_LAYERS} layers, {DTYPE}, sender here -> receiver process ({placement}); "
           f"median of {reps}, GB/s; load average {_load()} ==")
@@ -334,7 +368,10 @@ def bandwidth(
     print(f"{'MB':>5} " + " ".join(f"{n:>12}" for n in names))
     lines: list[str] = []
     cpu_lines: list[str] = []
-    try:
+    with (
+        receiver_process(receiver_main, (kinds, layers, options), pin) as conn,
+        contextlib.closing(KVClient(SenderOptions(tcp_congestion=tcp_congestion))) as client,
+    ):
         for mb in sizes_mb:
             nbytes = (mb << 20) // (NUM_LAYERS * TOKEN_LAYER_NBYTES) * NUM_LAYERS * TOKEN_LAYER_NBYTES
             raw_once, raw_sock, algorithm = _raw_tcp(conn, nbytes, tcp_congestion, options.poll_us if raw_poll else 0.0)
@@ -347,12 +384,7 @@ def bandwidth(
                 "raw_tcp": raw_once, "raw_gloo": gloo_once,
             }
             methods |= {kind: transport_timer(conn, client, kind, nbytes) for kind in kinds}
-            times: dict[str, list[float]] = {name: [] for name in methods}
-            for rep in range(reps + 1):  # round 0 warms up: page faults, connections, mappings
-                for name, once in methods.items():
-                    elapsed = once()
-                    if rep:
-                        times[name].append(elapsed)
+            times = timed_rounds(methods, reps)
             # CPU time in a pass of its own: asking the receiver for its usage around each timed call
             # woke it just before the transfer and cost 16 MB shm a fifth of its speed
             cpu: dict[str, tuple[float, float]] = {}
@@ -379,11 +411,6 @@ def bandwidth(
             # threads running ("terminate called without an active exception")
             del methods, gloo_once, gloo_stop
             gc.collect()
-    finally:
-        client.close()
-        conn.send(("stop",))
-        proc.join(30)
-        os.sched_setaffinity(0, own_cpus)
     print("ratio to the ceilings of each path (medians of the same run):")
     print("\n".join(lines))
     print("CPU ms per transfer, sender + receiver process (means of a pass of their own; all threads, user + system):")

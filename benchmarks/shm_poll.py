@@ -15,7 +15,7 @@ sleeping to polling (above 1: polling is faster).
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import contextlib
 import os
 import statistics
 import sys
@@ -29,7 +29,8 @@ from benchmarks.kv_transfer import (
     NUM_LAYERS,
     TOKEN_LAYER_NBYTES,
     memcpy_timer,
-    split_cpus,
+    receiver_process,
+    timed_rounds,
     transport_timer,
 )
 from workers.kv.interface import EndpointOptions, KVSpec
@@ -39,7 +40,7 @@ from workers.kv.shm import ShmEndpoint
 SPEC = KVSpec(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, "float16")
 
 
-def _receiver(conn: Connection, poll_us: float, cpus: set[int] | None) -> None:
+def _receiver(conn: Connection, cpus: set[int] | None, poll_us: float) -> None:
     """Child process: a sleeping and a polling endpoint; answers expect/wait requests."""
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
@@ -70,39 +71,23 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true", help="receiver on the last CPU, this process on the others")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    own = os.sched_getaffinity(0)
-    sender_cpus, receiver_cpus = split_cpus() if args.pin else (own, None)
-    proc = ctx.Process(target=_receiver, args=(child, args.poll_us, receiver_cpus), daemon=True)
-    proc.start()
-    assert conn.recv() == "ready"
-    os.sched_setaffinity(0, sender_cpus)
-    client = KVClient()
     print(f"shm receiver: sleeping vs polling {args.poll_us:g} us, {'pinned' if args.pin else 'unpinned'}, "
           f"median of {args.reps} rounds")
-    try:
+    with receiver_process(_receiver, (args.poll_us,), args.pin) as conn, contextlib.closing(KVClient()) as client:
         for mb in (int(x) for x in args.sizes_mb.split(",")):
             nbytes = (mb << 20) // (NUM_LAYERS * TOKEN_LAYER_NBYTES) * NUM_LAYERS * TOKEN_LAYER_NBYTES
             methods = {"memcpy": memcpy_timer(nbytes, per_layer=False)}
             methods |= {name: transport_timer(conn, client, name, nbytes) for name in ("sleeping", "polling")}
-            times: dict[str, list[float]] = {name: [] for name in methods}
-            for rep in range(args.reps + 1):
-                # the two endpoints swap places every round: whichever goes second finds the source
-                # layers in cache, which was worth ~5% at 16 MB
-                order = ("memcpy", "sleeping", "polling") if rep % 2 else ("memcpy", "polling", "sleeping")
-                for name in order:
-                    elapsed = methods[name]()
-                    if rep:
-                        times[name].append(elapsed)
+            # the two endpoints swap places every round: whichever goes second finds the source
+            # layers in cache, which was worth ~5% at 16 MB
+            times = timed_rounds(
+                methods, args.reps,
+                lambda rep: ("memcpy", "sleeping", "polling") if rep % 2 else ("memcpy", "polling", "sleeping"),
+            )
             med = {name: statistics.median(ts) for name, ts in times.items()}
             per_round = statistics.median(s / p for s, p in zip(times["sleeping"], times["polling"], strict=True))
             cells = "  ".join(f"{n} {nbytes / med[n] / 1e9:.2f} GB/s ({med['memcpy'] / med[n]:.2f}x)" for n in methods)
             print(f"{mb:>5} MB  {cells}  sleeping/polling time per round {per_round:.2f}", flush=True)
-    finally:
-        client.close()
-        conn.send(("stop",))
-        proc.join(30)
     return 0
 
 

@@ -25,8 +25,7 @@ Printed per size: median GB/s and the median per-round time ratios against
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
+import contextlib
 import socket
 import statistics
 import sys
@@ -42,7 +41,8 @@ from benchmarks.kv_transfer import (
     TOKEN_LAYER_NBYTES,
     raw_tcp_connection,
     receiver_main,
-    split_cpus,
+    receiver_process,
+    timed_rounds,
     transport_timer,
 )
 from workers.kv.checksum import block_groups, hash_block
@@ -50,6 +50,8 @@ from workers.kv.framing import send_vectored
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import as_bytes
 from workers.kv.registry import KVClient
+
+WAYS = ("raw", "raw+hash", "tcp")
 
 
 def raw_timer(sock: socket.socket, layers: list[tuple[memoryview, memoryview]], hashed: bool) -> Callable[[], float]:
@@ -85,20 +87,14 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true", help="receiver on the last CPU, this process on the others")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    own = os.sched_getaffinity(0)
-    sender_cpus, receiver_cpus = split_cpus() if args.pin else (own, None)
     options = EndpointOptions(stall_timeout_s=60, staging_nbytes=8 << 20)
-    proc = ctx.Process(target=receiver_main, args=(child, ("tcp",), receiver_cpus, "views", options), daemon=True)
-    proc.start()
-    assert conn.recv() == "ready"
-    os.sched_setaffinity(0, sender_cpus)
     congestion = SenderOptions().tcp_congestion
-    client = KVClient(SenderOptions(tcp_congestion=congestion))
     print(f"tcp loopback, {'pinned' if args.pin else 'unpinned'}, median of {args.reps} rounds; the raw receiver "
           f"{'polls' if args.raw_poll else 'sleeps in recv'}, tcp's polls")
-    try:
+    with (
+        receiver_process(receiver_main, (("tcp",), "views", options), args.pin) as conn,
+        contextlib.closing(KVClient(SenderOptions(tcp_congestion=congestion))) as client,
+    ):
         for mb in (int(x) for x in args.sizes_mb.split(",")):
             nbytes = (mb << 20) // (NUM_LAYERS * TOKEN_LAYER_NBYTES) * NUM_LAYERS * TOKEN_LAYER_NBYTES
             shape = (nbytes // (NUM_LAYERS * TOKEN_LAYER_NBYTES), NUM_KV_HEADS, HEAD_DIM)
@@ -109,25 +105,15 @@ def main() -> int:
                 "raw": raw_timer(sock, views, hashed=False), "raw+hash": raw_timer(sock, views, hashed=True),
                 "tcp": transport_timer(conn, client, "tcp", nbytes),
             }
-            names = list(methods)
-            times: dict[str, list[float]] = {name: [] for name in names}
-            for rep in range(args.reps + 1):
-                for name in names[rep % 3 :] + names[: rep % 3]:  # each way takes each place in turn
-                    elapsed = methods[name]()
-                    if rep:
-                        times[name].append(elapsed)
+            times = timed_rounds(methods, args.reps, lambda rep: WAYS[rep % 3 :] + WAYS[: rep % 3])  # each place in turn
             sock.close()
             med = {name: statistics.median(ts) for name, ts in times.items()}
-            cells = "  ".join(f"{n} {nbytes / med[n] / 1e9:.2f} GB/s" for n in names)
+            cells = "  ".join(f"{n} {nbytes / med[n] / 1e9:.2f} GB/s" for n in WAYS)
             ratios = "  ".join(
                 f"{n}/raw {statistics.median(r / x for r, x in zip(times['raw'], times[n], strict=True)):.2f}x"
-                for n in names[1:]
+                for n in WAYS[1:]
             )
             print(f"{mb:>5} MB  {cells}  per round: {ratios}  ({algorithm})", flush=True)
-    finally:
-        client.close()
-        conn.send(("stop",))
-        proc.join(30)
     return 0
 
 
