@@ -12,9 +12,9 @@ buffer, over a connection with the congestion control the tcp transport
 picks: ``--tcp-congestion``, default ``auto``, which is reno on loopback;
 under this machine's BBR both ran slower, the ceiling less at 16 MB and
 more at 256 MB; its receiver sleeps in ``recv``, or polls first as the tcp
-receiver does with ``--raw-poll``) and raw gloo (``send``/``recv`` of each layer's K and V between the
-same two processes). Each transport's ratio is printed against the ceilings
-of its path. nixl runs in a second pass with its own ceilings: its
+receiver does with ``--raw-poll``) and raw gloo (``send``/``recv`` of each
+layer's K and V between the same two processes). Each transport's ratio is
+printed against the ceilings of its path. nixl runs in a second pass with its own ceilings: its
 receiving agent's UCX progress thread spins on a core while it exists. By
 default the receiver's callback does nothing, so the numbers are the
 transport's (checksums on); ``--layers clone`` clones each layer in the
