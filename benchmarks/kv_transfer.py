@@ -339,6 +339,9 @@ def receiver_process(target: Callable[..., None], args: tuple[Any, ...], pin: bo
     sender_cpus, receiver_cpus = split_cpus() if pin else (own_cpus, None)
     proc = ctx.Process(target=target, args=(child, receiver_cpus, *args), daemon=True)
     proc.start()
+    while not conn.poll(0.5):  # a receiver that dies while starting would leave recv() waiting forever
+        if not proc.is_alive():
+            raise SystemExit(f"the receiver process exited ({proc.exitcode}) before it was ready")
     assert conn.recv() == "ready"
     os.sched_setaffinity(0, sender_cpus)  # before this process's sending threads start
     try:
