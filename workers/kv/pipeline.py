@@ -253,12 +253,15 @@ class PipelinedSender:
     def _send_queued(self) -> None:
         fault = self._options.fault
         while True:
-            if self._flush is not None and self._error is None and self._queue.empty():
-                try:
-                    self._flush()  # nothing queued: what the wire held back for the next layer goes now
-                except BaseException as exc:  # surfaced to the caller on its next call
-                    self._error = exc
-            item = self._queue.get()
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                if self._flush is not None and self._error is None:
+                    try:
+                        self._flush()  # nothing queued: what the wire held back for the next layer goes now
+                    except BaseException as exc:  # surfaced to the caller on its next call
+                        self._error = exc
+                item = self._queue.get()
             if item is _STOP:
                 return
             if self._error is not None:
