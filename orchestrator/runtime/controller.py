@@ -50,6 +50,8 @@ class ClusterConfig:
     num_prefill: int = 1
     num_decode: int = 1
     transport: str = "tcp"  # KV transport between the pools
+    kv_poll_us: float | None = None  # KV receivers' poll before sleeping (EndpointOptions.poll_us; None: its default)
+    kv_tcp_congestion: str | None = None  # tcp KV senders' congestion control (SenderOptions; None: its default)
     placement: PlacementStrategy = PlacementStrategy.PACK
     num_gpus_per_worker: float = 1.0  # = TP degree on GPUs; logical GPUs on a laptop
     num_cpus_per_worker: float = 1.0
@@ -195,6 +197,8 @@ class Controller:
             num_kv_blocks=self.config.num_kv_blocks,
             max_num_seqs=self.config.max_num_seqs,
             tp_degree=self.config.tp_degree,
+            kv_poll_us=self.config.kv_poll_us,
+            kv_tcp_congestion=self.config.kv_tcp_congestion,
         )
         self._starting.add(slot)
         try:

@@ -8,10 +8,12 @@ decorator is applied in ``orchestrator.runtime.builder``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 from orchestrator.core.types import Role
+from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.service.engine_loop import EngineLoop
 from workers.service.types import WorkerEndpoint
 
@@ -30,12 +32,26 @@ class WorkerSpec:
     max_num_seqs: int = 64  # decode batch size at most
     tp_degree: int = 1  # tensor-parallel degree (recorded; the engine runs one device per worker)
     node_id: str | None = None  # None: the Ray node id, or the host name outside Ray
+    kv_poll_us: float | None = None  # the KV receiver's EndpointOptions.poll_us (None: its default)
+    kv_tcp_congestion: str | None = None  # the KV sender's SenderOptions.tcp_congestion (None: its default)
 
     def __post_init__(self) -> None:
         if self.role not in (Role.PREFILL, Role.DECODE):
             raise ValueError(f"a worker is prefill or decode, not {self.role.value}")
         if not self.instance_id:
             raise ValueError("instance_id must be non-empty")
+        kv_options(self)  # bad KV knobs fail here, not in the worker process
+
+
+def kv_options(spec: WorkerSpec) -> tuple[EndpointOptions, SenderOptions]:
+    """The KV endpoint's and sender's options a worker spec asks for (ValueError for bad values)."""
+    endpoint = EndpointOptions(host=spec.host)
+    if spec.kv_poll_us is not None:
+        if spec.kv_poll_us < 0:
+            raise ValueError(f"kv_poll_us must be >= 0, got {spec.kv_poll_us}")
+        endpoint = dataclasses.replace(endpoint, poll_us=spec.kv_poll_us)
+    sender = SenderOptions() if spec.kv_tcp_congestion is None else SenderOptions(tcp_congestion=spec.kv_tcp_congestion)
+    return endpoint, sender
 
 
 def _node_id() -> str:
@@ -57,7 +73,6 @@ class WorkerHost:
 
         from workers.engine.config import EngineConfig, EngineRole
         from workers.engine.engine import LLMEngine
-        from workers.kv.interface import EndpointOptions
         from workers.kv.registry import KVClient, open_endpoint
         from workers.service.decode import DecodeWorker
         from workers.service.prefill import PrefillWorker
@@ -72,11 +87,12 @@ class WorkerHost:
         )
         self.loop = EngineLoop(LLMEngine(spec.model_dir, config), name=f"engine-{spec.instance_id}")
         self.worker: DecodeWorker | PrefillWorker
+        endpoint_options, sender_options = kv_options(spec)
         if spec.role is Role.DECODE:
-            endpoint = open_endpoint(spec.transport, EndpointOptions(host=spec.host))
+            endpoint = open_endpoint(spec.transport, endpoint_options)
             self.worker = DecodeWorker(self.loop, endpoint, spec.instance_id, node_id)
         else:
-            self.worker = PrefillWorker(self.loop, KVClient(), spec.instance_id, node_id)
+            self.worker = PrefillWorker(self.loop, KVClient(sender_options), spec.instance_id, node_id)
         self.server = WorkerServer(self.worker, host=spec.host)
         address = self.server.start()
         self._endpoint = WorkerEndpoint(spec.instance_id, spec.role, node_id, address, spec.transport)

@@ -34,7 +34,7 @@ def test_up_serves_the_openai_api_and_sigterm_stops_its_workers(
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "up", "--address", address, "--model", str(tiny_model_dir),
-         "--port", "0", "--kv-blocks", "256"],
+         "--port", "0", "--kv-blocks", "256", "--kv-poll-us", "50", "--kv-tcp-congestion", "system"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
