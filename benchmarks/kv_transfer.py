@@ -59,7 +59,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -71,6 +71,7 @@ from workers.kv.framing import recv_polling, set_stall_timeout
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
 from workers.kv.registry import KVClient, open_endpoint
 
+T = TypeVar("T")
 NUM_LAYERS = 32
 NUM_KV_HEADS, HEAD_DIM, DTYPE = 8, 128, "float16"
 TOKEN_LAYER_NBYTES = 2 * NUM_KV_HEADS * HEAD_DIM * 2
@@ -279,13 +280,13 @@ def _host_algorithm() -> str:
 
 
 def timed_rounds(
-    methods: dict[str, Callable[[], float]], reps: int, order: Callable[[int], Sequence[str]] | None = None
-) -> dict[str, list[float]]:
+    methods: dict[str, Callable[[], T]], reps: int, order: Callable[[int], Sequence[str]] | None = None
+) -> dict[str, list[T]]:
     """Each method once per round, for one warm-up round and ``reps`` timed ones; ``order(round)`` sets a round's order.
 
     Interleaving puts load drift on a shared machine on every method alike.
     """
-    times: dict[str, list[float]] = {name: [] for name in methods}
+    times: dict[str, list[T]] = {name: [] for name in methods}
     for rep in range(reps + 1):  # round 0 warms up: page faults, connections, mappings
         for name in order(rep) if order is not None else methods:
             elapsed = methods[name]()
@@ -481,12 +482,7 @@ def ttft(prompt_len: int, reps: int, cache_dir: str, verbose: bool = False) -> N
         for kind in kinds:
             for overlap in (True, False):
                 methods[f"{kind.value} overlap={'on' if overlap else 'off'}"] = disagg(kind, overlap)
-        samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in methods}
-        for rep in range(reps + 1):  # interleaved, round 0 is warm-up
-            for name, once in methods.items():
-                sample = once()
-                if rep:
-                    samples[name].append(sample)
+        samples = timed_rounds(methods, reps)
 
     def med(name: str, i: int) -> float:
         return statistics.median(s[i] for s in samples[name])
