@@ -66,24 +66,12 @@ static inline uint64_t read64(const uint8_t *p) {
 
 static inline void write64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
-/* `stripes` stripes of `src` into the accumulators (and copied to `dst` unless it is NULL). */
+/* `stripes` stripes of `src` into the accumulators (and copied to `dst` unless it is NULL), the first
+   at stripe position `first` (0-15) of its 1 KiB block; the accumulators are scrambled after each
+   block's last stripe. The scramble is done in vector registers beside the stripes: called per block
+   with a scalar scramble, hashing cache-hot data ran at 32 GB/s here, about half what the loop can. */
 typedef void (*accumulate_fn)(uint64_t *acc, const uint8_t *src, uint8_t *dst, const uint8_t *secret,
-                              size_t stripes, int nontemporal);
-
-static void accumulate_scalar(uint64_t *acc, const uint8_t *src, uint8_t *dst, const uint8_t *secret,
-                              size_t stripes, int nontemporal) {
-    (void)nontemporal;
-    for (size_t n = 0; n < stripes; n++) {
-        const uint8_t *in = src + n * STRIPE;
-        if (dst) memcpy(dst + n * STRIPE, in, STRIPE);
-        for (int i = 0; i < 8; i++) {
-            uint64_t data = read64(in + 8 * i);
-            uint64_t keyed = data ^ read64(secret + n * 8 + 8 * i);
-            acc[i ^ 1] += data;
-            acc[i] += (uint64_t)(uint32_t)keyed * (keyed >> 32);
-        }
-    }
-}
+                              size_t first, size_t stripes, int nontemporal);
 
 static void scramble_scalar(uint64_t *acc, const uint8_t *secret) {
     for (int i = 0; i < 8; i++) {
@@ -94,13 +82,37 @@ static void scramble_scalar(uint64_t *acc, const uint8_t *secret) {
     }
 }
 
+#define SCRAMBLE_KEY(secret) ((secret) + SECRET_SIZE - STRIPE)
+
+static void accumulate_scalar(uint64_t *acc, const uint8_t *src, uint8_t *dst, const uint8_t *secret,
+                              size_t first, size_t stripes, int nontemporal) {
+    (void)nontemporal;
+    size_t pos = first;
+    for (size_t n = 0; n < stripes; n++) {
+        const uint8_t *in = src + n * STRIPE;
+        if (dst) memcpy(dst + n * STRIPE, in, STRIPE);
+        for (int i = 0; i < 8; i++) {
+            uint64_t data = read64(in + 8 * i);
+            uint64_t keyed = data ^ read64(secret + pos * 8 + 8 * i);
+            acc[i ^ 1] += data;
+            acc[i] += (uint64_t)(uint32_t)keyed * (keyed >> 32);
+        }
+        if (++pos == STRIPES_PER_BLOCK) {
+            scramble_scalar(acc, SCRAMBLE_KEY(secret));
+            pos = 0;
+        }
+    }
+}
+
 #ifdef PD_X86
 /* SSE2 is part of x86-64, so this needs no runtime check. */
 static void accumulate_sse2(uint64_t *acc, const uint8_t *src, uint8_t *dst, const uint8_t *secret,
-                            size_t stripes, int nontemporal) {
+                            size_t first, size_t stripes, int nontemporal) {
     __m128i a[4];
     for (int j = 0; j < 4; j++) a[j] = _mm_loadu_si128((const __m128i *)(acc + 2 * j));
+    const __m128i prime = _mm_set1_epi32((int)P32_1);
     int stream = nontemporal && dst && ((uintptr_t)dst % 16 == 0);
+    size_t pos = first;
     for (size_t n = 0; n < stripes; n++) {
         const uint8_t *in = src + n * STRIPE;
         _mm_prefetch((const char *)(in + PREFETCH_DISTANCE), _MM_HINT_T0);
@@ -110,21 +122,34 @@ static void accumulate_sse2(uint64_t *acc, const uint8_t *src, uint8_t *dst, con
                 __m128i *out = (__m128i *)(dst + n * STRIPE + 16 * j);
                 if (stream) _mm_stream_si128(out, data); else _mm_storeu_si128(out, data);
             }
-            __m128i keyed = _mm_xor_si128(data, _mm_loadu_si128((const __m128i *)(secret + n * 8 + 16 * j)));
+            __m128i keyed = _mm_xor_si128(data, _mm_loadu_si128((const __m128i *)(secret + pos * 8 + 16 * j)));
             __m128i product = _mm_mul_epu32(keyed, _mm_shuffle_epi32(keyed, _MM_SHUFFLE(0, 3, 0, 1)));
             __m128i swapped = _mm_shuffle_epi32(data, _MM_SHUFFLE(1, 0, 3, 2));
             a[j] = _mm_add_epi64(a[j], _mm_add_epi64(swapped, product));
+        }
+        if (++pos == STRIPES_PER_BLOCK) {
+            for (int j = 0; j < 4; j++) { /* a = (a ^ a >> 47 ^ key) * P32_1, as two 32x32 products */
+                __m128i x = _mm_xor_si128(_mm_xor_si128(a[j], _mm_srli_epi64(a[j], 47)),
+                                          _mm_loadu_si128((const __m128i *)(SCRAMBLE_KEY(secret) + 16 * j)));
+                __m128i high = _mm_mul_epu32(_mm_srli_epi64(x, 32), prime);
+                a[j] = _mm_add_epi64(_mm_mul_epu32(x, prime), _mm_slli_epi64(high, 32));
+            }
+            pos = 0;
         }
     }
     for (int j = 0; j < 4; j++) _mm_storeu_si128((__m128i *)(acc + 2 * j), a[j]);
 }
 
 __attribute__((target("avx2"))) static void accumulate_avx2(uint64_t *acc, const uint8_t *src, uint8_t *dst,
-                                                            const uint8_t *secret, size_t stripes,
+                                                            const uint8_t *secret, size_t first, size_t stripes,
                                                             int nontemporal) {
     __m256i a0 = _mm256_loadu_si256((const __m256i *)acc);
     __m256i a1 = _mm256_loadu_si256((const __m256i *)(acc + 4));
+    const __m256i prime = _mm256_set1_epi32((int)P32_1);
+    const __m256i s0 = _mm256_loadu_si256((const __m256i *)SCRAMBLE_KEY(secret));
+    const __m256i s1 = _mm256_loadu_si256((const __m256i *)(SCRAMBLE_KEY(secret) + 32));
     int stream = nontemporal && dst && ((uintptr_t)dst % 32 == 0);
+    size_t pos = first;
     for (size_t n = 0; n < stripes; n++) {
         const uint8_t *in = src + n * STRIPE;
         _mm_prefetch((const char *)(in + PREFETCH_DISTANCE), _MM_HINT_T0);
@@ -140,16 +165,54 @@ __attribute__((target("avx2"))) static void accumulate_avx2(uint64_t *acc, const
                 _mm256_storeu_si256(out + 1, d1);
             }
         }
-        const uint8_t *key = secret + n * 8;
+        const uint8_t *key = secret + pos * 8;
         __m256i k0 = _mm256_xor_si256(d0, _mm256_loadu_si256((const __m256i *)key));
         __m256i k1 = _mm256_xor_si256(d1, _mm256_loadu_si256((const __m256i *)(key + 32)));
         __m256i p0 = _mm256_mul_epu32(k0, _mm256_shuffle_epi32(k0, _MM_SHUFFLE(0, 3, 0, 1)));
         __m256i p1 = _mm256_mul_epu32(k1, _mm256_shuffle_epi32(k1, _MM_SHUFFLE(0, 3, 0, 1)));
         a0 = _mm256_add_epi64(a0, _mm256_add_epi64(_mm256_shuffle_epi32(d0, _MM_SHUFFLE(1, 0, 3, 2)), p0));
         a1 = _mm256_add_epi64(a1, _mm256_add_epi64(_mm256_shuffle_epi32(d1, _MM_SHUFFLE(1, 0, 3, 2)), p1));
+        if (++pos == STRIPES_PER_BLOCK) {
+            __m256i x0 = _mm256_xor_si256(_mm256_xor_si256(a0, _mm256_srli_epi64(a0, 47)), s0);
+            __m256i x1 = _mm256_xor_si256(_mm256_xor_si256(a1, _mm256_srli_epi64(a1, 47)), s1);
+            a0 = _mm256_add_epi64(_mm256_mul_epu32(x0, prime),
+                                  _mm256_slli_epi64(_mm256_mul_epu32(_mm256_srli_epi64(x0, 32), prime), 32));
+            a1 = _mm256_add_epi64(_mm256_mul_epu32(x1, prime),
+                                  _mm256_slli_epi64(_mm256_mul_epu32(_mm256_srli_epi64(x1, 32), prime), 32));
+            pos = 0;
+        }
     }
     _mm256_storeu_si256((__m256i *)acc, a0);
     _mm256_storeu_si256((__m256i *)(acc + 4), a1);
+}
+
+__attribute__((target("avx512f"))) static void accumulate_avx512(uint64_t *acc, const uint8_t *src, uint8_t *dst,
+                                                                const uint8_t *secret, size_t first,
+                                                                size_t stripes, int nontemporal) {
+    __m512i a = _mm512_loadu_si512((const void *)acc);
+    const __m512i prime = _mm512_set1_epi32((int)P32_1);
+    const __m512i scramble_key = _mm512_loadu_si512((const void *)SCRAMBLE_KEY(secret));
+    int stream = nontemporal && dst && ((uintptr_t)dst % 64 == 0);
+    size_t pos = first;
+    for (size_t n = 0; n < stripes; n++) {
+        const uint8_t *in = src + n * STRIPE;
+        _mm_prefetch((const char *)(in + PREFETCH_DISTANCE), _MM_HINT_T0);
+        __m512i d = _mm512_loadu_si512((const void *)in);
+        if (dst) {
+            if (stream) _mm512_stream_si512((void *)(dst + n * STRIPE), d);
+            else _mm512_storeu_si512((void *)(dst + n * STRIPE), d);
+        }
+        __m512i k = _mm512_xor_si512(d, _mm512_loadu_si512((const void *)(secret + pos * 8)));
+        __m512i p = _mm512_mul_epu32(k, _mm512_shuffle_epi32(k, (_MM_PERM_ENUM)_MM_SHUFFLE(0, 3, 0, 1)));
+        a = _mm512_add_epi64(a, _mm512_add_epi64(_mm512_shuffle_epi32(d, (_MM_PERM_ENUM)_MM_SHUFFLE(1, 0, 3, 2)), p));
+        if (++pos == STRIPES_PER_BLOCK) {
+            __m512i x = _mm512_xor_si512(_mm512_xor_si512(a, _mm512_srli_epi64(a, 47)), scramble_key);
+            a = _mm512_add_epi64(_mm512_mul_epu32(x, prime),
+                                 _mm512_slli_epi64(_mm512_mul_epu32(_mm512_srli_epi64(x, 32), prime), 32));
+            pos = 0;
+        }
+    }
+    _mm512_storeu_si512((void *)acc, a);
 }
 #endif
 
@@ -204,29 +267,26 @@ static uint64_t copy_hash_pieces(const piece_t *pieces, uint8_t *dst, size_t len
     }
     uint64_t acc[8] = {P32_3, P64_1, P64_2, P64_3, P64_4, P32_2, P64_5, P32_1};
     uint8_t stripe[STRIPE];
-    /* every stripe before the last byte goes through the block loop; the accumulators are
-       scrambled after each full block of 16 */
+    /* every stripe before the last byte goes through the block loop (the accumulators scrambled
+       after each full block of 16): runs of whole stripes in place, a straddling stripe gathered */
     size_t total = (len - 1) / STRIPE, done = 0, index = 0, offset = 0;
     while (done < total) {
-        size_t in_block = done % STRIPES_PER_BLOCK, want = STRIPES_PER_BLOCK - in_block;
-        if (want > total - done) want = total - done;
         while (offset == pieces[index].len) {
             index++;
             offset = 0;
         }
-        size_t whole = (pieces[index].len - offset) / STRIPE;
+        size_t whole = (pieces[index].len - offset) / STRIPE, pos = done % STRIPES_PER_BLOCK;
         uint8_t *out = dst ? dst + done * STRIPE : NULL;
         if (whole) {
-            size_t run = whole < want ? whole : want;
-            accumulate(acc, pieces[index].buf + offset, out, secret + in_block * 8, run, nontemporal);
+            size_t run = whole < total - done ? whole : total - done;
+            accumulate(acc, pieces[index].buf + offset, out, secret, pos, run, nontemporal);
             offset += run * STRIPE;
             done += run;
         } else {
             gather(pieces, &index, &offset, stripe, STRIPE);
-            accumulate(acc, stripe, out, secret + in_block * 8, 1, 0);
+            accumulate(acc, stripe, out, secret, pos, 1, 0);
             done += 1;
         }
-        if (done % STRIPES_PER_BLOCK == 0) scramble_scalar(acc, secret + SECRET_SIZE - STRIPE);
     }
     /* the bytes after the last whole stripe (1 to 64) are copied plainly */
     if (dst) gather(pieces, &index, &offset, dst + done * STRIPE, len - done * STRIPE);
@@ -245,7 +305,7 @@ static uint64_t copy_hash_pieces(const piece_t *pieces, uint8_t *dst, size_t len
         }
     }
     gather(pieces, &tail_index, &tail_offset, scratch, STRIPE);
-    accumulate(acc, scratch, NULL, secret + SECRET_SIZE - STRIPE - 7, 1, 0);
+    accumulate(acc, scratch, NULL, secret + SECRET_SIZE - STRIPE - 7, 0, 1, 0); /* no block ends here */
 #ifdef PD_X86
     if (dst && nontemporal) _mm_sfence(); /* streamed stores are visible to other cores after this */
 #endif
@@ -367,7 +427,7 @@ static PyObject *py_xxh3_64(PyObject *self, PyObject *args, PyObject *kwargs) {
 
 PyDoc_STRVAR(use_isa_doc,
              "use_isa(name) -> None\n\n"
-             "Run the stripe loop with 'avx2', 'sse2' or 'scalar' (tests compare them); ISA names the one in use.");
+             "Run the stripe loop with 'avx512', 'avx2', 'sse2' or 'scalar' (tests compare them); ISA names the one in use.");
 
 static PyObject *py_use_isa(PyObject *self, PyObject *arg) {
     const char *name = PyUnicode_AsUTF8(arg);
@@ -382,6 +442,9 @@ static PyObject *py_use_isa(PyObject *self, PyObject *arg) {
     } else if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2")) {
         accumulate = accumulate_avx2;
         isa = "avx2";
+    } else if (strcmp(name, "avx512") == 0 && __builtin_cpu_supports("avx512f")) {
+        accumulate = accumulate_avx512;
+        isa = "avx512";
 #endif
     } else {
         PyErr_Format(PyExc_ValueError, "instruction set %R is not available here", arg);
@@ -410,7 +473,10 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__copyhash(void) {
 #ifdef PD_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) {
+    if (__builtin_cpu_supports("avx512f")) { /* 3-10% over AVX2 here, cache-hot or from memory */
+        accumulate = accumulate_avx512;
+        isa = "avx512";
+    } else if (__builtin_cpu_supports("avx2")) {
         accumulate = accumulate_avx2;
         isa = "avx2";
     } else {

@@ -17,7 +17,7 @@ if checksum.KERNEL is None and shutil.which("cc") is None and shutil.which("gcc"
     pytest.skip("no C compiler here: the KV checksum kernel cannot be built", allow_module_level=True)
 
 
-ISAS = ["scalar", "sse2", "avx2"] if platform.machine() in ("x86_64", "AMD64") else ["scalar"]
+ISAS = ["scalar", "sse2", "avx2", "avx512"] if platform.machine() in ("x86_64", "AMD64") else ["scalar"]
 
 
 @pytest.fixture(scope="module", params=ISAS)
