@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrator.commands.kv_flags import add_kv_arguments, kv_flags_problem
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register `pdserve quickstart` options."""
@@ -23,10 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tpot-slo", type=float, default=0.2, help="TPOT target in seconds (default 0.2)")
     parser.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     parser.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
-    parser.add_argument("--transport", choices=("tcp", "shm", "torch_dist"), default="tcp",
-                        help="KV transport between the pools (default tcp)")
+    add_kv_arguments(parser)
     parser.add_argument("--cache-dir", default=None, help="where the tiny model is created once")
     parser.add_argument("--out", default=None, help="also write bench.json and bench_cdf.png here")
+
+
+def _validate(args: argparse.Namespace) -> str | None:
+    if args.requests < 1 or args.rate_scale <= 0:
+        return "--requests must be >= 1 and --rate-scale > 0"
+    if args.prefill < 0 or args.decode < 1:
+        return "--prefill must be >= 0 and --decode >= 1"
+    return kv_flags_problem(args)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,8 +52,9 @@ def main(args: argparse.Namespace) -> int:
     from orchestrator.runtime.embedded import start_embedded
     from simulations.traces import load_trace
 
-    if args.requests < 1 or args.rate_scale <= 0:
-        print("pdserve quickstart: --requests must be >= 1 and --rate-scale > 0", file=sys.stderr)
+    problem = _validate(args)
+    if problem is not None:
+        print(f"pdserve quickstart: {problem}", file=sys.stderr)
         return 2
     try:
         trace = load_trace(args.trace)
@@ -53,8 +63,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     started = time.monotonic()
     print(f"starting pdserve: {args.prefill} prefill + {args.decode} decode workers on a local Ray ...", flush=True)
-    handle = start_embedded(num_prefill=args.prefill, num_decode=args.decode, cache_dir=args.cache_dir,
-                            transport=args.transport)
+    try:
+        handle = start_embedded(
+            num_prefill=args.prefill, num_decode=args.decode, cache_dir=args.cache_dir, transport=args.transport,
+            kv_poll_us=args.kv_poll_us, kv_tcp_congestion=args.kv_tcp_congestion,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"pdserve quickstart: {exc}", file=sys.stderr)
+        return 1
     try:
         print(f"serving {handle.model_dir.name} at {handle.url}/v1 (up in {time.monotonic() - started:.0f} s)")
         options = WorkloadOptions(

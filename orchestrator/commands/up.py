@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from orchestrator.commands.kv_flags import add_kv_arguments, kv_flags_problem
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register `pdserve up` options."""
@@ -23,14 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Hugging Face model directory (Llama/Qwen2 safetensors); default: the tiny model")
     parser.add_argument("--cache-dir", default=None,
                         help="where the tiny model is created once (default: $PDSERVE_CACHE or ~/.cache/pdserve)")
-    parser.add_argument("--transport", choices=("tcp", "shm", "torch_dist"), default="tcp",
-                        help="how KV moves from prefill to decode workers (default tcp)")
-    parser.add_argument("--kv-poll-us", type=float, default=None,
-                        help="microseconds a shm or tcp KV receiver polls before it sleeps in recv (default 100; 0: "
-                             "sleep at once)")
-    parser.add_argument("--kv-tcp-congestion", default=None,
-                        help="TCP congestion control of tcp KV connections: auto (default: reno where the decode "
-                             "worker is on the prefill worker's host), system (the host's), or a name such as cubic")
+    add_kv_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="HTTP interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
     parser.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
@@ -52,16 +47,7 @@ def _validate(args: argparse.Namespace) -> str | None:
         return "--kv-blocks must be >= 1"
     if not 0 <= args.port <= 65535:
         return "--port must be within 0..65535"
-    if args.kv_poll_us is not None and args.kv_poll_us < 0:
-        return "--kv-poll-us must be >= 0"
-    if args.kv_tcp_congestion is not None:
-        from workers.kv.congestion import validate_choice
-
-        try:
-            validate_choice(args.kv_tcp_congestion)
-        except ValueError as exc:
-            return f"--kv-tcp-congestion: {exc}"
-    return None
+    return kv_flags_problem(args)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -70,6 +70,10 @@ class EndpointOptions:
     poll_us: float = 100.0
     device: str = "cpu"  # "cuda": staging on the GPU (torch_dist with NCCL)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.poll_us < float("inf"):  # also refuses NaN
+            raise ValueError(f"poll_us must be a finite number of microseconds >= 0, got {self.poll_us}")
+
 
 @dataclass(frozen=True, slots=True)
 class SenderOptions:

@@ -47,9 +47,7 @@ def kv_options(spec: WorkerSpec) -> tuple[EndpointOptions, SenderOptions]:
     """The KV endpoint's and sender's options a worker spec asks for (ValueError for bad values)."""
     endpoint = EndpointOptions(host=spec.host)
     if spec.kv_poll_us is not None:
-        if spec.kv_poll_us < 0:
-            raise ValueError(f"kv_poll_us must be >= 0, got {spec.kv_poll_us}")
-        endpoint = dataclasses.replace(endpoint, poll_us=spec.kv_poll_us)
+        endpoint = dataclasses.replace(endpoint, poll_us=spec.kv_poll_us)  # EndpointOptions checks the value
     sender = SenderOptions() if spec.kv_tcp_congestion is None else SenderOptions(tcp_congestion=spec.kv_tcp_congestion)
     return endpoint, sender
 

@@ -1,12 +1,13 @@
-"""The KV transport knobs from `pdserve up` to each worker's endpoint and sender options."""
+"""The KV transport knobs from `pdserve up` / `pdserve quickstart` to each worker's endpoint and sender options."""
 
 from __future__ import annotations
 
 import argparse
+from types import ModuleType
 
 import pytest
 
-from orchestrator.commands import up
+from orchestrator.commands import quickstart, up
 from orchestrator.core.types import Role
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.service.host import WorkerSpec, kv_options
@@ -22,21 +23,37 @@ def test_worker_spec_knobs_reach_the_transport_options() -> None:
 
 @pytest.mark.parametrize(
     ("knobs", "message"),
-    [({"kv_poll_us": -1.0}, "kv_poll_us must be >= 0"), ({"kv_tcp_congestion": "no such"}, "tcp_congestion must be")],
+    [({"kv_poll_us": -1.0}, "poll_us must be a finite number"), ({"kv_tcp_congestion": "no such"}, "tcp_congestion must be")],
 )
 def test_a_bad_knob_fails_when_the_spec_is_built(knobs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         WorkerSpec("d0", Role.DECODE, "/models/m", **knobs)  # type: ignore[arg-type]
 
 
-def _up_args(*argv: str) -> argparse.Namespace:
+def _args(command: ModuleType, *argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    up.add_arguments(parser)
+    command.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
-def test_up_rejects_bad_kv_knobs_before_starting_anything() -> None:
-    assert up._validate(_up_args("--kv-poll-us", "250", "--kv-tcp-congestion", "system")) is None
-    assert up._validate(_up_args("--kv-poll-us", "-5")) == "--kv-poll-us must be >= 0"
-    problem = up._validate(_up_args("--kv-tcp-congestion", "bbr;reno"))
+@pytest.mark.parametrize("command", [up, quickstart])
+def test_bad_kv_flags_are_refused_before_anything_starts(command: ModuleType) -> None:
+    assert command._validate(_args(command, "--kv-poll-us", "250", "--kv-tcp-congestion", "system")) is None
+    for value in ("-5", "nan", "inf"):
+        assert command._validate(_args(command, "--kv-poll-us", value)) == "--kv-poll-us must be a finite number >= 0"
+    problem = command._validate(_args(command, "--kv-tcp-congestion", "bbr;reno"))
     assert problem is not None and problem.startswith("--kv-tcp-congestion: tcp_congestion must be")
+
+
+def test_quickstart_exits_2_on_bad_flags_without_starting_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    assert quickstart.main(_args(quickstart, "--kv-poll-us", "-1")) == 2
+    err = capsys.readouterr().err
+    assert "pdserve quickstart: --kv-poll-us must be a finite number >= 0" in err
+    assert quickstart._validate(_args(quickstart, "--decode", "0")) == "--prefill must be >= 0 and --decode >= 1"
+
+
+@pytest.mark.parametrize("poll_us", [-1.0, float("nan"), float("inf")])
+def test_endpoint_options_refuse_a_poll_that_is_not_a_finite_non_negative_time(poll_us: float) -> None:
+    with pytest.raises(ValueError, match="poll_us must be a finite number of microseconds >= 0"):
+        EndpointOptions(poll_us=poll_us)
+    assert EndpointOptions(poll_us=0.0).poll_us == 0.0

@@ -1,0 +1,35 @@
+"""The KV transport flags that `pdserve up` and `pdserve quickstart` share, and their check."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register --transport, --kv-poll-us and --kv-tcp-congestion."""
+    parser.add_argument("--transport", choices=("tcp", "shm", "torch_dist"), default="tcp",
+                        help="how KV moves from prefill to decode workers (default tcp)")
+    parser.add_argument("--kv-poll-us", type=float, default=None,
+                        help="microseconds a shm or tcp KV receiver polls before it sleeps in recv (default 100; 0: "
+                             "sleep at once)")
+    parser.add_argument("--kv-tcp-congestion", default=None,
+                        help="TCP congestion control of tcp KV connections: auto (default: reno where the decode "
+                             "worker is on the prefill worker's host), system (the host's), or a name such as cubic")
+
+
+def kv_flags_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the KV flags, before anything starts (None: nothing)."""
+    from workers.kv.congestion import validate_choice
+    from workers.kv.interface import EndpointOptions
+
+    if args.kv_poll_us is not None:
+        try:
+            EndpointOptions(poll_us=args.kv_poll_us)
+        except ValueError:
+            return "--kv-poll-us must be a finite number >= 0"
+    if args.kv_tcp_congestion is not None:
+        try:
+            validate_choice(args.kv_tcp_congestion)
+        except ValueError as exc:
+            return f"--kv-tcp-congestion: {exc}"
+    return None
