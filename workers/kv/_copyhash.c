@@ -14,6 +14,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__linux__)
+#include <errno.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#define PD_SENDMSG 1
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define PD_X86 1
@@ -394,6 +401,118 @@ done:
     return result;
 }
 
+#ifdef PD_SENDMSG
+#define SEND_PARTIAL (-1)
+
+/* Send the `*count` iovecs at `*iov` with sendmsg, advancing them over what went out: 0 when all
+   did, SEND_PARTIAL after a short write, else the failing errno. On a blocking socket a write is
+   short only when a signal or the send timeout (SO_SNDTIMEO) cut it, so the caller checks for
+   Python signal handlers then, as socket.sendall does between writes, and calls again. */
+static int send_iov(int fd, struct iovec **iov, int *count) {
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = *iov;
+    msg.msg_iovlen = (size_t)*count;
+    ssize_t sent = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (sent < 0) return errno;
+    while (*count > 0 && (size_t)sent >= (*iov)->iov_len) {
+        sent -= (ssize_t)(*iov)->iov_len;
+        (*iov)++;
+        (*count)--;
+    }
+    if (*count == 0) return 0;
+    (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + sent;
+    (*iov)->iov_len -= (size_t)sent;
+    return SEND_PARTIAL;
+}
+
+/* send_xxh3_64: the tcp sender's per-layer loop without Python between blocks. Each block of the
+   source goes out with one sendmsg (the head's buffers in front of the first) and is hashed right
+   after it, while the socket copy has just pulled it into this core's cache. In Python the loop cost
+   ~10 us a block beside the two calls (the socket copy had evicted the interpreter's data). */
+static PyObject *py_send_xxh3_64(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"fd", "head", "src", "seed", "block_nbytes", NULL};
+    int fd;
+    Py_ssize_t block;
+    PyObject *head_obj, *src_obj, *seed_obj, *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iOOOn", keywords, &fd, &head_obj, &src_obj, &seed_obj, &block))
+        return NULL;
+    uint64_t seed;
+    source_t head = {0, NULL, NULL, 0}, src = {0, NULL, NULL, 0};
+    struct iovec *iov = NULL;
+    piece_t *pieces = NULL;
+    if (!get_seed(seed_obj, &seed) || !get_source(head_obj, &head) || !get_source(src_obj, &src)) goto done;
+    size_t tail = block > 0 ? src.len % (size_t)block : 0;
+    if (block < MIN_LEN || src.len < MIN_LEN || (tail && tail < MIN_LEN)) {
+        PyErr_Format(PyExc_ValueError, "src (%zu bytes) must cut into blocks of block_nbytes (%zd) of more than %d "
+                     "bytes each", src.len, block, MIN_LEN - 1);
+        goto done;
+    }
+    iov = PyMem_Calloc((size_t)(head.count + src.count), sizeof(struct iovec));
+    pieces = PyMem_Calloc((size_t)src.count, sizeof(piece_t));
+    if (!iov || !pieces) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    size_t index = 0, offset = 0, left = src.len;
+    int first = 1, error = 0;
+    while (left && !error) {
+        size_t len = left < (size_t)block ? left : (size_t)block, count = 0, iov_count = 0;
+        for (size_t want = len; want;) { /* the block's pieces, from (index, offset) on */
+            while (offset == src.pieces[index].len) {
+                index++;
+                offset = 0;
+            }
+            size_t take = src.pieces[index].len - offset;
+            if (take > want) take = want;
+            pieces[count].buf = src.pieces[index].buf + offset;
+            pieces[count++].len = take;
+            offset += take;
+            want -= take;
+        }
+        for (Py_ssize_t i = 0; first && i < head.count; i++) {
+            iov[iov_count].iov_base = (void *)head.pieces[i].buf;
+            iov[iov_count++].iov_len = head.pieces[i].len;
+        }
+        for (size_t i = 0; i < count; i++) {
+            iov[iov_count].iov_base = (void *)pieces[i].buf;
+            iov[iov_count++].iov_len = pieces[i].len;
+        }
+        first = 0;
+        struct iovec *at = iov;
+        int at_count = (int)iov_count;
+        for (;;) {
+            Py_BEGIN_ALLOW_THREADS
+            error = send_iov(fd, &at, &at_count);
+            if (!error) seed = copy_hash_pieces(pieces, NULL, len, seed, 0);
+            Py_END_ALLOW_THREADS
+            if (error != EINTR && error != SEND_PARTIAL) break;
+            if (PyErr_CheckSignals() < 0) goto done; /* as Python's socket calls: handlers run, then go on */
+            error = 0;
+        }
+        left -= len;
+    }
+    if (error) {
+        errno = error;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    result = PyLong_FromUnsignedLongLong(seed);
+done:
+    PyMem_Free(iov);
+    PyMem_Free(pieces);
+    release_source(&head);
+    release_source(&src);
+    return result;
+}
+
+PyDoc_STRVAR(send_xxh3_64_doc,
+             "send_xxh3_64(fd, head, src, seed, block_nbytes) -> int\n\n"
+             "Send head then src (tuples of buffers) on the blocking socket fd, src cut into blocks of\n"
+             "block_nbytes (the last may be shorter; each more than 240 bytes), one sendmsg each, and return\n"
+             "the chained xxh3_64 of the blocks from seed (each hashed right after its send). OSError on failure.");
+#endif
+
 PyDoc_STRVAR(copy_xxh3_64_doc,
              "copy_xxh3_64(dst, src, seed=0, nontemporal=False) -> int\n\n"
              "Copy src (a buffer, or a tuple or list of buffers taken as their concatenation) into dst\n"
@@ -462,6 +581,9 @@ static PyMethodDef methods[] = {
     {"use_isa", py_use_isa, METH_O, use_isa_doc},
     {"copy_xxh3_64", (PyCFunction)(void (*)(void))py_copy_xxh3_64, METH_VARARGS | METH_KEYWORDS, copy_xxh3_64_doc},
     {"xxh3_64", (PyCFunction)(void (*)(void))py_xxh3_64, METH_VARARGS | METH_KEYWORDS, xxh3_64_doc},
+#ifdef PD_SENDMSG
+    {"send_xxh3_64", (PyCFunction)(void (*)(void))py_send_xxh3_64, METH_VARARGS | METH_KEYWORDS, send_xxh3_64_doc},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

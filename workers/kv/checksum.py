@@ -41,6 +41,13 @@ if TYPE_CHECKING:
 BLOCK_NBYTES = 512 << 10  # a block and its copy fit in one core's 2 MiB L2 together
 
 KERNEL, KERNEL_STATE = native.load()  # (None, why) without a current build: numpy + xxhash
+# the tcp sender's per-layer loop (a sendmsg, then a hash, per block) in C, where the build has it (Linux)
+SEND_KERNEL = getattr(KERNEL, "send_xxh3_64", None)
+
+
+def kernel_hashes_every_block(nbytes: int) -> bool:
+    """Whether each checksum block of ``nbytes`` is long enough for the kernel (more than 240 bytes)."""
+    return KERNEL is not None and nbytes >= KERNEL.MIN_NBYTES and not 0 < nbytes % BLOCK_NBYTES < KERNEL.MIN_NBYTES
 
 
 def _hash_one(piece: memoryview, seed: int) -> int:

@@ -155,10 +155,15 @@ def send_vectored(sock: socket.socket, parts: Sequence[memoryview | bytes]) -> N
                 continue
             sock.sendall(memoryview(part)[sent:])
             sent = 0
-    except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
-        raise KVTransferTimeout(f"peer stopped reading (send stalled for {_stall_timeout(sock)}s)") from None
     except OSError as exc:
-        raise KVTransferError(f"connection lost while sending: {exc}") from None
+        raise send_failure(sock, exc) from None
+
+
+def send_failure(sock: socket.socket, exc: OSError) -> KVTransferError:
+    """The transfer error a failed send on ``sock`` means: a stalled peer (timeout) or a lost connection."""
+    if isinstance(exc, (TimeoutError, BlockingIOError)):  # BlockingIOError: SO_SNDTIMEO expired
+        return KVTransferTimeout(f"peer stopped reading (send stalled for {_stall_timeout(sock)}s)")
+    return KVTransferError(f"connection lost while sending: {exc}")
 
 
 def recv_vectored(sock: socket.socket, views: Sequence[memoryview], what: str) -> None:

@@ -116,30 +116,12 @@ BIG_TOKENS = 320
 TRAILER_NBYTES = 8
 
 
-def test_a_layer_of_several_blocks_is_hashed_block_by_block_right_after_each_send(
-    endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each block is hashed right after the sendmsg that carried it (still in cache), and lands intact.
-
-    The layer's checksum trails it: it rides on the next layer's first sendmsg, the last one on flush.
-    """
+def _send_big_layers(endpoint: TcpEndpoint, rid: str) -> int:
+    """Send BIG's layers to ``endpoint`` and check that they land intact; the layer's size in bytes."""
     import workers.kv.tcp as tcp
 
-    events: list[tuple[str, int]] = []
-    real_send, real_hash = tcp.send_vectored, tcp.hash_block
-
-    def send(sock: socket.socket, parts: tuple[memoryview | bytes, ...]) -> None:
-        events.append(("send", sum(len(p) for p in parts)))
-        real_send(sock, parts)
-
-    def hash_block(pieces: tuple[memoryview, ...], seed: int) -> int:
-        events.append(("hash", sum(len(p) for p in pieces)))
-        return real_hash(pieces, seed)
-
-    monkeypatch.setattr(tcp, "send_vectored", send)
-    monkeypatch.setattr(tcp, "hash_block", hash_block)
     landed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    rx = endpoint.expect("blocks", BIG_TOKENS, BIG, lambda i, k, v: landed.update({i: (k.clone(), v.clone())}))
+    rx = endpoint.expect(rid, BIG_TOKENS, BIG, lambda i, k, v: landed.update({i: (k.clone(), v.clone())}))
     shape = (BIG_TOKENS, BIG.num_kv_heads, BIG.head_dim)
     layers = [(torch.randn(shape).half(), torch.randn(shape).half()) for _ in range(BIG.num_layers)]
     connector = tcp.TcpConnector()
@@ -153,7 +135,52 @@ def test_a_layer_of_several_blocks_is_hashed_block_by_block_right_after_each_sen
         connector.close()
     for i, (k, v) in enumerate(layers):
         assert torch.equal(landed[i][0], k) and torch.equal(landed[i][1], v)
-    layer = rx.descriptor.layer_nbytes
+    return rx.descriptor.layer_nbytes
+
+
+def test_with_the_kernel_a_layer_of_several_blocks_goes_through_its_c_send_loop(
+    endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each layer is one call into the kernel (header in front, blocks straddling K and V), and lands intact."""
+    import workers.kv.tcp as tcp
+
+    assert tcp.SEND_KERNEL is not None, "the KV kernel's send loop is not built here"
+    real = tcp.SEND_KERNEL
+    calls: list[int] = []
+
+    def counted(fd: int, head: tuple[bytes, ...], parts: tuple[memoryview, ...], seed: int, block: int) -> int:
+        calls.append(sum(len(p) for p in parts))
+        return int(real(fd, head, parts, seed, block))
+
+    monkeypatch.setattr(tcp, "SEND_KERNEL", counted)
+    layer = _send_big_layers(endpoint, "c-loop")
+    assert calls == [layer] * BIG.num_layers
+
+
+def test_a_layer_of_several_blocks_is_hashed_block_by_block_right_after_each_send(
+    endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the kernel's loop: each block is hashed right after the sendmsg that carried it (still in cache).
+
+    The layer's checksum trails it: it rides on the next layer's first sendmsg, the last one on flush.
+    """
+    import workers.kv.tcp as tcp
+
+    monkeypatch.setattr(tcp, "SEND_KERNEL", None)
+    events: list[tuple[str, int]] = []
+    real_send, real_hash = tcp.send_vectored, tcp.hash_block
+
+    def send(sock: socket.socket, parts: tuple[memoryview | bytes, ...]) -> None:
+        events.append(("send", sum(len(p) for p in parts)))
+        real_send(sock, parts)
+
+    def hash_block(pieces: tuple[memoryview, ...], seed: int) -> int:
+        events.append(("hash", sum(len(p) for p in pieces)))
+        return real_hash(pieces, seed)
+
+    monkeypatch.setattr(tcp, "send_vectored", send)
+    monkeypatch.setattr(tcp, "hash_block", hash_block)
+    layer = _send_big_layers(endpoint, "blocks")
     blocks = [512 << 10, 512 << 10, layer - (1 << 20)]
     per_layer = [("send", HEADER_NBYTES + blocks[0]), ("hash", blocks[0]), ("send", blocks[1]), ("hash", blocks[1]),
                  ("send", blocks[2]), ("hash", blocks[2])]

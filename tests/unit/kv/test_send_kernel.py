@@ -1,0 +1,162 @@
+"""The C kernel's tcp send loop (send_xxh3_64): every byte in order, the chained digest, signals and failures."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from workers.kv import checksum
+
+if sys.platform != "linux":
+    pytest.skip("the kernel's send loop is built on Linux only", allow_module_level=True)
+if checksum.KERNEL is None and shutil.which("cc") is None and shutil.which("gcc") is None:
+    pytest.skip("no C compiler here: the KV checksum kernel cannot be built", allow_module_level=True)
+
+BLOCK = checksum.BLOCK_NBYTES
+
+
+@pytest.fixture
+def send():  # type: ignore[no-untyped-def]
+    """The kernel's send loop; the set-up command builds the kernel wherever a compiler exists."""
+    assert checksum.SEND_KERNEL is not None, f"KV checksum kernel not loaded: {checksum.KERNEL_STATE}"
+    return checksum.SEND_KERNEL
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A loopback TCP connection (sender, receiver); the sender blocking, failing after 3 s without progress."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sender = socket.create_connection(listener.getsockname())
+        receiver, _ = listener.accept()
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 3, 0))
+    yield sender, receiver
+    sender.close()
+    receiver.close()
+
+
+def _read_all(sock: socket.socket, nbytes: int, into: bytearray) -> None:
+    while len(into) < nbytes:
+        chunk = sock.recv(min(1 << 20, nbytes - len(into)))
+        if not chunk:
+            return
+        into.extend(chunk)
+
+
+def _layer(nbytes: int, cut: int) -> tuple[np.ndarray, tuple[memoryview, memoryview]]:
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    view = memoryview(data)
+    return data, (view[:cut], view[cut:])
+
+
+@pytest.mark.parametrize(("nbytes", "cut"), [(BLOCK, BLOCK // 2), (3 * BLOCK + 4096, BLOCK + 77), (1000, 300)])
+def test_head_then_every_block_arrives_in_order_with_the_chained_digest(send, pair, nbytes: int, cut: int) -> None:  # type: ignore[no-untyped-def]
+    sender, receiver = pair
+    data, parts = _layer(nbytes, cut)
+    head = (b"", b"HEADER--", b"x" * 5)
+    got = bytearray()
+    reader = threading.Thread(target=_read_all, args=(receiver, 13 + nbytes, got))
+    reader.start()
+    digest = send(sender.fileno(), head, parts, 0, BLOCK)
+    reader.join(5)
+    assert bytes(got) == b"HEADER--xxxxx" + data.tobytes()
+    assert digest == checksum.checksum_parts(parts)
+    seed = 12345  # chaining on from an earlier value is what a block loop split in two would do
+    reader = threading.Thread(target=_read_all, args=(receiver, nbytes, bytearray()))
+    reader.start()
+    want = seed
+    for block in checksum.block_groups(parts):
+        want = checksum.hash_block(block, want)
+    assert send(sender.fileno(), (), parts, seed, BLOCK) == want
+    reader.join(5)
+
+
+def test_a_signal_mid_send_runs_its_handler_and_the_send_resumes_without_losing_bytes(send, pair) -> None:  # type: ignore[no-untyped-def]
+    """The handler (which starts the reader) must run while the send is blocked, not after the stall timeout."""
+    sender, receiver = pair
+    nbytes = 16 << 20  # far more than the socket buffers hold: the send blocks until the reader starts
+    data, parts = _layer(nbytes, nbytes // 2)
+    got = bytearray()
+    reader = threading.Thread(target=_read_all, args=(receiver, nbytes, got))
+    calls: list[float] = []
+
+    def handler(signum: int, frame: object) -> None:
+        calls.append(time.monotonic())
+        reader.start()
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    main = threading.main_thread().ident
+    assert main is not None
+    poke = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGUSR1))
+    try:
+        t0 = time.monotonic()
+        poke.start()
+        digest = send(sender.fileno(), (), parts, 0, BLOCK)
+        elapsed = time.monotonic() - t0
+    finally:
+        poke.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    reader.join(5)
+    assert len(calls) == 1 and calls[0] - t0 < 2.0  # well before the 3 s stall timeout
+    assert elapsed < 2.5
+    assert bytes(got) == data.tobytes() and digest == checksum.checksum_parts(parts)
+
+
+def test_an_exception_from_a_signal_handler_ends_the_send(send, pair) -> None:  # type: ignore[no-untyped-def]
+    sender, _ = pair
+    _, parts = _layer(16 << 20, 8 << 20)
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    main = threading.main_thread().ident
+    assert main is not None
+    poke = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGUSR1))
+    try:
+        t0 = time.monotonic()
+        poke.start()
+        with pytest.raises(KeyboardInterrupt):
+            send(sender.fileno(), (), parts, 0, BLOCK)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        poke.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_peer_that_stops_reading_fails_the_send_after_the_socket_timeout(send, pair) -> None:  # type: ignore[no-untyped-def]
+    sender, _ = pair
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 300_000))
+    _, parts = _layer(16 << 20, 8 << 20)
+    t0 = time.monotonic()
+    with pytest.raises(BlockingIOError):
+        send(sender.fileno(), (), parts, 0, BLOCK)
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_a_peer_that_is_gone_fails_the_send(send, pair) -> None:  # type: ignore[no-untyped-def]
+    sender, receiver = pair
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    receiver.close()  # a reset, as from a killed process
+    _, parts = _layer(4 << 20, 1 << 20)
+    time.sleep(0.05)
+    with pytest.raises(OSError) as caught:
+        send(sender.fileno(), (), parts, 0, BLOCK)
+    assert caught.value.errno in (errno.ECONNRESET, errno.EPIPE)
+
+
+@pytest.mark.parametrize(("nbytes", "block"), [(240, BLOCK), (BLOCK + 100, BLOCK), (4096, 200)])
+def test_blocks_the_kernel_cannot_hash_are_refused(send, pair, nbytes: int, block: int) -> None:  # type: ignore[no-untyped-def]
+    sender, _ = pair
+    with pytest.raises(ValueError, match="more than 240"):
+        send(sender.fileno(), (), (bytes(nbytes),), 0, block)
+    assert not checksum.kernel_hashes_every_block(nbytes) or block != BLOCK
