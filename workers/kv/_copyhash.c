@@ -426,91 +426,144 @@ static int send_iov(int fd, struct iovec **iov, int *count) {
     return SEND_PARTIAL;
 }
 
-/* send_xxh3_64: the tcp sender's per-layer loop without Python between blocks. Each block of the
-   source goes out with one sendmsg (the head's buffers in front of the first) and is hashed right
-   after it, while the socket copy has just pulled it into this core's cache. In Python the loop cost
-   ~10 us a block beside the two calls (the socket copy had evicted the interpreter's data). */
-static PyObject *py_send_xxh3_64(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"fd", "head", "src", "seed", "block_nbytes", NULL};
+/* Send the iovecs, then hash the block `pieces` (`len` bytes) from `*seed`: the GIL is released for
+   both, and taken between short writes to run Python's signal handlers. 0, or the failing errno
+   (-1 with a Python exception set when a handler raised). */
+static int send_then_hash(int fd, struct iovec *iov, int count, const piece_t *pieces, size_t len, uint64_t *seed) {
+    int error;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        error = send_iov(fd, &iov, &count);
+        if (!error) *seed = copy_hash_pieces(pieces, NULL, len, *seed, 0);
+        Py_END_ALLOW_THREADS
+        if (error != EINTR && error != SEND_PARTIAL) return error;
+        if (PyErr_CheckSignals() < 0) return -1; /* as Python's socket calls: handlers run, then go on */
+    }
+}
+
+/* send_layers_xxh3_64: the tcp sender's loop over queued layers without Python between blocks.
+   Each block of a layer goes out with one sendmsg (the previous layer's 8-byte checksum trailer and
+   this layer's head in front of its first block) and is hashed right after it, while the socket
+   copy has just pulled it into this core's cache. In Python the loop cost ~10 us a block beside the
+   two calls (the socket copy had evicted the interpreter's data), and ~15 us between layers. */
+static PyObject *py_send_layers_xxh3_64(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"fd", "layers", "block_nbytes", NULL};
     int fd;
-    Py_ssize_t block;
-    PyObject *head_obj, *src_obj, *seed_obj, *result = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iOOOn", keywords, &fd, &head_obj, &src_obj, &seed_obj, &block))
-        return NULL;
-    uint64_t seed;
-    source_t head = {0, NULL, NULL, 0}, src = {0, NULL, NULL, 0};
+    Py_ssize_t block, n = 0, held = 0;
+    PyObject *layers_obj, *layers = NULL, *digests = NULL, *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iOn", keywords, &fd, &layers_obj, &block)) return NULL;
+    layers = PySequence_Fast(layers_obj, "layers must be a sequence of (head, src) pairs");
+    if (layers == NULL) return NULL;
+    n = PySequence_Fast_GET_SIZE(layers);
+    source_t *heads = PyMem_Calloc(n ? (size_t)n : 1, sizeof(source_t));
+    source_t *srcs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(source_t));
     struct iovec *iov = NULL;
     piece_t *pieces = NULL;
-    if (!get_seed(seed_obj, &seed) || !get_source(head_obj, &head) || !get_source(src_obj, &src)) goto done;
-    size_t tail = block > 0 ? src.len % (size_t)block : 0;
-    if (block < MIN_LEN || src.len < MIN_LEN || (tail && tail < MIN_LEN)) {
-        PyErr_Format(PyExc_ValueError, "src (%zu bytes) must cut into blocks of block_nbytes (%zd) of more than %d "
-                     "bytes each", src.len, block, MIN_LEN - 1);
-        goto done;
-    }
-    iov = PyMem_Calloc((size_t)(head.count + src.count), sizeof(struct iovec));
-    pieces = PyMem_Calloc((size_t)src.count, sizeof(piece_t));
-    if (!iov || !pieces) {
+    size_t most = 1;
+    if (!heads || !srcs) {
         PyErr_NoMemory();
         goto done;
     }
-    size_t index = 0, offset = 0, left = src.len;
-    int first = 1, error = 0;
-    while (left && !error) {
-        size_t len = left < (size_t)block ? left : (size_t)block, count = 0, iov_count = 0;
-        for (size_t want = len; want;) { /* the block's pieces, from (index, offset) on */
-            while (offset == src.pieces[index].len) {
-                index++;
-                offset = 0;
-            }
-            size_t take = src.pieces[index].len - offset;
-            if (take > want) take = want;
-            pieces[count].buf = src.pieces[index].buf + offset;
-            pieces[count++].len = take;
-            offset += take;
-            want -= take;
+    for (; held < n; held++) { /* every buffer held, and every layer checked, before a byte goes out */
+        PyObject *item = PySequence_Fast_GET_ITEM(layers, held);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "layers must be a sequence of (head, src) pairs");
+            goto done;
         }
-        for (Py_ssize_t i = 0; first && i < head.count; i++) {
-            iov[iov_count].iov_base = (void *)head.pieces[i].buf;
-            iov[iov_count++].iov_len = head.pieces[i].len;
+        if (!get_source(PyTuple_GET_ITEM(item, 0), &heads[held])) goto done;
+        if (!get_source(PyTuple_GET_ITEM(item, 1), &srcs[held])) {
+            release_source(&heads[held]);
+            goto done;
         }
-        for (size_t i = 0; i < count; i++) {
-            iov[iov_count].iov_base = (void *)pieces[i].buf;
-            iov[iov_count++].iov_len = pieces[i].len;
+        size_t len = srcs[held].len, tail = block > 0 ? len % (size_t)block : 0;
+        if (block < MIN_LEN || len < MIN_LEN || (tail && tail < MIN_LEN)) {
+            PyErr_Format(PyExc_ValueError, "layer %zd (%zu bytes) must cut into blocks of block_nbytes (%zd) of "
+                         "more than %d bytes each", held, len, block, MIN_LEN - 1);
+            release_source(&heads[held]);
+            release_source(&srcs[held]);
+            goto done;
         }
-        first = 0;
-        struct iovec *at = iov;
-        int at_count = (int)iov_count;
-        for (;;) {
-            Py_BEGIN_ALLOW_THREADS
-            error = send_iov(fd, &at, &at_count);
-            if (!error) seed = copy_hash_pieces(pieces, NULL, len, seed, 0);
-            Py_END_ALLOW_THREADS
-            if (error != EINTR && error != SEND_PARTIAL) break;
-            if (PyErr_CheckSignals() < 0) goto done; /* as Python's socket calls: handlers run, then go on */
-            error = 0;
-        }
-        left -= len;
+        size_t need = 1 + (size_t)heads[held].count + (size_t)srcs[held].count;
+        if (need > most) most = need;
     }
-    if (error) {
-        errno = error;
-        PyErr_SetFromErrno(PyExc_OSError);
+    iov = PyMem_Calloc(most, sizeof(struct iovec));
+    pieces = PyMem_Calloc(most, sizeof(piece_t));
+    digests = PyList_New(n);
+    if (!iov || !pieces || !digests) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
         goto done;
     }
-    result = PyLong_FromUnsignedLongLong(seed);
+    uint8_t trailer[8];
+    for (Py_ssize_t layer = 0; layer < n; layer++) {
+        source_t *head = &heads[layer], *src = &srcs[layer];
+        uint64_t seed = 0;
+        size_t index = 0, offset = 0, left = src->len;
+        int first = 1;
+        while (left) {
+            size_t len = left < (size_t)block ? left : (size_t)block, count = 0, iov_count = 0;
+            for (size_t want = len; want;) { /* the block's pieces, from (index, offset) on */
+                while (offset == src->pieces[index].len) {
+                    index++;
+                    offset = 0;
+                }
+                size_t take = src->pieces[index].len - offset;
+                if (take > want) take = want;
+                pieces[count].buf = src->pieces[index].buf + offset;
+                pieces[count++].len = take;
+                offset += take;
+                want -= take;
+            }
+            if (first && layer > 0) { /* the previous layer's checksum trails its payload */
+                iov[iov_count].iov_base = trailer;
+                iov[iov_count++].iov_len = sizeof trailer;
+            }
+            for (Py_ssize_t i = 0; first && i < head->count; i++) {
+                iov[iov_count].iov_base = (void *)head->pieces[i].buf;
+                iov[iov_count++].iov_len = head->pieces[i].len;
+            }
+            for (size_t i = 0; i < count; i++) {
+                iov[iov_count].iov_base = (void *)pieces[i].buf;
+                iov[iov_count++].iov_len = pieces[i].len;
+            }
+            first = 0;
+            int error = send_then_hash(fd, iov, (int)iov_count, pieces, len, &seed);
+            if (error) {
+                if (error > 0) {
+                    errno = error;
+                    PyErr_SetFromErrno(PyExc_OSError);
+                }
+                goto done;
+            }
+            left -= len;
+        }
+        write64(trailer, seed); /* little-endian: the file refuses big-endian hosts */
+        PyObject *digest = PyLong_FromUnsignedLongLong(seed);
+        if (digest == NULL) goto done;
+        PyList_SET_ITEM(digests, layer, digest);
+    }
+    result = digests;
+    digests = NULL;
 done:
+    for (Py_ssize_t i = 0; i < held; i++) {
+        release_source(&heads[i]);
+        release_source(&srcs[i]);
+    }
+    PyMem_Free(heads);
+    PyMem_Free(srcs);
     PyMem_Free(iov);
     PyMem_Free(pieces);
-    release_source(&head);
-    release_source(&src);
+    Py_XDECREF(digests);
+    Py_DECREF(layers);
     return result;
 }
 
-PyDoc_STRVAR(send_xxh3_64_doc,
-             "send_xxh3_64(fd, head, src, seed, block_nbytes) -> int\n\n"
-             "Send head then src (tuples of buffers) on the blocking socket fd, src cut into blocks of\n"
-             "block_nbytes (the last may be shorter; each more than 240 bytes), one sendmsg each, and return\n"
-             "the chained xxh3_64 of the blocks from seed (each hashed right after its send). OSError on failure.");
+PyDoc_STRVAR(send_layers_xxh3_64_doc,
+             "send_layers_xxh3_64(fd, layers, block_nbytes) -> list[int]\n\n"
+             "Send layers, a sequence of (head, src) pairs of buffer tuples, on the blocking socket fd: each\n"
+             "layer's head, then its src cut into blocks of block_nbytes (the last may be shorter; each more\n"
+             "than 240 bytes), one sendmsg each, and between layers the previous one's checksum as 8\n"
+             "little-endian bytes. Returns each layer's checksum (the chained xxh3_64 of its blocks from 0, each\n"
+             "hashed right after its send); the last one's is not sent. OSError on failure.");
 #endif
 
 PyDoc_STRVAR(copy_xxh3_64_doc,
@@ -582,7 +635,8 @@ static PyMethodDef methods[] = {
     {"copy_xxh3_64", (PyCFunction)(void (*)(void))py_copy_xxh3_64, METH_VARARGS | METH_KEYWORDS, copy_xxh3_64_doc},
     {"xxh3_64", (PyCFunction)(void (*)(void))py_xxh3_64, METH_VARARGS | METH_KEYWORDS, xxh3_64_doc},
 #ifdef PD_SENDMSG
-    {"send_xxh3_64", (PyCFunction)(void (*)(void))py_send_xxh3_64, METH_VARARGS | METH_KEYWORDS, send_xxh3_64_doc},
+    {"send_layers_xxh3_64", (PyCFunction)(void (*)(void))py_send_layers_xxh3_64, METH_VARARGS | METH_KEYWORDS,
+     send_layers_xxh3_64_doc},
 #endif
     {NULL, NULL, 0, NULL},
 };

@@ -86,7 +86,9 @@ class SenderWire(Protocol):
     """The transport-specific half of a sender: moves one layer, then ends the transfer.
 
     A wire that holds bytes back to send them with the next layer defines ``flush()``: the
-    sending thread calls it whenever it runs out of queued layers.
+    sending thread calls it whenever it runs out of queued layers. A wire that can put several
+    layers on the wire at once defines ``send_layers(layers)`` (a list of ``(layer_idx, k, v)``):
+    the sending thread hands it every layer that is queued when it looks.
     """
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
@@ -164,6 +166,9 @@ class PipelinedSender:
         self._shape = (descriptor.num_tokens, descriptor.num_kv_heads, descriptor.head_dim)
         self._stopped = threading.Event()  # set when the sending loop returned
         self._flush: Callable[[], None] | None = getattr(wire, "flush", None)
+        self._send_many: Callable[[list[tuple[int, torch.Tensor, torch.Tensor]]], None] | None = getattr(
+            wire, "send_layers", None
+        )
         SEND_THREADS.submit(self._run)
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -251,7 +256,6 @@ class PipelinedSender:
             self._stopped.set()
 
     def _send_queued(self) -> None:
-        fault = self._options.fault
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -264,18 +268,49 @@ class PipelinedSender:
                 item = self._queue.get()
             if item is _STOP:
                 return
-            if self._error is not None:
-                continue  # drain so producers never block on a dead transfer
-            layer_idx, k, v, ready = cast(_Item, item)
-            try:
-                if ready is not None:
-                    ready.synchronize()  # K/V were produced on the caller's CUDA stream
-                corrupt = fault is not None and fault.corrupt_layer_idx == layer_idx
-                t0 = time.perf_counter()
-                self._wire.send_layer(layer_idx, k, v, corrupt)
-                self._wire_s += time.perf_counter() - t0
-            except BaseException as exc:  # surfaced to the caller on its next call
-                self._error = exc
+            batch = [cast(_Item, item)]
+            stop = False
+            while self._send_many is not None:  # every layer queued by now goes in one call to the wire
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(cast(_Item, item))
+            if self._error is None:  # else drain, so producers never block on a dead transfer
+                try:
+                    self._send_batch(batch)
+                except BaseException as exc:  # surfaced to the caller on its next call
+                    self._error = exc
+            if stop:
+                return
+
+    def _send_batch(self, batch: list[_Item]) -> None:
+        """Put queued layers on the wire: runs of host layers through ``send_layers`` where the wire has it.
+
+        A CUDA layer goes alone once its producer's event completed (a run would wait for the last
+        one's), as does a layer the fault-injection hook damages.
+        """
+        fault = self._options.fault
+        send_many = self._send_many
+        run: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        t0 = time.perf_counter()
+        for layer_idx, k, v, ready in batch:
+            corrupt = fault is not None and fault.corrupt_layer_idx == layer_idx
+            if send_many is not None and ready is None and not corrupt:
+                run.append((layer_idx, k, v))
+                continue
+            if send_many is not None and run:
+                send_many(run)
+                run = []
+            if ready is not None:
+                ready.synchronize()  # K/V were produced on the caller's CUDA stream
+            self._wire.send_layer(layer_idx, k, v, corrupt)
+        if send_many is not None and run:
+            send_many(run)
+        self._wire_s += time.perf_counter() - t0
 
 
 def _verified_copy(payload: torch.Tensor) -> tuple[torch.Tensor, int]:

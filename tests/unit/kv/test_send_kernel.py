@@ -1,4 +1,4 @@
-"""The C kernel's tcp send loop (send_xxh3_64): every byte in order, the chained digest, signals and failures."""
+"""The C kernel's tcp send loop (send_layers_xxh3_64): every byte in order, checksums, signals and failures."""
 
 from __future__ import annotations
 
@@ -58,26 +58,44 @@ def _layer(nbytes: int, cut: int) -> tuple[np.ndarray, tuple[memoryview, memoryv
     return data, (view[:cut], view[cut:])
 
 
+def _one(send, fd: int, head: tuple[bytes, ...], parts: tuple[memoryview, ...]) -> int:  # type: ignore[no-untyped-def]
+    """Send one layer; its checksum."""
+    digests = send(fd, [(head, parts)], BLOCK)
+    assert len(digests) == 1
+    return int(digests[0])
+
+
 @pytest.mark.parametrize(("nbytes", "cut"), [(BLOCK, BLOCK // 2), (3 * BLOCK + 4096, BLOCK + 77), (1000, 300)])
-def test_head_then_every_block_arrives_in_order_with_the_chained_digest(send, pair, nbytes: int, cut: int) -> None:  # type: ignore[no-untyped-def]
+def test_head_then_every_block_arrives_in_order_with_the_layer_checksum(send, pair, nbytes: int, cut: int) -> None:  # type: ignore[no-untyped-def]
     sender, receiver = pair
     data, parts = _layer(nbytes, cut)
     head = (b"", b"HEADER--", b"x" * 5)
     got = bytearray()
     reader = threading.Thread(target=_read_all, args=(receiver, 13 + nbytes, got))
     reader.start()
-    digest = send(sender.fileno(), head, parts, 0, BLOCK)
+    digest = _one(send, sender.fileno(), head, parts)
     reader.join(5)
     assert bytes(got) == b"HEADER--xxxxx" + data.tobytes()
     assert digest == checksum.checksum_parts(parts)
-    seed = 12345  # chaining on from an earlier value is what a block loop split in two would do
-    reader = threading.Thread(target=_read_all, args=(receiver, nbytes, bytearray()))
+
+
+def test_each_layer_of_a_batch_is_trailed_by_its_checksum_but_the_last(send, pair) -> None:  # type: ignore[no-untyped-def]
+    """Layer i's 8-byte checksum rides in front of layer i+1's head; the caller holds the last one back."""
+    sender, receiver = pair
+    layers = [_layer(nbytes, nbytes // 3) for nbytes in (BLOCK + 4096, 5000, 2 * BLOCK)]
+    frames = [((f"H{i}".encode(),), parts) for i, (_, parts) in enumerate(layers)]
+    frames[0] = ((b"owed0000", b"H0"), frames[0][1])
+    want = [checksum.checksum_parts(parts) for _, parts in layers]
+    expected = b"owed0000H0" + layers[0][0].tobytes()
+    expected += struct.pack("<Q", want[0]) + b"H1" + layers[1][0].tobytes()
+    expected += struct.pack("<Q", want[1]) + b"H2" + layers[2][0].tobytes()
+    got = bytearray()
+    reader = threading.Thread(target=_read_all, args=(receiver, len(expected), got))
     reader.start()
-    want = seed
-    for block in checksum.block_groups(parts):
-        want = checksum.hash_block(block, want)
-    assert send(sender.fileno(), (), parts, seed, BLOCK) == want
+    assert send(sender.fileno(), frames, BLOCK) == want
     reader.join(5)
+    assert bytes(got) == expected
+    assert send(sender.fileno(), [], BLOCK) == []
 
 
 def test_a_signal_mid_send_runs_its_handler_and_the_send_resumes_without_losing_bytes(send, pair) -> None:  # type: ignore[no-untyped-def]
@@ -100,7 +118,7 @@ def test_a_signal_mid_send_runs_its_handler_and_the_send_resumes_without_losing_
     try:
         t0 = time.monotonic()
         poke.start()
-        digest = send(sender.fileno(), (), parts, 0, BLOCK)
+        digest = _one(send, sender.fileno(), (), parts)
         elapsed = time.monotonic() - t0
     finally:
         poke.cancel()
@@ -126,7 +144,7 @@ def test_an_exception_from_a_signal_handler_ends_the_send(send, pair) -> None:  
         t0 = time.monotonic()
         poke.start()
         with pytest.raises(KeyboardInterrupt):
-            send(sender.fileno(), (), parts, 0, BLOCK)
+            _one(send, sender.fileno(), (), parts)
         assert time.monotonic() - t0 < 2.0
     finally:
         poke.cancel()
@@ -139,7 +157,7 @@ def test_a_peer_that_stops_reading_fails_the_send_after_the_socket_timeout(send,
     _, parts = _layer(16 << 20, 8 << 20)
     t0 = time.monotonic()
     with pytest.raises(BlockingIOError):
-        send(sender.fileno(), (), parts, 0, BLOCK)
+        _one(send, sender.fileno(), (), parts)
     assert time.monotonic() - t0 < 2.0
 
 
@@ -150,13 +168,29 @@ def test_a_peer_that_is_gone_fails_the_send(send, pair) -> None:  # type: ignore
     _, parts = _layer(4 << 20, 1 << 20)
     time.sleep(0.05)
     with pytest.raises(OSError) as caught:
-        send(sender.fileno(), (), parts, 0, BLOCK)
+        _one(send, sender.fileno(), (), parts)
     assert caught.value.errno in (errno.ECONNRESET, errno.EPIPE)
 
 
 @pytest.mark.parametrize(("nbytes", "block"), [(240, BLOCK), (BLOCK + 100, BLOCK), (4096, 200)])
-def test_blocks_the_kernel_cannot_hash_are_refused(send, pair, nbytes: int, block: int) -> None:  # type: ignore[no-untyped-def]
-    sender, _ = pair
+def test_blocks_the_kernel_cannot_hash_are_refused_before_anything_is_sent(send, pair, nbytes: int, block: int) -> None:  # type: ignore[no-untyped-def]
+    sender, receiver = pair
+    good = ((b"H",), (bytes(4096),))
     with pytest.raises(ValueError, match="more than 240"):
-        send(sender.fileno(), (), (bytes(nbytes),), 0, block)
-    assert not checksum.kernel_hashes_every_block(nbytes) or block != BLOCK
+        send(sender.fileno(), [good, ((), (bytes(nbytes),))], block)
+    receiver.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        receiver.recv(1)  # the good layer before the bad one was not sent either
+
+
+def test_malformed_layers_are_refused(send, pair) -> None:  # type: ignore[no-untyped-def]
+    sender, _ = pair
+    with pytest.raises(TypeError, match=r"\(head, src\) pairs"):
+        send(sender.fileno(), [(b"H", bytes(4096), b"extra")], BLOCK)
+    with pytest.raises(TypeError):
+        send(sender.fileno(), [((), (bytes(4096), 7))], BLOCK)  # not a buffer
+
+
+def test_the_layer_sizes_the_tcp_sender_gives_the_kernel() -> None:
+    assert checksum.kernel_hashes_every_block(BLOCK) and checksum.kernel_hashes_every_block(2 * BLOCK + 241)
+    assert not any(checksum.kernel_hashes_every_block(n) for n in (240, BLOCK + 1, BLOCK + 240))

@@ -141,20 +141,20 @@ def _send_big_layers(endpoint: TcpEndpoint, rid: str) -> int:
 def test_with_the_kernel_a_layer_of_several_blocks_goes_through_its_c_send_loop(
     endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each layer is one call into the kernel (header in front, blocks straddling K and V), and lands intact."""
+    """Every layer goes through the kernel's loop (header in front, blocks straddling K and V), and lands intact."""
     import workers.kv.tcp as tcp
 
     assert tcp.SEND_KERNEL is not None, "the KV kernel's send loop is not built here"
     real = tcp.SEND_KERNEL
-    calls: list[int] = []
+    sizes: list[int] = []
 
-    def counted(fd: int, head: tuple[bytes, ...], parts: tuple[memoryview, ...], seed: int, block: int) -> int:
-        calls.append(sum(len(p) for p in parts))
-        return int(real(fd, head, parts, seed, block))
+    def counted(fd: int, layers: list[tuple[tuple[bytes, ...], tuple[memoryview, ...]]], block: int) -> list[int]:
+        sizes.extend(sum(len(p) for p in parts) for _, parts in layers)
+        return list(real(fd, layers, block))
 
     monkeypatch.setattr(tcp, "SEND_KERNEL", counted)
     layer = _send_big_layers(endpoint, "c-loop")
-    assert calls == [layer] * BIG.num_layers
+    assert sizes == [layer] * BIG.num_layers  # one call a layer, or fewer holding several
 
 
 def test_a_layer_of_several_blocks_is_hashed_block_by_block_right_after_each_send(
@@ -215,3 +215,72 @@ def test_a_held_back_trailer_goes_out_when_no_next_layer_is_queued(endpoint: Tcp
         rx.wait(5)
     finally:
         connector.close()
+
+
+def _hold_first_kernel_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[threading.Event, threading.Event, list[list[int]]]:
+    """Make the kernel's first send signal ``started`` and wait for ``release``; record each call's layers."""
+    import workers.kv.tcp as tcp
+    from workers.kv.framing import _HEADER
+
+    assert tcp.SEND_KERNEL is not None, "the KV kernel's send loop is not built here"
+    real, started, release, calls = tcp.SEND_KERNEL, threading.Event(), threading.Event(), []
+
+    def held(fd: int, layers: list[tuple[tuple[bytes, ...], tuple[memoryview, ...]]], block: int) -> list[int]:
+        calls.append([_HEADER.unpack(head[-1])[2] for head, _ in layers])  # the index, from each header
+        if len(calls) == 1:
+            started.set()
+            assert release.wait(5)
+        return list(real(fd, layers, block))
+
+    monkeypatch.setattr(tcp, "SEND_KERNEL", held)
+    return started, release, calls
+
+
+def test_layers_queued_while_the_wire_is_busy_go_out_in_one_call(
+    endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = KVSpec(num_layers=5, num_kv_heads=8, head_dim=128, dtype="float16")
+    started, release, calls = _hold_first_kernel_call(monkeypatch)
+    landed: dict[int, torch.Tensor] = {}
+    rx = endpoint.expect("burst", BIG_TOKENS, spec, lambda i, k, v: landed.update({i: k.clone()}))
+    layers = [torch.randn(BIG_TOKENS, spec.num_kv_heads, spec.head_dim).half() for _ in range(spec.num_layers)]
+    connector = TcpConnector()
+    try:
+        with connector.open(rx.descriptor, SenderOptions(timeout_s=5)) as sender:
+            for i, k in enumerate(layers):
+                sender.send_layer(i, k, k)
+                assert i > 0 or started.wait(5)
+            release.set()  # every later layer was queued while the first was on the wire
+            sender.finish()
+        rx.wait(5)
+    finally:
+        connector.close()
+    assert calls == [[0], [1, 2, 3, 4]]
+    assert all(torch.equal(landed[i], k) for i, k in enumerate(layers))
+
+
+def test_a_damaged_layer_in_a_burst_goes_alone_and_is_caught(
+    endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.kv.interface import FaultInjection
+
+    spec = KVSpec(num_layers=5, num_kv_heads=8, head_dim=128, dtype="float16")
+    started, release, calls = _hold_first_kernel_call(monkeypatch)
+    rx = endpoint.expect("burst-bad", BIG_TOKENS, spec, lambda i, k, v: None)
+    k = torch.randn(BIG_TOKENS, spec.num_kv_heads, spec.head_dim).half()
+    connector = TcpConnector()
+    try:
+        sender = connector.open(rx.descriptor, SenderOptions(timeout_s=5, fault=FaultInjection(corrupt_layer_idx=2)))
+        for i in range(spec.num_layers):
+            sender.send_layer(i, k, k)
+            assert i > 0 or started.wait(5)
+        release.set()
+        with pytest.raises(KVChecksumError, match="layer 2"):
+            sender.finish()
+        with pytest.raises(KVChecksumError, match="layer 2"):
+            rx.wait(5)
+    finally:
+        connector.close()
+    assert calls == [[0], [1], [3, 4]]  # the damaged layer 2 went through the Python path between them
