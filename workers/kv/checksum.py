@@ -41,8 +41,10 @@ if TYPE_CHECKING:
 BLOCK_NBYTES = 512 << 10  # a block and its copy fit in one core's 2 MiB L2 together
 
 KERNEL, KERNEL_STATE = native.load()  # (None, why) without a current build: numpy + xxhash
-# the tcp sender's loop over layers (a sendmsg, then a hash, per block) in C, where the build has it (Linux)
+# the senders' loops over queued layers in C, where the build has them (Linux): tcp's (a sendmsg, then a
+# hash, per block) and shm's (each layer copied and hashed into its slot, then its frame sent)
 SEND_KERNEL = getattr(KERNEL, "send_layers_xxh3_64", None)
+COPY_KERNEL = getattr(KERNEL, "copy_layers_xxh3_64", None)
 
 
 def kernel_hashes_every_block(nbytes: int) -> bool:

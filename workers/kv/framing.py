@@ -27,6 +27,7 @@ from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeou
 MAGIC = b"PDKV"
 _HEADER = struct.Struct("<4sB3xIIQQQ")
 HEADER_NBYTES = _HEADER.size
+HEADER_CHECKSUM_OFFSET = struct.calcsize("<4sB3xIIQ")  # where the checksum field starts in a packed header
 MAX_CONTROL_PAYLOAD_NBYTES = 1 << 20
 TRAILER = struct.Struct("<Q")  # a layer's checksum, sent after its payload so the sender hashes while sending
 

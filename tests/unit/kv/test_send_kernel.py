@@ -1,4 +1,7 @@
-"""The C kernel's tcp send loop (send_layers_xxh3_64): every byte in order, checksums, signals and failures."""
+"""The C kernel's sending loops: tcp's (send_layers_xxh3_64) and shm's (copy_layers_xxh3_64).
+
+Every byte in order, the layer checksums, signals and failures.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,14 @@ import numpy as np
 import pytest
 
 from workers.kv import checksum
+from workers.kv.framing import (
+    HEADER_CHECKSUM_OFFSET,
+    HEADER_NBYTES,
+    Frame,
+    FrameKind,
+    pack_header,
+    recv_frame,
+)
 
 if sys.platform != "linux":
     pytest.skip("the kernel's send loop is built on Linux only", allow_module_level=True)
@@ -30,6 +41,13 @@ def send():  # type: ignore[no-untyped-def]
     """The kernel's send loop; the set-up command builds the kernel wherever a compiler exists."""
     assert checksum.SEND_KERNEL is not None, f"KV checksum kernel not loaded: {checksum.KERNEL_STATE}"
     return checksum.SEND_KERNEL
+
+
+@pytest.fixture
+def copy_layers():  # type: ignore[no-untyped-def]
+    """The kernel's shm loop."""
+    assert checksum.COPY_KERNEL is not None, f"KV checksum kernel not loaded: {checksum.KERNEL_STATE}"
+    return checksum.COPY_KERNEL
 
 
 @pytest.fixture
@@ -194,3 +212,66 @@ def test_malformed_layers_are_refused(send, pair) -> None:  # type: ignore[no-un
 def test_the_layer_sizes_the_tcp_sender_gives_the_kernel() -> None:
     assert checksum.kernel_hashes_every_block(BLOCK) and checksum.kernel_hashes_every_block(2 * BLOCK + 241)
     assert not any(checksum.kernel_hashes_every_block(n) for n in (240, BLOCK + 1, BLOCK + 240))
+
+
+def _header(layer_idx: int) -> bytearray:
+    return bytearray(pack_header(Frame(FrameKind.LAYER, layer_idx, layer_idx, 0, 0, 77)))
+
+
+def test_shm_loop_copies_each_layer_into_its_slot_and_sends_its_header_with_the_checksum(copy_layers, pair) -> None:  # type: ignore[no-untyped-def]
+    sender, receiver = pair
+    layers = [_layer(nbytes, nbytes // 3) for nbytes in (BLOCK + 4096, 5000, 2 * BLOCK)]
+    slots = [np.zeros(len(data), np.uint8) for data, _ in layers]
+    headers = [_header(i) for i in range(len(layers))]
+    frames = [(slot, parts, header) for slot, (_, parts), header in zip(slots, layers, headers, strict=True)]
+    digests = copy_layers(sender.fileno(), frames, BLOCK, HEADER_CHECKSUM_OFFSET)
+    assert digests == [checksum.checksum_parts(parts) for _, parts in layers]
+    assert all(np.array_equal(slot, data) for slot, (data, _) in zip(slots, layers, strict=True))
+    got = bytearray()
+    _read_all(receiver, len(layers) * HEADER_NBYTES, got)
+    for i, digest in enumerate(digests):
+        frame = recv_frame_from(bytes(got[i * HEADER_NBYTES : (i + 1) * HEADER_NBYTES]))
+        assert (frame.layer_idx, frame.checksum, frame.tag) == (i, digest, 77)
+
+
+def recv_frame_from(raw: bytes) -> Frame:
+    """Decode one packed header."""
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(raw)
+        return recv_frame(b, bytearray(HEADER_NBYTES))
+
+
+@pytest.mark.parametrize(
+    ("slot", "header", "offset", "error", "match"),
+    [
+        (np.zeros(4095, np.uint8), _header(0), HEADER_CHECKSUM_OFFSET, ValueError, "dst has 4095 bytes and src 4096"),
+        (np.zeros(4096, np.uint8), bytearray(20), HEADER_CHECKSUM_OFFSET, ValueError, "no 8 bytes at checksum_offset"),
+        (np.zeros(4096, np.uint8), _header(0), -1, ValueError, "no 8 bytes at checksum_offset"),
+        (np.zeros(4096, np.uint8), bytes(HEADER_NBYTES), HEADER_CHECKSUM_OFFSET, BufferError, "not writable"),
+        (bytes(4096), _header(0), HEADER_CHECKSUM_OFFSET, BufferError, "not writable"),
+    ],
+)
+def test_shm_loop_checks_every_layer_before_it_copies_or_sends_anything(  # type: ignore[no-untyped-def]
+    copy_layers, pair, slot: object, header: bytes, offset: int, error: type[Exception], match: str
+) -> None:
+    sender, receiver = pair
+    first = np.zeros(4096, np.uint8)
+    good = (first, (bytes(range(256)) * 16,), _header(0))
+    with pytest.raises(error, match=match):
+        copy_layers(sender.fileno(), [good, (slot, (bytes(4096),), header)], BLOCK, offset)
+    assert not first.any()  # the good layer before the bad one was not copied
+    receiver.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        receiver.recv(1)  # nor announced
+
+
+def test_shm_loop_reports_a_peer_that_is_gone(copy_layers, pair) -> None:  # type: ignore[no-untyped-def]
+    sender, receiver = pair
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    receiver.close()
+    time.sleep(0.05)
+    _, parts = _layer(4096, 1000)
+    with pytest.raises(OSError) as caught:
+        copy_layers(sender.fileno(), [(np.zeros(4096, np.uint8), parts, _header(0))], BLOCK, HEADER_CHECKSUM_OFFSET)
+    assert caught.value.errno in (errno.ECONNRESET, errno.EPIPE)

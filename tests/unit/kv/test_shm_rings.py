@@ -178,3 +178,42 @@ def test_a_receiver_on_another_host_is_refused_before_anything_is_mapped() -> No
     finally:
         connector.close()
         endpoint.close()
+
+
+def test_queued_layers_go_through_the_kernel_loop_a_few_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers queued while the first is copied go four to a call, in order, and land intact."""
+    import threading
+
+    import workers.kv.shm as shm
+
+    assert shm.COPY_KERNEL is not None, "the KV kernel's shm loop is not built here"
+    real, started, release, calls = shm.COPY_KERNEL, threading.Event(), threading.Event(), []
+
+    def held(fd: int, layers: list[tuple[object, object, bytearray]], block: int, offset: int) -> list[int]:
+        calls.append([int.from_bytes(header[8:12], "little") for _, _, header in layers])  # layer_idx field
+        if len(calls) == 1:
+            started.set()
+            assert release.wait(5)
+        return list(real(fd, layers, block, offset))
+
+    monkeypatch.setattr(shm, "COPY_KERNEL", held)
+    spec = KVSpec(num_layers=9, num_kv_heads=2, head_dim=16, dtype="float32")
+    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0))
+    connector = ShmConnector()
+    try:
+        shape = (8, spec.num_kv_heads, spec.head_dim)
+        sent = [torch.randn(shape) for _ in range(spec.num_layers)]
+        got: dict[int, torch.Tensor] = {}
+        rx = endpoint.expect("four", 8, spec, lambda i, k, v: got.__setitem__(i, v.clone()))
+        tx = connector.open(rx.descriptor, SenderOptions(timeout_s=5.0))
+        for i, k in enumerate(sent):
+            tx.send_layer(i, -k, k)
+            assert i > 0 or started.wait(5)
+        release.set()
+        tx.finish()
+        rx.wait(5)
+        assert calls == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+        assert all(torch.equal(got[i], k) for i, k in enumerate(sent))
+    finally:
+        connector.close()
+        endpoint.close()
