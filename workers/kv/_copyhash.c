@@ -441,6 +441,22 @@ static int send_then_hash(int fd, struct iovec *iov, int count, const piece_t *p
     }
 }
 
+/* Raise OSError for a failed send's errno (a negative one means a Python exception is already set). */
+static void raise_send_error(int error) {
+    if (error > 0) {
+        errno = error;
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+}
+
+/* digests[index] = value; 0 when out of memory (exception set). */
+static int set_digest(PyObject *digests, Py_ssize_t index, uint64_t value) {
+    PyObject *digest = PyLong_FromUnsignedLongLong(value);
+    if (digest == NULL) return 0;
+    PyList_SET_ITEM(digests, index, digest);
+    return 1;
+}
+
 /* The pieces of the next `len` bytes of `src` from position (*index, *offset) into `out` (at most
    src->count of them); moves the position. */
 static size_t block_pieces(const source_t *src, size_t *index, size_t *offset, size_t len, piece_t *out) {
@@ -543,18 +559,13 @@ static PyObject *py_send_layers_xxh3_64(PyObject *self, PyObject *args, PyObject
             first = 0;
             int error = send_then_hash(fd, iov, (int)iov_count, pieces, len, &seed);
             if (error) {
-                if (error > 0) {
-                    errno = error;
-                    PyErr_SetFromErrno(PyExc_OSError);
-                }
+                raise_send_error(error);
                 goto done;
             }
             left -= len;
         }
         write64(trailer, seed); /* little-endian: the file refuses big-endian hosts */
-        PyObject *digest = PyLong_FromUnsignedLongLong(seed);
-        if (digest == NULL) goto done;
-        PyList_SET_ITEM(digests, layer, digest);
+        if (!set_digest(digests, layer, seed)) goto done;
     }
     result = digests;
     digests = NULL;
@@ -663,15 +674,10 @@ static PyObject *py_copy_layers_xxh3_64(PyObject *self, PyObject *args, PyObject
         struct iovec iov = {layer->header.buf, (size_t)layer->header.len};
         int error = send_then_hash(fd, &iov, 1, NULL, 0, NULL);
         if (error) {
-            if (error > 0) {
-                errno = error;
-                PyErr_SetFromErrno(PyExc_OSError);
-            }
+            raise_send_error(error);
             goto done;
         }
-        PyObject *digest = PyLong_FromUnsignedLongLong(seed);
-        if (digest == NULL) goto done;
-        PyList_SET_ITEM(digests, i, digest);
+        if (!set_digest(digests, i, seed)) goto done;
     }
     result = digests;
     digests = NULL;

@@ -25,7 +25,7 @@ from typing import Protocol, cast
 
 import torch
 
-from workers.kv.checksum import checksum_buffer, copy_and_checksum, device_checksum
+from workers.kv.checksum import checksum_buffer, copy_and_checksum, device_checksum, kernel_hashes_every_block
 from workers.kv.descriptor import TransferDescriptor, TransferStats, TransportKind
 from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
 from workers.kv.host import local_host_id
@@ -53,6 +53,23 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     if t.dtype in _NUMPY_DTYPES and t.numel() and not t.requires_grad:
         return t.numpy().data.cast("B")  # ~1.7 us; the uint8 view below costs ~4 us per tensor
     return t.view(torch.uint8).numpy().reshape(-1).data  # numpy's reshape costs ~1 us, torch's ~20 us here
+
+
+def kernel_layer_parts(
+    layers: list[tuple[int, torch.Tensor, torch.Tensor]],
+) -> tuple[list[tuple[memoryview, memoryview]], int] | None:
+    """Byte views of each layer's K and V and the layer size, for a C sending loop; None where it cannot take them.
+
+    Not for CUDA layers (staged one at a time through one pinned buffer), nor for sizes whose last
+    checksum block is too short for the kernel. The layers of a request share one size.
+    """
+    parts = []
+    for _, k, v in layers:
+        if k.is_cuda or v.is_cuda:
+            return None
+        parts.append((as_bytes(k), as_bytes(v)))
+    nbytes = len(parts[0][0]) + len(parts[0][1])
+    return (parts, nbytes) if kernel_hashes_every_block(nbytes) else None
 
 
 class HostStager:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from workers.kv.checksum import BLOCK_NBYTES, COPY_KERNEL, copy_and_checksum, kernel_hashes_every_block
+from workers.kv.checksum import BLOCK_NBYTES, COPY_KERNEL, copy_and_checksum
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.framing import (
@@ -66,7 +66,7 @@ from workers.kv.framing import (
 )
 from workers.kv.host import local_host_id
 from workers.kv.interface import EndpointOptions, SenderOptions
-from workers.kv.pipeline import PendingTransfer, PipelinedSender, ViewCache, as_bytes
+from workers.kv.pipeline import PendingTransfer, PipelinedSender, ViewCache, kernel_layer_parts
 from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers
 from workers.kv.tcp import ConnectionPool, PooledWire, read_hello, send_hello, wait_for_next_request
 
@@ -342,14 +342,10 @@ class ShmWire(PooledWire):
         """
         if COPY_KERNEL is None:
             return False
-        parts = []
-        for _, k, v in layers:
-            if k.is_cuda or v.is_cuda:  # staged one layer at a time through one pinned buffer
-                return False
-            parts.append((as_bytes(k), as_bytes(v)))
-        nbytes = len(parts[0][0]) + len(parts[0][1])  # every layer of a request has the same size
-        if not kernel_hashes_every_block(nbytes):
+        taken = kernel_layer_parts(layers)
+        if taken is None:
             return False
+        parts, nbytes = taken
         done = 0
         while done < len(layers):
             self._await_free_slot()

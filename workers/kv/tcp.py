@@ -54,7 +54,6 @@ from workers.kv.checksum import (
     block_views,
     checksum_parts,
     hash_block,
-    kernel_hashes_every_block,
     request_tag,
 )
 from workers.kv.congestion import apply_congestion_control
@@ -88,8 +87,8 @@ from workers.kv.pipeline import (
     PendingTransfer,
     PipelinedSender,
     StagingPool,
-    as_bytes,
     corrupted,
+    kernel_layer_parts,
 )
 from workers.kv.receiving import ReceivingSide, SideEndpoint
 
@@ -298,16 +297,14 @@ class TcpWire(PooledWire):
         """
         if SEND_KERNEL is None or self._sock.gettimeout() is not None:  # the loop needs a blocking fd
             return False
-        frames: list[tuple[tuple[bytes, ...], tuple[memoryview, memoryview]]] = []
-        for layer_idx, k, v in layers:
-            if k.is_cuda or v.is_cuda:  # staged one layer at a time through one pinned buffer
-                return False
-            parts = (as_bytes(k), as_bytes(v))
-            nbytes = len(parts[0]) + len(parts[1])
-            if not kernel_hashes_every_block(nbytes):
-                return False
-            header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, nbytes, 0, self._tag))
-            frames.append(((header,), parts))
+        taken = kernel_layer_parts(layers)
+        if taken is None:
+            return False
+        parts, nbytes = taken
+        frames: list[tuple[tuple[bytes, ...], tuple[memoryview, memoryview]]] = [
+            ((pack_header(Frame(FrameKind.LAYER, layer_idx, 0, nbytes, 0, self._tag)),), layer_parts)
+            for (layer_idx, _, _), layer_parts in zip(layers, parts, strict=True)
+        ]
         frames[0] = ((self._owed, *frames[0][0]), frames[0][1])
         try:
             digests = SEND_KERNEL(self._sock.fileno(), frames, BLOCK_NBYTES)

@@ -5,6 +5,7 @@ Every byte in order, the layer checksums, signals and failures.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import signal
@@ -13,7 +14,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -116,6 +117,21 @@ def test_each_layer_of_a_batch_is_trailed_by_its_checksum_but_the_last(send, pai
     assert send(sender.fileno(), [], BLOCK) == []
 
 
+@contextlib.contextmanager
+def _signalled_after(delay_s: float, handler: Callable[[int, object], None]) -> Iterator[None]:
+    """SIGUSR1 to the main thread (where the send blocks) after ``delay_s``, handled by ``handler``."""
+    previous = signal.signal(signal.SIGUSR1, handler)
+    main = threading.main_thread().ident
+    assert main is not None
+    poke = threading.Timer(delay_s, signal.pthread_kill, (main, signal.SIGUSR1))
+    poke.start()
+    try:
+        yield
+    finally:
+        poke.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_a_signal_mid_send_runs_its_handler_and_the_send_resumes_without_losing_bytes(send, pair) -> None:  # type: ignore[no-untyped-def]
     """The handler (which starts the reader) must run while the send is blocked, not after the stall timeout."""
     sender, receiver = pair
@@ -129,18 +145,10 @@ def test_a_signal_mid_send_runs_its_handler_and_the_send_resumes_without_losing_
         calls.append(time.monotonic())
         reader.start()
 
-    previous = signal.signal(signal.SIGUSR1, handler)
-    main = threading.main_thread().ident
-    assert main is not None
-    poke = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGUSR1))
-    try:
-        t0 = time.monotonic()
-        poke.start()
+    t0 = time.monotonic()
+    with _signalled_after(0.3, handler):
         digest = _one(send, sender.fileno(), (), parts)
         elapsed = time.monotonic() - t0
-    finally:
-        poke.cancel()
-        signal.signal(signal.SIGUSR1, previous)
     reader.join(5)
     assert len(calls) == 1 and calls[0] - t0 < 2.0  # well before the 3 s stall timeout
     assert elapsed < 2.5
@@ -154,19 +162,10 @@ def test_an_exception_from_a_signal_handler_ends_the_send(send, pair) -> None:  
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGUSR1, handler)
-    main = threading.main_thread().ident
-    assert main is not None
-    poke = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGUSR1))
-    try:
-        t0 = time.monotonic()
-        poke.start()
-        with pytest.raises(KeyboardInterrupt):
-            _one(send, sender.fileno(), (), parts)
-        assert time.monotonic() - t0 < 2.0
-    finally:
-        poke.cancel()
-        signal.signal(signal.SIGUSR1, previous)
+    t0 = time.monotonic()
+    with _signalled_after(0.3, handler), pytest.raises(KeyboardInterrupt):
+        _one(send, sender.fileno(), (), parts)
+    assert time.monotonic() - t0 < 2.0
 
 
 def test_a_peer_that_stops_reading_fails_the_send_after_the_socket_timeout(send, pair) -> None:  # type: ignore[no-untyped-def]
