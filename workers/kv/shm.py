@@ -73,7 +73,7 @@ from workers.kv.tcp import ConnectionPool, PooledWire, read_hello, send_hello, w
 _PAGE = mmap.PAGESIZE
 _MAX_SLOTS = 128  # more than a model has layers: beyond this, slots only cost memory
 # layers a call into the kernel's sending loop takes: against one layer a call in Python, 4 ran 1.04-1.07x
-# as fast at 64 MB and the same at 16 MB; all 32 queued layers at once 0.91-0.94x at 16 MB, since the
+# as fast at 64 MB and the same at 16 MB; all 32 queued layers at once 0.93-0.94x at 16 MB, since the
 # receiver waits while the sender prepares the whole batch before the first copy
 _LAYERS_PER_CALL = 4
 
