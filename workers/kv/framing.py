@@ -13,13 +13,14 @@ instead of a poll plus a call per piece that happens to be ready.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
@@ -349,6 +350,21 @@ def _drain_before_close(sock: socket.socket) -> None:
                 return
     except OSError:  # reset, timeout or already shut: nothing more to save
         return
+
+
+@contextlib.contextmanager
+def private_fd(sock: socket.socket) -> Iterator[int]:
+    """A duplicate of ``sock``'s descriptor, for a C loop that uses it without the GIL.
+
+    Another thread's ``hard_close`` of ``sock`` meanwhile still wakes the loop with an error (the
+    shutdown reaches the shared socket), but the number the loop writes to is not freed and
+    cannot be handed to a file opened meanwhile.
+    """
+    fd = os.dup(sock.fileno())
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def hard_close(sock: socket.socket) -> None:

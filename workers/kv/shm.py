@@ -55,6 +55,7 @@ from workers.kv.framing import (
     connect,
     hard_close,
     pack_header,
+    private_fd,
     raise_if_error,
     recv_control_payload,
     recv_frame,
@@ -356,7 +357,8 @@ class ShmWire(PooledWire):
                 header = pack_header(Frame(FrameKind.LAYER, layer_idx, slot_index, nbytes, 0, self._tag))
                 batch.append((self._ring.slot(slot_index, nbytes), parts[done + len(batch)], bytearray(header)))
             try:
-                COPY_KERNEL(self._sock.fileno(), batch, BLOCK_NBYTES, HEADER_CHECKSUM_OFFSET)
+                with private_fd(self._sock) as fd:
+                    COPY_KERNEL(fd, batch, BLOCK_NBYTES, HEADER_CHECKSUM_OFFSET)
             except OSError as exc:
                 raise with_context(send_failure(self._sock, exc), self._desc.request_id, "a layer frame") from None
             finally:

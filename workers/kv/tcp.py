@@ -69,6 +69,7 @@ from workers.kv.framing import (
     hard_close,
     next_layer_frame,
     pack_header,
+    private_fd,
     raise_if_error,
     recv_control_payload,
     recv_frame,
@@ -307,7 +308,8 @@ class TcpWire(PooledWire):
         ]
         frames[0] = ((self._owed, *frames[0][0]), frames[0][1])
         try:
-            digests = SEND_KERNEL(self._sock.fileno(), frames, BLOCK_NBYTES)
+            with private_fd(self._sock) as fd:
+                digests = SEND_KERNEL(fd, frames, BLOCK_NBYTES)
         except OSError as exc:
             what = f"layer {layers[0][0]}" if len(layers) == 1 else f"layers {[i for i, _, _ in layers]}"
             self._fail_send(send_failure(self._sock, exc), what)

@@ -25,7 +25,9 @@ from workers.kv.framing import (
     HEADER_NBYTES,
     Frame,
     FrameKind,
+    hard_close,
     pack_header,
+    private_fd,
     recv_frame,
 )
 
@@ -274,3 +276,35 @@ def test_shm_loop_reports_a_peer_that_is_gone(copy_layers, pair) -> None:  # typ
     with pytest.raises(OSError) as caught:
         copy_layers(sender.fileno(), [(np.zeros(4096, np.uint8), parts, _header(0))], BLOCK, HEADER_CHECKSUM_OFFSET)
     assert caught.value.errno in (errno.ECONNRESET, errno.EPIPE)
+
+
+def test_a_socket_closed_mid_send_ends_the_loop_and_its_number_stays_unused(send, pair) -> None:  # type: ignore[no-untyped-def]
+    """Through ``private_fd``: another thread's hard_close wakes the loop, whose descriptor stays its own.
+
+    The handler runs inside the loop (between short writes). It closes the socket the way an
+    aborting sender does and opens a new one, which takes the freed number: the loop must not
+    write into it.
+    """
+    sender, _ = pair
+    _, parts = _layer(16 << 20, 8 << 20)
+    number = sender.fileno()
+    opened: list[tuple[socket.socket, socket.socket]] = []
+
+    def handler(signum: int, frame: object) -> None:
+        hard_close(sender)
+        opened.append(socket.socketpair())
+        for sock in opened[0]:
+            sock.setblocking(False)  # a loop that wrote into it would fail fast, not hang
+
+    try:
+        with _signalled_after(0.3, handler), pytest.raises(OSError) as caught, private_fd(sender) as fd:
+            _one(send, fd, (), parts)
+        assert caught.value.errno in (errno.EPIPE, errno.ECONNRESET)
+        (new, peer), = opened
+        assert number in (new.fileno(), peer.fileno())  # the number was free, and reused
+        for sock in (new, peer):
+            with pytest.raises(BlockingIOError):
+                sock.recv(1)  # nothing of the layer went into the new socket
+    finally:
+        for sock in (s for both in opened for s in both):
+            sock.close()
