@@ -63,13 +63,11 @@ def kernel_layer_parts(
     Not for CUDA layers (staged one at a time through one pinned buffer), nor for sizes whose last
     checksum block is too short for the kernel. The layers of a request share one size.
     """
-    parts = []
-    for _, k, v in layers:
-        if k.is_cuda or v.is_cuda:
-            return None
-        parts.append((as_bytes(k), as_bytes(v)))
-    nbytes = len(parts[0][0]) + len(parts[0][1])
-    return (parts, nbytes) if kernel_hashes_every_block(nbytes) else None
+    _, k0, v0 = layers[0]
+    nbytes = k0.numel() * k0.element_size() + v0.numel() * v0.element_size()
+    if not kernel_hashes_every_block(nbytes) or any(k.is_cuda or v.is_cuda for _, k, v in layers):
+        return None
+    return [(as_bytes(k), as_bytes(v)) for _, k, v in layers], nbytes
 
 
 class HostStager:

@@ -319,8 +319,17 @@ class ShmWire(PooledWire):
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         """Copy one layer into a free slot and announce it."""
-        if not corrupt and self._copy_in_kernel([(layer_idx, k, v)]):
-            return
+        if corrupt or not self._copy_in_kernel([(layer_idx, k, v)]):
+            self._copy_in_python(layer_idx, k, v, corrupt)
+
+    def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Copy and announce several queued layers, with calls into the kernel's loop where it can take them."""
+        if not self._copy_in_kernel(layers):
+            for layer_idx, k, v in layers:
+                self._copy_in_python(layer_idx, k, v, False)
+
+    def _copy_in_python(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
+        """``send_layer`` without the kernel's loop: CUDA layers (staged), fault injection, no kernel."""
         k_bytes, v_bytes = self._stager.parts(k, v)
         nbytes = len(k_bytes) + len(v_bytes)
         self._await_free_slot()
@@ -328,12 +337,6 @@ class ShmWire(PooledWire):
         # a call of its own, so no view of the ring outlives the copy (the ring unmaps once all are gone)
         checksum = copy_and_checksum(self._ring.slot(slot_index, nbytes), (k_bytes, v_bytes), corrupt)
         send_frame(self._sock, Frame(FrameKind.LAYER, layer_idx, slot_index, nbytes, checksum, self._tag))
-
-    def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """Copy and announce several queued layers, with calls into the kernel's loop where it can take them."""
-        if not self._copy_in_kernel(layers):
-            for layer_idx, k, v in layers:
-                self.send_layer(layer_idx, k, v, False)
 
     def _copy_in_kernel(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> bool:
         """Copy host-memory layers into free slots and announce them through the C kernel's loop.

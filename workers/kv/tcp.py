@@ -271,8 +271,17 @@ class TcpWire(PooledWire):
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         """Send one LAYER frame: header, K and V from the tensors' memory; its checksum trails it."""
-        if not corrupt and self._send_in_kernel([(layer_idx, k, v)]):
-            return
+        if corrupt or not self._send_in_kernel([(layer_idx, k, v)]):
+            self._send_in_python(layer_idx, k, v, corrupt)
+
+    def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Send several queued layers, with one call into the kernel's loop where it can take them."""
+        if not self._send_in_kernel(layers):
+            for layer_idx, k, v in layers:
+                self._send_in_python(layer_idx, k, v, False)
+
+    def _send_in_python(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
+        """``send_layer`` without the kernel's loop: CUDA layers (staged), fault injection, no kernel."""
         k_bytes, v_bytes = self._stager.parts(k, v)
         header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, len(k_bytes) + len(v_bytes), 0, self._tag))
         head, self._owed = (self._owed, header), b""
@@ -283,12 +292,6 @@ class TcpWire(PooledWire):
         else:
             digest = self._send_hashing(head, (k_bytes, v_bytes), what)
         self._owed = TRAILER.pack(digest)
-
-    def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """Send several queued layers, with one call into the kernel's loop where it can take them."""
-        if not self._send_in_kernel(layers):
-            for layer_idx, k, v in layers:
-                self.send_layer(layer_idx, k, v, False)
 
     def _send_in_kernel(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> bool:
         """Send host-memory layers through the C kernel's loop (``SEND_KERNEL``); False where it cannot.
