@@ -67,7 +67,7 @@ from workers.kv.framing import (
 )
 from workers.kv.host import local_host_id
 from workers.kv.interface import EndpointOptions, SenderOptions
-from workers.kv.pipeline import PendingTransfer, PipelinedSender, ViewCache, kernel_layer_parts
+from workers.kv.pipeline import MemoryPiece, PendingTransfer, PipelinedSender, ViewCache, kernel_layer_parts
 from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers
 from workers.kv.tcp import ConnectionPool, PooledWire, read_hello, send_hello, wait_for_next_request
 
@@ -353,7 +353,7 @@ class ShmWire(PooledWire):
         done = 0
         while done < len(layers):
             self._await_free_slot()
-            batch: list[tuple[np.ndarray, tuple[memoryview, memoryview], bytearray]] = []
+            batch: list[tuple[np.ndarray, tuple[MemoryPiece, MemoryPiece], bytearray]] = []
             while self._free_slots and done + len(batch) < len(layers) and len(batch) < _LAYERS_PER_CALL:
                 slot_index = self._free_slots.popleft()
                 layer_idx = layers[done + len(batch)][0]

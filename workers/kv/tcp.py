@@ -84,6 +84,7 @@ from workers.kv.framing import (
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import (
     HostStager,
+    MemoryPiece,
     PendingTable,
     PendingTransfer,
     PipelinedSender,
@@ -305,7 +306,7 @@ class TcpWire(PooledWire):
         if taken is None:
             return False
         parts, nbytes = taken
-        frames: list[tuple[tuple[bytes, ...], tuple[memoryview, memoryview]]] = [
+        frames: list[tuple[tuple[bytes, ...], tuple[MemoryPiece, MemoryPiece]]] = [
             ((pack_header(Frame(FrameKind.LAYER, layer_idx, 0, nbytes, 0, self._tag)),), layer_parts)
             for (layer_idx, _, _), layer_parts in zip(layers, parts, strict=True)
         ]

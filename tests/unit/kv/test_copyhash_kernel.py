@@ -83,6 +83,38 @@ def test_pieces_hash_and_copy_as_their_concatenation(kernel, nbytes: int, cuts: 
         assert not region[nbytes:].any()
 
 
+@pytest.mark.parametrize("cuts", [(64,), (700,), (1000, 1030)])
+def test_pieces_named_by_address_hash_and_copy_as_their_bytes(kernel, cuts: tuple[int, ...]) -> None:  # type: ignore[no-untyped-def]
+    """An (address, nbytes) piece reads the memory it names, beside buffer pieces in one source."""
+    nbytes = (512 << 10) + 13
+    src = np.random.default_rng(len(cuts)).integers(0, 256, nbytes, dtype=np.uint8)
+    bounds = [0, *cuts, nbytes]
+    pieces: list[object] = [memoryview(src[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    address = src.ctypes.data
+    for i in range(0, len(pieces), 2):  # every other piece by address
+        pieces[i] = (address + bounds[i], bounds[i + 1] - bounds[i])
+    want = xxhash.xxh3_64_intdigest(src, 3)
+    assert kernel.xxh3_64(tuple(pieces), 3) == want
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    assert kernel.copy_xxh3_64(dst, pieces, 3, True) == want
+    assert np.array_equal(dst, src)
+    src[0] ^= 1  # the digest follows the memory, not a copy taken earlier
+    assert kernel.xxh3_64(tuple(pieces), 3) == xxhash.xxh3_64_intdigest(src, 3)
+
+
+def test_bad_memory_pieces_raise(kernel) -> None:  # type: ignore[no-untyped-def]
+    src = np.zeros(500, dtype=np.uint8)
+    with pytest.raises(ValueError, match="non-null address"):
+        kernel.xxh3_64(((0, 500),))
+    with pytest.raises(ValueError, match="non-null address"):
+        kernel.xxh3_64(((src.ctypes.data, -1), bytes(500)))
+    for bad in ((src.ctypes.data,), (src.ctypes.data, 500, 0), (str(src.ctypes.data), 500), (src.ctypes.data, 500.0)):
+        with pytest.raises(TypeError, match="address, nbytes"):
+            kernel.xxh3_64((bad,))
+    with pytest.raises(TypeError):
+        kernel.xxh3_64((src.ctypes.data, 500))  # a bare pair is two pieces, and an int is no buffer
+
+
 def test_bad_arguments_raise(kernel) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="240"):
         kernel.xxh3_64(bytes(240))

@@ -215,6 +215,25 @@ def test_the_layer_sizes_the_tcp_sender_gives_the_kernel() -> None:
     assert not any(checksum.kernel_hashes_every_block(n) for n in (240, BLOCK + 1, BLOCK + 240))
 
 
+def test_layer_parts_name_the_tensors_memory_for_host_contiguous_layers_only() -> None:
+    """kernel_layer_parts hands the kernel each K and V by address; a layer it cannot read in place gives None."""
+    import torch
+
+    from workers.kv.pipeline import kernel_layer_parts
+
+    k, v = torch.randn(64, 8, 128).half(), torch.randn(64, 8, 128).half()
+    taken = kernel_layer_parts([(0, k, v), (1, v, k)])
+    assert taken is not None
+    parts, nbytes = taken
+    assert nbytes == k.nbytes + v.nbytes
+    assert parts == [((k.data_ptr(), k.nbytes), (v.data_ptr(), v.nbytes)), ((v.data_ptr(), v.nbytes), (k.data_ptr(), k.nbytes))]
+    sent = np.concatenate([k.view(torch.uint8).numpy().reshape(-1), v.view(torch.uint8).numpy().reshape(-1)])
+    assert checksum.KERNEL.xxh3_64(parts[0]) == checksum.KERNEL.xxh3_64(sent)
+    strided = torch.randn(8, 64, 128).half().transpose(0, 1)  # the right shape, not contiguous
+    assert kernel_layer_parts([(0, k, v), (1, strided, v)]) is None
+    assert kernel_layer_parts([(0, k, torch.randn(64, 8, 128, device="meta").half())]) is None  # no host memory
+
+
 def _header(layer_idx: int) -> bytearray:
     return bytearray(pack_header(Frame(FrameKind.LAYER, layer_idx, layer_idx, 0, 0, 77)))
 

@@ -148,8 +148,8 @@ def test_with_the_kernel_a_layer_of_several_blocks_goes_through_its_c_send_loop(
     real = tcp.SEND_KERNEL
     sizes: list[int] = []
 
-    def counted(fd: int, layers: list[tuple[tuple[bytes, ...], tuple[memoryview, ...]]], block: int) -> list[int]:
-        sizes.extend(sum(len(p) for p in parts) for _, parts in layers)
+    def counted(fd: int, layers: list[tuple[tuple[bytes, ...], tuple[tuple[int, int], ...]]], block: int) -> list[int]:
+        sizes.extend(sum(nbytes for _, nbytes in parts) for _, parts in layers)  # (address, nbytes) pieces
         return list(real(fd, layers, block))
 
     monkeypatch.setattr(tcp, "SEND_KERNEL", counted)
