@@ -113,7 +113,9 @@ class SenderWire(Protocol):
     A wire that holds bytes back to send them with the next layer defines ``flush()``: the
     sending thread calls it whenever it runs out of queued layers. A wire that can put several
     layers on the wire at once defines ``send_layers(layers)`` (a list of ``(layer_idx, k, v)``):
-    the sending thread hands it every layer that is queued when it looks.
+    the sending thread hands it every layer that is queued when it looks. A wire that defines
+    ``end()`` gets it called on the sending thread right after the last layer, to send what it
+    held back and its end mark at once; ``finish()`` then only waits for the verdict.
     """
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
@@ -250,6 +252,7 @@ class PipelinedSender:
         self._send_many: Callable[[list[tuple[int, torch.Tensor, torch.Tensor]]], None] | None = getattr(
             wire, "send_layers", None
         )
+        self._end: Callable[[], None] | None = getattr(wire, "end", None)
         SEND_THREADS.submit(self._run)
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -355,6 +358,13 @@ class PipelinedSender:
                 except BaseException as exc:  # surfaced to the caller on its next call
                     self._error = exc
             if stop:
+                # finish() queued the stop after every layer: the end mark leaves now, ~30-50 us before
+                # the caller's thread wakes to send it (an abort sets the error before its stop)
+                if self._end is not None and self._error is None:
+                    try:
+                        self._end()
+                    except BaseException as exc:  # finish() raises it
+                        self._error = exc
                 return
 
     def _send_batch(self, batch: list[_Item]) -> None:

@@ -242,12 +242,19 @@ class PooledWire:
         self._tag = request_tag(descriptor.request_id)
         self._stager = HostStager()
         self._scratch = bytearray(HEADER_NBYTES)
+        self._ended = False
         self._done = False
         self._closed = False
 
-    def finish(self) -> None:
-        """Send END and wait for the receiver's verdict."""
+    def end(self) -> None:
+        """Send END (every layer is on the wire)."""
         send_frame(self._sock, Frame(FrameKind.END, tag=self._tag))
+        self._ended = True
+
+    def finish(self) -> None:
+        """Send END unless ``end`` did, and wait for the receiver's verdict."""
+        if not self._ended:
+            self.end()
         await_verdict(self._sock, self._desc.request_id, self._scratch)
         self._done = True
 
@@ -342,10 +349,11 @@ class TcpWire(PooledWire):
             owed, self._owed = self._owed, b""
             self._send((owed,), "a layer's checksum")
 
-    def finish(self) -> None:
-        """Send the last trailer, END, and wait for the receiver's verdict."""
-        self.flush()
-        super().finish()
+    def end(self) -> None:
+        """Send the last trailer and END with one write (every layer is on the wire)."""
+        owed, self._owed = self._owed, b""
+        self._send((owed, pack_header(Frame(FrameKind.END, tag=self._tag))), "the end mark")
+        self._ended = True
 
     def _send(self, parts: tuple[memoryview | bytes, ...], what: str) -> None:
         """``send_vectored``; on failure, the receiver's own ERROR if it sent one, else the send's error."""

@@ -162,7 +162,8 @@ def test_a_layer_of_several_blocks_is_hashed_block_by_block_right_after_each_sen
 ) -> None:
     """Without the kernel's loop: each block is hashed right after the sendmsg that carried it (still in cache).
 
-    The layer's checksum trails it: it rides on the next layer's first sendmsg, the last one on flush.
+    The layer's checksum trails it: it rides on the next layer's first sendmsg, the last one with END
+    (or on flush, when the sending thread ran out of layers before the caller finished).
     """
     import workers.kv.tcp as tcp
 
@@ -188,6 +189,9 @@ def test_a_layer_of_several_blocks_is_hashed_block_by_block_right_after_each_sen
     # finds nothing queued (always after the last layer; between layers only if it outran the caller)
     trailers, sequence = 0, []
     for kind, nbytes in events:
+        if kind == "send" and nbytes in (HEADER_NBYTES, TRAILER_NBYTES + HEADER_NBYTES):  # END, after the last trailer
+            trailers += nbytes == TRAILER_NBYTES + HEADER_NBYTES
+            continue
         if kind == "send" and nbytes in (TRAILER_NBYTES, TRAILER_NBYTES + HEADER_NBYTES + blocks[0]):
             trailers += 1
             if nbytes == TRAILER_NBYTES:
@@ -259,6 +263,40 @@ def test_layers_queued_while_the_wire_is_busy_go_out_in_one_call(
         connector.close()
     assert calls == [[0], [1, 2, 3, 4]]
     assert all(torch.equal(landed[i], k) for i, k in enumerate(layers))
+
+
+def test_the_sending_thread_ends_a_transfer_with_the_last_trailer_and_end_in_one_write(
+    endpoint: TcpEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once finish() queued its stop behind the last layers, the sending thread sends the held-back trailer and END."""
+    import workers.kv.tcp as tcp
+    from workers.kv.framing import _HEADER
+
+    spec = KVSpec(num_layers=5, num_kv_heads=8, head_dim=128, dtype="float16")
+    started, release, calls = _hold_first_kernel_call(monkeypatch)
+    writes: list[tuple[str, int, int]] = []  # (thread, bytes, frame kind of the last header)
+    real_send = tcp.send_vectored
+
+    def send(sock: socket.socket, parts: tuple[memoryview | bytes, ...]) -> None:
+        writes.append((threading.current_thread().name, sum(len(p) for p in parts), _HEADER.unpack(parts[-1])[1]))
+        real_send(sock, parts)
+
+    monkeypatch.setattr(tcp, "send_vectored", send)
+    rx = endpoint.expect("ending", BIG_TOKENS, spec, lambda i, k, v: None)
+    k = torch.randn(BIG_TOKENS, spec.num_kv_heads, spec.head_dim).half()
+    connector = TcpConnector()
+    try:
+        sender = connector.open(rx.descriptor, SenderOptions(timeout_s=5))
+        for i in range(spec.num_layers):
+            sender.send_layer(i, k, k)
+            assert i > 0 or started.wait(5)
+        threading.Timer(0.2, release.set).start()  # after finish() queued its stop behind layers 1-4
+        sender.finish()
+        rx.wait(5)
+    finally:
+        connector.close()
+    assert calls == [[0], [1, 2, 3, 4]]
+    assert writes == [("kv-send", TRAILER_NBYTES + HEADER_NBYTES, FrameKind.END.value)]
 
 
 def test_a_damaged_layer_in_a_burst_goes_alone_and_is_caught(
