@@ -7,7 +7,9 @@ END. The checksum (workers.kv.checksum) trails the payload: the sender
 sends the payload a checksum block (512 KiB) at a time and hashes each
 block right after its ``sendmsg``, while the socket copy has left it in
 cache; the trailer rides on the next frame's ``sendmsg`` (the byte stream
-is the same), or goes alone when nothing else is queued (``flush``).
+is the same), or goes alone when nothing else is queued (``flush``); the
+last one goes with END, which the sending thread sends as soon as the last
+layer is out (``end``), not the caller's thread once it wakes in ``finish``.
 Hashing on a helper thread beside the send instead lost on two cores,
 where the receiver needs the other one (``TcpWire._send_hashing``). With
 the C kernel (workers.kv.native) the loop of sends and hashes runs in one

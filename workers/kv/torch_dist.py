@@ -196,6 +196,7 @@ class TorchDistWire:
         self._connector = connector
         self._tag = request_tag(descriptor.request_id)
         self._scratch = bytearray(HEADER_NBYTES)
+        self._ended = False
         self._done = False
         self._closed = False
         send_hello(pair.sock, descriptor)
@@ -223,9 +224,15 @@ class TorchDistWire:
             torch.cuda.current_stream().synchronize()  # K/V must outlive the NCCL send
         send_all(self._pair.sock, TRAILER.pack(checksum))
 
-    def finish(self) -> None:
-        """Send END and wait for the receiver's verdict."""
+    def end(self) -> None:
+        """Send END (every layer is on the wire): from the sending thread, before the caller wakes in finish."""
         send_frame(self._pair.sock, Frame(FrameKind.END, tag=self._tag))
+        self._ended = True
+
+    def finish(self) -> None:
+        """Send END unless ``end`` did, and wait for the receiver's verdict."""
+        if not self._ended:
+            self.end()
         await_verdict(self._pair.sock, self._desc.request_id, self._scratch)
         self._done = True
 
