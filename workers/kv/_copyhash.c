@@ -38,11 +38,20 @@
 #define SECRET_SIZE 192
 #define STRIPES_PER_BLOCK ((SECRET_SIZE - STRIPE) / 8) /* 16 */
 #define BLOCK (STRIPE * STRIPES_PER_BLOCK)             /* 1024 */
-/* Prefetch this far ahead of the stripe being read: from memory, hashing ran at 6 GB/s without it and
-   12 GB/s with it, copy+hash at 6.2 and 7.4-7.9 GB/s (1, 2 and 4 KiB were tried) */
-#ifndef PREFETCH_DISTANCE
-#define PREFETCH_DISTANCE 2048
-#endif
+/* While a run reads one 16 KiB group of stripes, prefetch the next group four 4 KiB pages at a time,
+   interleaved (stripe i of a group prefetches line i / 4 of page i % 4 of the next): four streams in
+   flight, where a single one 2 KiB ahead stalled at each page boundary, past which the hardware
+   prefetcher does not go. Against the single stream, shm transfers ran 1.07x as fast at 64 MB and
+   1.02-1.05x at 256 MB (from memory, without any prefetch, hashing ran at half the speed). */
+#define PREFETCH_PAGES 4
+#define PAGE_NBYTES 4096
+#define GROUP_STRIPES (PREFETCH_PAGES * PAGE_NBYTES / STRIPE) /* 256 */
+
+static inline const char *prefetch_target(const uint8_t *src, size_t n) {
+    size_t i = n % GROUP_STRIPES;
+    return (const char *)(src + (n - i + GROUP_STRIPES) * STRIPE + (i % PREFETCH_PAGES) * PAGE_NBYTES +
+                          (i / PREFETCH_PAGES) * STRIPE);
+}
 
 static const uint32_t P32_1 = 0x9E3779B1U, P32_2 = 0x85EBCA77U, P32_3 = 0xC2B2AE3DU;
 static const uint64_t P64_1 = 0x9E3779B185EBCA87ULL, P64_2 = 0xC2B2AE3D27D4EB4FULL,
@@ -122,7 +131,7 @@ static void accumulate_sse2(uint64_t *acc, const uint8_t *src, uint8_t *dst, con
     size_t pos = first;
     for (size_t n = 0; n < stripes; n++) {
         const uint8_t *in = src + n * STRIPE;
-        _mm_prefetch((const char *)(in + PREFETCH_DISTANCE), _MM_HINT_T0);
+        _mm_prefetch(prefetch_target(src, n), _MM_HINT_T0);
         for (int j = 0; j < 4; j++) {
             __m128i data = _mm_loadu_si128((const __m128i *)(in + 16 * j));
             if (dst) {
@@ -159,7 +168,7 @@ __attribute__((target("avx2"))) static void accumulate_avx2(uint64_t *acc, const
     size_t pos = first;
     for (size_t n = 0; n < stripes; n++) {
         const uint8_t *in = src + n * STRIPE;
-        _mm_prefetch((const char *)(in + PREFETCH_DISTANCE), _MM_HINT_T0);
+        _mm_prefetch(prefetch_target(src, n), _MM_HINT_T0);
         __m256i d0 = _mm256_loadu_si256((const __m256i *)in);
         __m256i d1 = _mm256_loadu_si256((const __m256i *)(in + 32));
         if (dst) {
@@ -203,7 +212,7 @@ __attribute__((target("avx512f"))) static void accumulate_avx512(uint64_t *acc, 
     size_t pos = first;
     for (size_t n = 0; n < stripes; n++) {
         const uint8_t *in = src + n * STRIPE;
-        _mm_prefetch((const char *)(in + PREFETCH_DISTANCE), _MM_HINT_T0);
+        _mm_prefetch(prefetch_target(src, n), _MM_HINT_T0);
         __m512i d = _mm512_loadu_si512((const void *)in);
         if (dst) {
             if (stream) _mm512_stream_si512((void *)(dst + n * STRIPE), d);
