@@ -16,7 +16,8 @@ from workers.kv.checksum import checksum_parts
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
-from workers.kv.pipeline import HostStager, PendingTable, PendingTransfer, PipelinedSender, StagingPool
+from workers.kv.pipeline import HostStager, PendingTable, PendingTransfer, StagingPool
+from workers.kv.sending import PipelinedSender
 
 _LOCK = threading.Lock()
 _ENDPOINTS: dict[str, MemoryEndpoint] = {}

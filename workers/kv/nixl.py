@@ -42,8 +42,9 @@ from workers.kv.framing import (
     with_context,
 )
 from workers.kv.interface import EndpointOptions, SenderOptions
-from workers.kv.pipeline import HostStager, PendingTransfer, PipelinedSender
+from workers.kv.pipeline import HostStager, PendingTransfer
 from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers
+from workers.kv.sending import PipelinedSender
 
 # UCX's memory hooks (malloc/mmap interception) crashed torch's CPU tensors in this process; transfers use
 # buffers registered once, so the registration cache those hooks keep coherent is not needed.

@@ -67,8 +67,9 @@ from workers.kv.framing import (
 )
 from workers.kv.host import local_host_id
 from workers.kv.interface import EndpointOptions, SenderOptions
-from workers.kv.pipeline import MemoryPiece, PendingTransfer, PipelinedSender, ViewCache, kernel_layer_parts
+from workers.kv.pipeline import MemoryPiece, PendingTransfer, ViewCache, kernel_layer_parts
 from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers
+from workers.kv.sending import PipelinedSender
 from workers.kv.tcp import ConnectionPool, PooledWire, read_hello, send_hello, wait_for_next_request
 
 _PAGE = mmap.PAGESIZE

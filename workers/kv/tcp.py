@@ -89,12 +89,12 @@ from workers.kv.pipeline import (
     MemoryPiece,
     PendingTable,
     PendingTransfer,
-    PipelinedSender,
     StagingPool,
     corrupted,
     kernel_layer_parts,
 )
 from workers.kv.receiving import ReceivingSide, SideEndpoint
+from workers.kv.sending import PipelinedSender
 
 
 def read_hello(sock: socket.socket, scratch: bytearray, table: PendingTable) -> PendingTransfer:

@@ -55,8 +55,9 @@ from workers.kv.framing import (
     with_context,
 )
 from workers.kv.interface import EndpointOptions, SenderOptions
-from workers.kv.pipeline import PendingTransfer, PipelinedSender, StagingPool
+from workers.kv.pipeline import PendingTransfer, StagingPool
 from workers.kv.receiving import LayerVerifier, ReceivingSide, SideEndpoint
+from workers.kv.sending import PipelinedSender
 from workers.kv.tcp import read_hello, send_hello
 
 _SENDER_RANK, _RECEIVER_RANK = 0, 1

@@ -15,7 +15,7 @@ import torch
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferTimeout
 from workers.kv.interface import SenderOptions
-from workers.kv.pipeline import PipelinedSender
+from workers.kv.sending import PipelinedSender
 
 NUM_LAYERS, TOKENS, HEADS, DIM = 8, 4, 2, 8
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from workers.kv.pipeline import SendThreads
+from workers.kv.sending import SendThreads
 
 
 def _run(pool: SendThreads, job_s: float = 0.0) -> tuple[threading.Event, list[int]]:
