@@ -318,19 +318,11 @@ class ShmWire(PooledWire):
         info = json.loads(recv_control_payload(self._sock, frame))
         return connector.attach(str(info["id"]), str(info["path"]), int(info["num_slots"]), int(info["slot_nbytes"]))
 
-    def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
-        """Copy one layer into a free slot and announce it."""
-        if corrupt or not self._copy_in_kernel([(layer_idx, k, v)]):
-            self._copy_in_python(layer_idx, k, v, corrupt)
+    def _through_python(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
+        """Copy one layer into a free slot and announce it, without the kernel's loop.
 
-    def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """Copy and announce several queued layers, with calls into the kernel's loop where it can take them."""
-        if not self._copy_in_kernel(layers):
-            for layer_idx, k, v in layers:
-                self._copy_in_python(layer_idx, k, v, False)
-
-    def _copy_in_python(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
-        """``send_layer`` without the kernel's loop: CUDA layers (staged), fault injection, no kernel."""
+        For CUDA layers (staged), fault injection, and builds without the kernel.
+        """
         k_bytes, v_bytes = self._stager.parts(k, v)
         nbytes = len(k_bytes) + len(v_bytes)
         self._await_free_slot()
@@ -339,7 +331,7 @@ class ShmWire(PooledWire):
         checksum = copy_and_checksum(self._ring.slot(slot_index, nbytes), (k_bytes, v_bytes), corrupt)
         send_frame(self._sock, Frame(FrameKind.LAYER, layer_idx, slot_index, nbytes, checksum, self._tag))
 
-    def _copy_in_kernel(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> bool:
+    def _through_kernel(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> bool:
         """Copy host-memory layers into free slots and announce them through the C kernel's loop.
 
         One call takes up to ``_LAYERS_PER_CALL`` layers with free slots. False (nothing done) where

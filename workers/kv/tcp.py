@@ -248,6 +248,25 @@ class PooledWire:
         self._done = False
         self._closed = False
 
+    def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
+        """Put one layer on the wire: through the kernel's loop where it can take it, else the Python path."""
+        if corrupt or not self._through_kernel([(layer_idx, k, v)]):
+            self._through_python(layer_idx, k, v, corrupt)
+
+    def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Put several queued layers on the wire, through the kernel's loop where it can take them."""
+        if not self._through_kernel(layers):
+            for layer_idx, k, v in layers:
+                self._through_python(layer_idx, k, v, False)
+
+    def _through_kernel(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> bool:
+        """Move host-memory layers with the C kernel's loop; False (nothing moved) where it cannot."""
+        raise NotImplementedError
+
+    def _through_python(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
+        """Move one layer without the kernel's loop."""
+        raise NotImplementedError
+
     def end(self) -> None:
         """Send END (every layer is on the wire)."""
         send_frame(self._sock, Frame(FrameKind.END, tag=self._tag))
@@ -279,19 +298,11 @@ class TcpWire(PooledWire):
         self._owed = b""  # the last layer's trailer, held back to ride on the next frame's sendmsg
         send_hello(self._sock, descriptor)
 
-    def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
-        """Send one LAYER frame: header, K and V from the tensors' memory; its checksum trails it."""
-        if corrupt or not self._send_in_kernel([(layer_idx, k, v)]):
-            self._send_in_python(layer_idx, k, v, corrupt)
+    def _through_python(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
+        """One LAYER frame without the kernel's loop (CUDA layers, staged; fault injection; no kernel).
 
-    def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """Send several queued layers, with one call into the kernel's loop where it can take them."""
-        if not self._send_in_kernel(layers):
-            for layer_idx, k, v in layers:
-                self._send_in_python(layer_idx, k, v, False)
-
-    def _send_in_python(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
-        """``send_layer`` without the kernel's loop: CUDA layers (staged), fault injection, no kernel."""
+        Header, K and V from the tensors' memory; the checksum trails it.
+        """
         k_bytes, v_bytes = self._stager.parts(k, v)
         header = pack_header(Frame(FrameKind.LAYER, layer_idx, 0, len(k_bytes) + len(v_bytes), 0, self._tag))
         head, self._owed = (self._owed, header), b""
@@ -303,7 +314,7 @@ class TcpWire(PooledWire):
             digest = self._send_hashing(head, (k_bytes, v_bytes), what)
         self._owed = TRAILER.pack(digest)
 
-    def _send_in_kernel(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> bool:
+    def _through_kernel(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> bool:
         """Send host-memory layers through the C kernel's loop (``SEND_KERNEL``); False where it cannot.
 
         No interpreter runs between blocks or between the layers of one call: in Python that cost
@@ -336,7 +347,7 @@ class TcpWire(PooledWire):
         sent whole and then hashed had left cache. Pinned, 64 MB took 1.21x as long sent whole
         (256 MB 1.11x), and 1.18-1.21x with a helper thread hashing each layer beside the send on
         two unpinned cores, where the receiver needs the other core. The C kernel's loop
-        (``_send_in_kernel``) does the same without the interpreter.
+        (``_through_kernel``) does the same without the interpreter.
         """
         value = 0
         for pieces in block_groups(parts):
