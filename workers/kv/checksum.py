@@ -145,12 +145,16 @@ def checksum_buffer(buffer: memoryview) -> int:
     return checksum_parts((buffer,))
 
 
-def copy_and_checksum(target: np.ndarray, parts: Iterable[memoryview], corrupt: bool = False) -> int:
+def copy_and_checksum(
+    target: np.ndarray, parts: Iterable[memoryview], corrupt: bool = False, nontemporal: bool = True
+) -> int:
     """Copy ``parts`` one after another into the uint8 array ``target``; checksum of what was copied.
 
     Each block goes through the kernel when it is built (hashed as it is copied, from its
     pieces); otherwise it is hashed right after its copy, from the target, while it is in cache.
-    ``corrupt`` flips a byte after hashing (fault-injection tests). Callers that hand in a view
+    ``corrupt`` flips a byte after hashing (fault-injection tests). ``nontemporal``: the kernel
+    writes around the caches (for a target another core reads next); False keeps a target that
+    this thread reads back soon in cache. Callers that hand in a view
     of a shared mapping keep no reference to it past this call.
     """
     value = 0
@@ -159,7 +163,7 @@ def copy_and_checksum(target: np.ndarray, parts: Iterable[memoryview], corrupt: 
         end = offset + sum(len(piece) for piece in pieces)
         if KERNEL is not None and end - offset >= KERNEL.MIN_NBYTES:
             source = pieces[0] if len(pieces) == 1 else pieces
-            value = KERNEL.copy_xxh3_64(target[offset:end], source, value, True)
+            value = KERNEL.copy_xxh3_64(target[offset:end], source, value, nontemporal)
         else:
             start = offset
             for piece in pieces:

@@ -59,9 +59,10 @@ class EndpointOptions:
     stall_timeout_s: float = 10.0  # a connected sender silent this long fails the transfer
     staging_nbytes: int = 8 << 20  # initial size of each reused staging buffer (grown when a layer is larger)
     socket_buffer_nbytes: int = 4 << 20  # SO_RCVBUF / SO_SNDBUF
-    shm_num_slots: int = 4  # fewest slots per shared-memory ring (layers in flight)
+    shm_num_slots: int = 4  # fewest slots per shm or nixl ring (layers in flight)
     # a shm ring has as many slots (up to 128) as fit in this many bytes, each the layer size rounded up to
-    # a power of two; a request whose layers all fit needs no FREE messages and never waits for a slot
+    # a power of two; a request whose layers all fit needs no FREE messages and never waits for a slot.
+    # A nixl request gets the same number of slots of its layer size, in its own ring and the sender's staging
     shm_ring_nbytes: int = 32 << 20
     # between reads the shm and tcp receivers poll their socket this long (restarted whenever bytes arrive)
     # before sleeping in recv, yielding the CPU to any other runnable thread meanwhile; bytes that find the

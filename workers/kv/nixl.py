@@ -4,16 +4,31 @@ Like shm, but the bytes move by a NIXL (UCX) one-sided WRITE instead of a
 shared mapping, so the receiver may be on another host. The receiver
 registers a ring of slots with its NIXL agent and answers HELLO with RING
 (its agent metadata and the ring's address); per layer the sender copies
-K||V into its own registered buffer (hashing each block while in cache),
-WRITEs it into a free slot, waits for completion, and sends LAYER(slot,
-checksum) on the control socket; the receiver verifies the slot in place and
-answers FREE. END -> ACK or ERROR as in tcp.
+K||V into its own registered staging buffer (hashing each block as it
+copies), WRITEs it into a free slot, waits for completion, and sends
+LAYER(slot, checksum) on the control socket; the receiver verifies the slot
+in place and answers FREE. END -> ACK or ERROR as in tcp.
+
+Rings and staging live on huge pages (``huge_page_buffer``), and the staging
+is written with plain stores, so the WRITE reads it from cache: between
+processes on one host UCX moves a WRITE by CMA (``process_vm_writev``),
+which pins every page it copies.
+
+Neither agent runs UCX's progress thread, which spins (sched_yield) on a
+core for as long as the agent exists: CMA needs nothing of the target,
+whose worker must progress only to answer connection set-up. The receiving
+endpoint does that from a thread that sleeps between polls
+(``PROGRESS_INTERVAL_S``); the sender progresses its own worker as it
+polls its transfers. The receiver pulling each slot by READ instead, which
+moves the copy to the decode side, ran as fast and took more CPU in all
+(64 MB: 41 ms against 31).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import mmap
 import os
 import socket
 import threading
@@ -43,8 +58,9 @@ from workers.kv.framing import (
 )
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import HostStager, PendingTransfer
-from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers
+from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers, ring_slots
 from workers.kv.sending import PipelinedSender
+from workers.kv.tcp import read_hello, send_hello
 
 # UCX's memory hooks (malloc/mmap interception) crashed torch's CPU tensors in this process; transfers use
 # buffers registered once, so the registration cache those hooks keep coherent is not needed.
@@ -58,13 +74,144 @@ except ImportError as exc:  # optional dependency
         "KV transport 'nixl' needs NIXL: pip install nixl-cu12 && pip install --no-deps nixl"
     ) from exc
 
+# How often the receiving agent's worker is progressed. A sender's first WRITE waits for connection set-up,
+# a few round trips each answered within this; a poll costs microseconds, so the thread stays below a
+# percent of a core, where UCX's own progress thread took the whole core.
+PROGRESS_INTERVAL_S = 0.002
+_HUGE_PAGE = 2 << 20
 
-def _agent(role: str) -> Any:
-    # The target of a WRITE needs UCX's progress thread (without it writes never completed), but it
-    # spins (sched_yield) on a core: the sending side, which polls its transfers and so progresses
-    # them, runs without one -- two spinning threads took both cores of a two-core host.
-    config = nixl_agent_config(enable_prog_thread=role == "recv", backends=["UCX"])
-    return nixl_agent(f"pdserve-kv-{role}-{uuid.uuid4().hex[:12]}", config)
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """A zeroed uint8 tensor of ``nbytes`` on anonymous memory advised for transparent huge pages.
+
+    CMA pins every page it copies: between 4 KiB pages a layer's WRITE ran 4.6-5.2 GB/s here,
+    between huge pages 6.2-6.6. The advice is granted where THP is "madvise" or "always".
+    """
+    # private: a shared anonymous mapping is shmem, whose huge pages hosts commonly disable
+    mm = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to align
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            mm.madvise(advice)
+        except OSError:
+            pass  # a kernel without THP: 4 KiB pages, as without the advice
+    whole = torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    start = -whole.data_ptr() % _HUGE_PAGE
+    buffer = whole[start : start + nbytes]
+    buffer.fill_(0)  # fault the pages in now, not during the first transfer
+    return buffer
+
+
+class NixlAgent:
+    """A NIXL agent, progressed by a sleeping thread where ``progress``; calls on it are serialized (not thread-safe)."""
+
+    def __init__(self, role: str, progress: bool) -> None:
+        config = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+        self.name = f"pdserve-kv-{role}-{uuid.uuid4().hex[:12]}"
+        self._agent = nixl_agent(self.name, config)
+        self._lock = threading.Lock()
+        self._version = 0  # bumped with every (de)registration, so peers never load older metadata
+        self._remotes: dict[str, int] = {}  # peer agent name -> version of the metadata loaded for it
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if progress:
+            self._thread = threading.Thread(target=self._progress, name=f"kv-nixl-progress-{role}", daemon=True)
+            self._thread.start()
+
+    def _progress(self) -> None:
+        while not self._stop.wait(PROGRESS_INTERVAL_S):
+            with self._lock:
+                self._agent.get_new_notifs()  # progresses the UCX worker; pdserve sends no notifications
+
+    def register(self, buffer: torch.Tensor) -> None:
+        """Register ``buffer`` for transfers."""
+        with self._lock:
+            self._agent.register_memory(buffer)
+            self._version += 1
+
+    def deregister(self, buffer: torch.Tensor) -> None:
+        """Deregister ``buffer``."""
+        with self._lock:
+            self._agent.deregister_memory(self._agent.get_reg_descs(buffer))
+            self._version += 1
+
+    def metadata(self) -> dict[str, Any]:
+        """This agent's name, metadata and its version, for a peer's ``load_peer`` (after the registrations it needs)."""
+        with self._lock:
+            meta = base64.b64encode(self._agent.get_agent_metadata()).decode()
+            return {"name": self.name, "meta": meta, "version": self._version}
+
+    def load_peer(self, info: dict[str, Any]) -> str:
+        """Load a peer's metadata (again when a newer version comes), connect, and return its name."""
+        name, version = str(info["name"]), int(info["version"])
+        with self._lock:
+            known = self._remotes.get(name)
+            if known is None or known < version:
+                if known is not None:
+                    self._agent.remove_remote_agent(name)
+                self._agent.add_remote_agent(base64.b64decode(info["meta"]))
+                self._agent.make_connection(name)  # wire up now, not during the first layer
+                self._remotes[name] = version
+        return name
+
+    def write(self, local_addr: int, nbytes: int, peer: str, peer_addr: int, timeout_s: float) -> None:
+        """WRITE ``nbytes`` at ``local_addr`` to ``peer_addr`` of agent ``peer`` and wait for completion."""
+        with self._lock:  # one transfer at a time per agent
+            local = self._agent.get_xfer_descs([(local_addr, nbytes, 0)], "DRAM")
+            remote = self._agent.get_xfer_descs([(peer_addr, nbytes, 0)], "DRAM")
+            handle = self._agent.initialize_xfer("WRITE", local, remote, peer)
+            try:
+                state = self._agent.transfer(handle)
+                deadline = time.monotonic() + timeout_s
+                while state != "DONE":
+                    if state == "ERR":
+                        raise KVTransferError("NIXL WRITE failed")
+                    if time.monotonic() > deadline:
+                        raise KVTransferTimeout(f"NIXL WRITE not done after {timeout_s}s")
+                    state = self._agent.check_xfer_state(handle)
+            finally:
+                self._agent.release_xfer_handle(handle)
+
+    def close(self) -> None:
+        """Stop the progress thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class _Buffers:
+    """Registered buffers of huge-page memory (rings, staging), reused across transfers."""
+
+    def __init__(self, agent: NixlAgent) -> None:
+        self._agent = agent
+        self._lock = threading.Lock()
+        self._free: list[torch.Tensor] = []
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A registered buffer of at least ``nbytes``."""
+        with self._lock:
+            for i, buffer in enumerate(self._free):
+                if buffer.numel() >= nbytes:
+                    return self._free.pop(i)
+        buffer = huge_page_buffer(nbytes)
+        self._agent.register(buffer)
+        return buffer
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """Return a buffer for reuse."""
+        with self._lock:
+            self._free.append(buffer)
+
+    def discard(self, buffer: torch.Tensor) -> None:
+        """Deregister a buffer that must not be reused."""
+        self._agent.deregister(buffer)
+
+    def close(self) -> None:
+        """Deregister every free buffer."""
+        with self._lock:
+            buffers, self._free = self._free, []
+        for buffer in buffers:
+            self._agent.deregister(buffer)
 
 
 class NixlEndpoint(SideEndpoint):
@@ -74,69 +221,41 @@ class NixlEndpoint(SideEndpoint):
 
     def __init__(self, options: EndpointOptions | None = None) -> None:
         self._options = options or EndpointOptions()
-        self._agent = _agent("recv")
-        self._agent_lock = threading.Lock()  # NIXL agent calls are serialized: registration is not thread-safe
-        self._meta_version = 0  # bumped with every (de)registration, so senders never load older metadata
-        self._lock = threading.Lock()
-        self._free: list[torch.Tensor] = []
+        self._agent = NixlAgent("recv", progress=True)
+        self._rings = _Buffers(self._agent)
         self._side = ReceivingSide(self.kind, self._options, self._serve, 1 << 16)
         self.address = self._side.address
 
     def close(self) -> None:
         """Stop accepting, fail pending transfers, deregister the rings."""
         self._side.close()
-        with self._lock:
-            rings, self._free = self._free, []
-        for ring in rings:
-            self._deregister(ring)
-
-    def _deregister(self, ring: torch.Tensor) -> None:
-        with self._agent_lock:
-            self._agent.deregister_memory(self._agent.get_reg_descs(ring))
-            self._meta_version += 1
-
-    def _lease(self, slot_nbytes: int) -> torch.Tensor:
-        num_slots = max(2, self._options.shm_num_slots)
-        with self._lock:
-            for i, ring in enumerate(self._free):
-                if ring.numel() >= num_slots * slot_nbytes:
-                    return self._free.pop(i)
-        ring = torch.zeros(num_slots * max(slot_nbytes, self._options.staging_nbytes), dtype=torch.uint8)
-        with self._agent_lock:
-            self._agent.register_memory(ring)
-            self._meta_version += 1
-        return ring
+        self._rings.close()
+        self._agent.close()
 
     def _serve(self, sock: socket.socket) -> None:
         sock.settimeout(self._options.stall_timeout_s)
         scratch = bytearray(HEADER_NBYTES)
         pending: PendingTransfer | None = None
         try:
-            from workers.kv.tcp import read_hello
-
             pending = read_hello(sock, scratch, self._side.table)
             slot_nbytes = pending.descriptor.layer_nbytes
-            ring = self._lease(slot_nbytes)
-            num_slots = ring.numel() // slot_nbytes
-            # metadata taken after the ring's registration, which it must include
-            with self._agent_lock:
-                meta = base64.b64encode(self._agent.get_agent_metadata()).decode()
-                version = self._meta_version
-            info = json.dumps({
-                "name": self._agent.name, "meta": meta, "version": version, "addr": ring.data_ptr(),
-                "num_slots": num_slots, "slot_nbytes": slot_nbytes,
-            })
+            num_slots = ring_slots(self._options, slot_nbytes)
+            ring = self._rings.acquire(num_slots * slot_nbytes)
             try:
-                send_frame(sock, Frame(FrameKind.RING, nbytes=len(info)), [info.encode()])
+                # the metadata is taken after the ring's registration, which it must include
+                info = json.dumps({
+                    **self._agent.metadata(), "addr": ring.data_ptr(), "num_slots": num_slots, "slot_nbytes": slot_nbytes,
+                }).encode()
+                send_frame(sock, Frame(FrameKind.RING, nbytes=len(info)), [info])
                 error = receive_slot_layers(
                     sock, scratch, pending, num_slots,
                     lambda slot, nbytes: ring[slot * slot_nbytes : slot * slot_nbytes + nbytes],
+                    self._options.poll_us * 1e-6,
                 )
             except BaseException:
-                self._deregister(ring)  # a late WRITE must not land in a reused ring
+                self._rings.discard(ring)  # a late WRITE must not land in a reused ring
                 raise
-            with self._lock:
-                self._free.append(ring)
+            self._rings.release(ring)
             if error is None:
                 pending.complete()
                 send_frame(sock, Frame(FrameKind.ACK))
@@ -152,19 +271,17 @@ class NixlEndpoint(SideEndpoint):
             send_error(sock, pending.fail(with_context(exc, rid, f"after {pending.layers_received()} layers")))
 
 
-
 class NixlWire:
-    """Sending half: stage, WRITE into a free remote slot, announce it."""
+    """Sending half: stage each layer, WRITE it into a free slot of the receiver's ring, announce it."""
 
     def __init__(self, descriptor: TransferDescriptor, options: SenderOptions, connector: NixlConnector) -> None:
-        from workers.kv.tcp import send_hello
-
         self._desc = descriptor
         self._options = options
         self._connector = connector
         self._tag = request_tag(descriptor.request_id)
         self._scratch = bytearray(HEADER_NBYTES)
         self._stager = HostStager()
+        self._staging: torch.Tensor | None = None
         self._closed = False
         self._sock = connect(descriptor.address, options.timeout_s, 1 << 16)
         try:
@@ -174,12 +291,13 @@ class NixlWire:
             if frame.kind != FrameKind.RING:
                 raise KVTransferError(f"expected RING, got {frame.kind.name}")
             info = json.loads(recv_control_payload(self._sock, frame))
-            self._remote = connector.remote(str(info["name"]), base64.b64decode(info["meta"]), int(info["version"]))
-            self._staging = connector.acquire(descriptor.layer_nbytes)
+            self._peer = connector.agent.load_peer(info)
+            self._slot_nbytes = int(info["slot_nbytes"])
+            self._staging = connector.staging.acquire(descriptor.layer_nbytes)
         except BaseException:
-            self._sock.close()
+            self.close()
             raise
-        self._ring_addr, self._slot_nbytes = int(info["addr"]), int(info["slot_nbytes"])
+        self._ring_addr = int(info["addr"])
         self._free_slots: deque[int] = deque(range(int(info["num_slots"])))
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
@@ -193,9 +311,13 @@ class NixlWire:
                 raise KVTransferError(f"expected FREE, got {frame.kind.name}")
             self._free_slots.append(frame.slot)
         slot = self._free_slots.popleft()
-        checksum = copy_and_checksum(self._staging.numpy(), (k_bytes, v_bytes), corrupt)
-        self._connector.write(self._staging, nbytes, self._remote, self._ring_addr + slot * self._slot_nbytes,
-                              self._options.timeout_s)
+        assert self._staging is not None
+        # plain stores: the WRITE reads the staging right back, from cache
+        checksum = copy_and_checksum(self._staging.numpy(), (k_bytes, v_bytes), corrupt, nontemporal=False)
+        self._connector.agent.write(
+            self._staging.data_ptr(), nbytes, self._peer, self._ring_addr + slot * self._slot_nbytes,
+            self._options.timeout_s,
+        )
         send_frame(self._sock, Frame(FrameKind.LAYER, layer_idx, slot, nbytes, checksum, self._tag))
 
     def finish(self) -> None:
@@ -209,68 +331,16 @@ class NixlWire:
             return
         self._closed = True
         hard_close(self._sock)
-        self._connector.release(self._staging)
+        if self._staging is not None:
+            self._connector.staging.release(self._staging)
 
 
 class NixlConnector:
-    """Sending side: one NIXL agent per process, registered staging buffers, known remote agents."""
+    """Sending side: one NIXL agent per process and its registered staging buffers."""
 
     def __init__(self) -> None:
-        self._agent = _agent("send")
-        self._lock = threading.Lock()
-        self._agent_lock = threading.Lock()
-        self._remotes: dict[str, int] = {}  # remote agent name -> version of the metadata loaded for it
-        self._free: list[torch.Tensor] = []
-
-    def remote(self, name: str, metadata: bytes, version: int) -> str:
-        """Load a remote agent's metadata, again when a newer version comes (the receiver registered a ring)."""
-        with self._lock, self._agent_lock:
-            known = self._remotes.get(name)
-            if known is None or known < version:
-                if known is not None:
-                    self._agent.remove_remote_agent(name)
-                self._agent.add_remote_agent(metadata)
-                if known is None:
-                    self._agent.make_connection(name)  # wire up now, not during the first layer
-                self._remotes[name] = version
-            return name
-
-    def acquire(self, nbytes: int) -> torch.Tensor:
-        """A registered staging buffer of at least ``nbytes``."""
-        with self._lock:
-            for i, buffer in enumerate(self._free):
-                if buffer.numel() >= nbytes:
-                    return self._free.pop(i)
-        buffer = torch.zeros(nbytes, dtype=torch.uint8)
-        with self._agent_lock:
-            self._agent.register_memory(buffer)
-        return buffer
-
-    def release(self, buffer: torch.Tensor) -> None:
-        """Return a staging buffer for reuse."""
-        with self._lock:
-            self._free.append(buffer)
-
-    def write(self, local: torch.Tensor, nbytes: int, remote: str, remote_addr: int, timeout_s: float) -> None:
-        """WRITE ``local[:nbytes]`` to ``remote_addr`` of agent ``remote`` and wait for completion."""
-        with self._agent_lock:  # one transfer at a time per process: agent calls are not thread-safe
-            self._write(local, nbytes, remote, remote_addr, timeout_s)
-
-    def _write(self, local: torch.Tensor, nbytes: int, remote: str, remote_addr: int, timeout_s: float) -> None:
-        src = self._agent.get_xfer_descs([(local.data_ptr(), nbytes, 0)], "DRAM")
-        dst = self._agent.get_xfer_descs([(remote_addr, nbytes, 0)], "DRAM")
-        handle = self._agent.initialize_xfer("WRITE", src, dst, remote)
-        try:
-            state = self._agent.transfer(handle)
-            deadline = time.monotonic() + timeout_s
-            while state != "DONE":
-                if state == "ERR":
-                    raise KVTransferError("NIXL WRITE failed")
-                if time.monotonic() > deadline:
-                    raise KVTransferTimeout(f"NIXL WRITE not done after {timeout_s}s")
-                state = self._agent.check_xfer_state(handle)
-        finally:
-            self._agent.release_xfer_handle(handle)
+        self.agent = NixlAgent("send", progress=False)
+        self.staging = _Buffers(self.agent)
 
     def open(self, descriptor: TransferDescriptor, options: SenderOptions) -> PipelinedSender:
         """Connect to the receiver and return a pipelined sender."""
@@ -278,8 +348,5 @@ class NixlConnector:
 
     def close(self) -> None:
         """Deregister the staging buffers."""
-        with self._lock:
-            buffers, self._free = self._free, []
-        with self._agent_lock:
-            for buffer in buffers:
-                self._agent.deregister_memory(self._agent.get_reg_descs(buffer))
+        self.staging.close()
+        self.agent.close()

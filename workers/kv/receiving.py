@@ -155,6 +155,14 @@ class LayerVerifier:
                 self._idle.notify_all()
 
 
+MAX_RING_SLOTS = 128  # more than a model has layers: beyond this, slots only cost memory
+
+
+def ring_slots(options: EndpointOptions, slot_nbytes: int) -> int:
+    """Slots of a new shm or nixl ring with slots of ``slot_nbytes``: as many as ``shm_ring_nbytes`` holds, within bounds."""
+    return min(MAX_RING_SLOTS, max(2, options.shm_num_slots, options.shm_ring_nbytes // slot_nbytes))
+
+
 def receive_slot_layers(
     sock: socket.socket,
     scratch: bytearray,

@@ -68,12 +68,11 @@ from workers.kv.framing import (
 from workers.kv.host import local_host_id
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import MemoryPiece, PendingTransfer, ViewCache, kernel_layer_parts
-from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers
+from workers.kv.receiving import MAX_RING_SLOTS, ReceivingSide, SideEndpoint, receive_slot_layers, ring_slots
 from workers.kv.sending import PipelinedSender
 from workers.kv.tcp import ConnectionPool, PooledWire, read_hello, send_hello, wait_for_next_request
 
 _PAGE = mmap.PAGESIZE
-_MAX_SLOTS = 128  # more than a model has layers: beyond this, slots only cost memory
 # layers a call into the kernel's sending loop takes: against one layer a call in Python, 4 ran 1.04-1.07x
 # as fast at 64 MB and the same at 16 MB; all 32 queued layers at once 0.93-0.94x at 16 MB, since the
 # receiver waits while the sender prepares the whole batch before the first copy
@@ -105,7 +104,7 @@ class _Ring:
         """The first ``nbytes`` of slot ``index`` as a uint8 tensor (cached)."""
         tensor = self.payloads.get((index, nbytes))
         if tensor is None:
-            if len(self.payloads) >= 4 * _MAX_SLOTS:  # layer sizes keep changing: start over
+            if len(self.payloads) >= 4 * MAX_RING_SLOTS:  # layer sizes keep changing: start over
                 self.payloads.clear()
             tensor = self.payloads[(index, nbytes)] = torch.from_numpy(self.slot(index, nbytes))
         return tensor
@@ -227,8 +226,7 @@ class ShmEndpoint(SideEndpoint):
                 best = min(fitting, key=lambda ring: ring.slot_nbytes)
                 self._free.remove(best)
                 return best
-        num_slots = min(_MAX_SLOTS, max(2, self._options.shm_num_slots, self._options.shm_ring_nbytes // slot_nbytes))
-        ring = create_ring(num_slots, slot_nbytes)
+        ring = create_ring(ring_slots(self._options, slot_nbytes), slot_nbytes)
         with self._lock:
             self._all.append(ring)
         return ring

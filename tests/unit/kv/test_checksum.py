@@ -29,9 +29,10 @@ def test_pieces_copies_and_streams_agree(nbytes: int) -> None:
     whole = checksum_buffer(view)
     for cut in {0, 1, nbytes // 3, nbytes // 2, min(nbytes, BLOCK_NBYTES + 5)}:  # K|V split anywhere
         assert checksum_parts((view[:cut], view[cut:])) == whole
-        target = np.zeros(nbytes + 16, dtype=np.uint8)
-        assert copy_and_checksum(target, (view[:cut], view[cut:])) == whole
-        assert np.array_equal(target[:nbytes], data)
+        for nontemporal in (True, False):  # streaming stores, or cache-filling ones (nixl's staging)
+            target = np.zeros(nbytes + 16, dtype=np.uint8)
+            assert copy_and_checksum(target, (view[:cut], view[cut:]), nontemporal=nontemporal) == whole
+            assert np.array_equal(target[:nbytes], data)
     running = ChunkedChecksum()
     for start in range(0, nbytes, 4099):  # pieces that ignore the block grid
         running.update(view[start : start + 4099])

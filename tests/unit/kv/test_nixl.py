@@ -1,0 +1,115 @@
+"""The NIXL transport's own parts: slot credits, huge-page buffers, and no spinning progress thread."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("nixl", reason="optional NIXL not installed")
+
+from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions  # noqa: E402
+from workers.kv.nixl import NixlConnector, NixlEndpoint, huge_page_buffer  # noqa: E402
+
+SPEC = KVSpec(num_layers=7, num_kv_heads=2, head_dim=16, dtype="float32")
+
+
+def _round_trip(endpoint: NixlEndpoint, connector: NixlConnector, rid: str, num_tokens: int) -> set[int]:
+    """Send SPEC's layers and check them bit for bit; the addresses the receiver saw them at."""
+    shape = (num_tokens, SPEC.num_kv_heads, SPEC.head_dim)
+    sent = [(torch.randn(shape), torch.randn(shape)) for _ in range(SPEC.num_layers)]
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    addresses: set[int] = set()
+
+    def on_layer(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        addresses.add(k.data_ptr())
+        got[i] = (k.clone(), v.clone())
+
+    rx = endpoint.expect(rid, num_tokens, SPEC, on_layer)
+    tx = connector.open(rx.descriptor, SenderOptions(timeout_s=5.0))
+    for i, (k, v) in enumerate(sent):
+        tx.send_layer(i, k, v)
+    tx.finish()
+    rx.wait(10)
+    assert sorted(got) == list(range(SPEC.num_layers))
+    for i, (k, v) in enumerate(sent):
+        assert torch.equal(got[i][0], k) and torch.equal(got[i][1], v)
+    return addresses
+
+
+def test_more_layers_than_slots_arrive_through_freed_slots() -> None:
+    endpoint = NixlEndpoint(EndpointOptions(stall_timeout_s=3.0, shm_num_slots=2, shm_ring_nbytes=1))
+    connector = NixlConnector()
+    try:
+        for rid in ("a", "b"):  # the second request starts with every slot free again
+            addresses = _round_trip(endpoint, connector, rid, 8)
+            assert len(addresses) == 2  # seven layers through the ring's two slots
+    finally:
+        connector.close()
+        endpoint.close()
+
+
+def test_ring_holds_as_many_layers_as_the_ring_budget() -> None:
+    layer_nbytes = 2 * 8 * SPEC.num_kv_heads * SPEC.head_dim * 4
+    endpoint = NixlEndpoint(EndpointOptions(stall_timeout_s=3.0, shm_num_slots=2, shm_ring_nbytes=4 * layer_nbytes))
+    connector = NixlConnector()
+    try:
+        assert len(_round_trip(endpoint, connector, "budget", 8)) == 4
+    finally:
+        connector.close()
+        endpoint.close()
+
+
+def _cpu_s() -> float:
+    return time.process_time()  # every thread of this process
+
+
+def test_idle_agents_leave_the_cores_alone() -> None:
+    """UCX's own progress thread spun on a core for as long as an agent lived; pdserve's sleeps."""
+    endpoint = NixlEndpoint(EndpointOptions(stall_timeout_s=3.0))
+    connector = NixlConnector()
+    try:
+        _round_trip(endpoint, connector, "wire-up", 8)  # connected: both agents have worked
+        start = _cpu_s()
+        time.sleep(1.0)
+        assert _cpu_s() - start < 0.2  # a spinning thread takes ~1 s of CPU in this second
+        _round_trip(endpoint, connector, "after-idle", 8)  # and the pair still works
+    finally:
+        connector.close()
+        endpoint.close()
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    found = re.search(r"\[(\w+)\]", text)
+    return found.group(1) if found else None
+
+
+def _anon_huge_kb(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds ``address``."""
+    current = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if head:
+            current = int(head.group(1), 16) <= address < int(head.group(2), 16)
+        elif current and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_huge_page_buffer_is_aligned_zeroed_and_on_huge_pages_where_the_host_allows() -> None:
+    nbytes = (6 << 20) + 123
+    buffer = huge_page_buffer(nbytes)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == nbytes
+    assert buffer.data_ptr() % (2 << 20) == 0
+    assert int(buffer.count_nonzero()) == 0
+    buffer[-1] = 7  # writable to its last byte
+    assert int(buffer[-1]) == 7
+    if _thp_mode() in ("madvise", "always"):
+        assert _anon_huge_kb(buffer.data_ptr()) >= 4 << 10  # at least two of its three full huge pages
