@@ -22,3 +22,7 @@ class KVChecksumError(KVTransferError):
 
 class KVBackendUnavailable(KVTransferError):
     """The chosen transport backend is not installed or not usable on this machine."""
+
+
+# how to install the optional NIXL backend (its `nixl` wrapper declares dependencies that conflict)
+NIXL_INSTALL = "pip install nixl-cu12 && pip install --no-deps nixl"

@@ -41,7 +41,7 @@ import torch
 
 from workers.kv.checksum import copy_and_checksum, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
-from workers.kv.errors import KVBackendUnavailable, KVTransferError, KVTransferTimeout
+from workers.kv.errors import NIXL_INSTALL, KVBackendUnavailable, KVTransferError, KVTransferTimeout
 from workers.kv.framing import (
     HEADER_NBYTES,
     Frame,
@@ -70,9 +70,7 @@ os.environ.setdefault("UCX_MEM_MALLOC_HOOKS", "no")
 try:
     from nixl._api import nixl_agent, nixl_agent_config
 except ImportError as exc:  # optional dependency
-    raise KVBackendUnavailable(
-        "KV transport 'nixl' needs NIXL: pip install nixl-cu12 && pip install --no-deps nixl"
-    ) from exc
+    raise KVBackendUnavailable(f"KV transport 'nixl' needs NIXL: {NIXL_INSTALL}") from exc
 
 # How often the receiving agent's worker is progressed. A sender's first WRITE waits for connection set-up,
 # a few round trips each answered within this; a poll costs microseconds, so the thread stays below a

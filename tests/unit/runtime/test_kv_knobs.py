@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from types import ModuleType
 
 import pytest
@@ -43,6 +45,21 @@ def test_bad_kv_flags_are_refused_before_anything_starts(command: ModuleType) ->
         assert command._validate(_args(command, "--kv-poll-us", value)) == "--kv-poll-us must be a finite number >= 0"
     problem = command._validate(_args(command, "--kv-tcp-congestion", "bbr;reno"))
     assert problem is not None and problem.startswith("--kv-tcp-congestion: tcp_congestion must be")
+
+
+@pytest.mark.parametrize("command", [up, quickstart])
+def test_transport_nixl_is_refused_up_front_where_nixl_is_missing(
+    command: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "nixl", None)  # as if not installed
+    problem = command._validate(_args(command, "--transport", "nixl"))
+    assert problem == "--transport nixl needs NIXL: pip install nixl-cu12 && pip install --no-deps nixl"
+    assert command._validate(_args(command, "--transport", "shm")) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nixl") is None, reason="optional NIXL not installed")
+def test_transport_nixl_is_accepted_where_nixl_is_installed() -> None:
+    assert up._validate(_args(up, "--transport", "nixl")) is None
 
 
 def test_quickstart_exits_2_on_bad_flags_without_starting_ray(capsys: pytest.CaptureFixture[str]) -> None:

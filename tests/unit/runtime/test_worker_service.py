@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,7 +111,11 @@ def test_worker_errors_map_to_explicit_exceptions(hosts: tuple[WorkerHost, Worke
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("transport", ["shm", "torch_dist"])
+@pytest.mark.parametrize("transport", [
+    "shm", "torch_dist",
+    pytest.param("nixl", marks=pytest.mark.skipif(
+        importlib.util.find_spec("nixl") is None, reason="optional NIXL not installed")),
+])
 def test_other_transports_carry_the_kv_too(tiny_model_dir: Path, reference: tuple[int, ...], transport: str) -> None:
     prefill = WorkerHost(WorkerSpec("p1", Role.PREFILL, str(tiny_model_dir), num_kv_blocks=64, transport=transport))
     decode = WorkerHost(WorkerSpec("d1", Role.DECODE, str(tiny_model_dir), num_kv_blocks=64, transport=transport))
