@@ -62,7 +62,7 @@ class EndpointOptions:
     shm_num_slots: int = 4  # fewest slots per shm or nixl ring (layers in flight)
     # a shm ring has as many slots (up to 128) as fit in this many bytes, each the layer size rounded up to
     # a power of two; a request whose layers all fit needs no FREE messages and never waits for a slot.
-    # A nixl request gets the same number of slots of its layer size, in its own ring and the sender's staging
+    # A nixl ring holds as many slots of the layer size itself (its rings are pooled by total size, not slot size)
     shm_ring_nbytes: int = 32 << 20
     # between reads the shm and tcp receivers poll their socket this long (restarted whenever bytes arrive)
     # before sleeping in recv, yielding the CPU to any other runnable thread meanwhile; bytes that find the
