@@ -185,7 +185,8 @@ def receiver_main(
             threading.Thread(target=raw_gloo, args=msg[1:], daemon=True).start()
             conn.send("ok")
         elif msg[0] == "nixl":  # the raw NIXL ceiling's target: a registered layer buffer, kept until the next
-            from workers.kv.nixl import NixlAgent, huge_page_buffer
+            from workers.kv.hugepages import huge_page_buffer
+            from workers.kv.nixl import NixlAgent
 
             if raw_nixl is not None:
                 raw_nixl[0].close()
@@ -253,7 +254,8 @@ def _raw_gloo(conn: Connection, nbytes: int) -> tuple[Callable[[], float], Calla
 
 def _raw_nixl(conn: Connection, nbytes: int) -> Callable[[], float]:
     """Ceiling of nixl: a NIXL WRITE of each layer into one registered layer buffer of the receiver process."""
-    from workers.kv.nixl import NixlAgent, huge_page_buffer
+    from workers.kv.hugepages import huge_page_buffer
+    from workers.kv.nixl import NixlAgent
 
     conn.send(("nixl", nbytes))
     info = conn.recv()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import json
-import mmap
 import os
 import socket
 import threading
@@ -56,6 +55,7 @@ from workers.kv.framing import (
     send_frame,
     with_context,
 )
+from workers.kv.hugepages import huge_page_buffer
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import HostStager, PendingTransfer
 from workers.kv.receiving import ReceivingSide, SideEndpoint, receive_slot_layers, ring_slots
@@ -76,28 +76,6 @@ except ImportError as exc:  # optional dependency
 # a few round trips each answered within this; a poll costs microseconds, so the thread stays below a
 # percent of a core, where UCX's own progress thread took the whole core.
 PROGRESS_INTERVAL_S = 0.002
-_HUGE_PAGE = 2 << 20
-
-
-def huge_page_buffer(nbytes: int) -> torch.Tensor:
-    """A zeroed uint8 tensor of ``nbytes`` on anonymous memory advised for transparent huge pages.
-
-    CMA pins every page it copies: between 4 KiB pages a layer's WRITE ran 4.6-5.2 GB/s here,
-    between huge pages 6.2-6.6. The advice is granted where THP is "madvise" or "always".
-    """
-    # private: a shared anonymous mapping is shmem, whose huge pages hosts commonly disable
-    mm = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to align
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is not None:
-        try:
-            mm.madvise(advice)
-        except OSError:
-            pass  # a kernel without THP: 4 KiB pages, as without the advice
-    whole = torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps the mapping alive
-    start = -whole.data_ptr() % _HUGE_PAGE
-    buffer = whole[start : start + nbytes]
-    buffer.fill_(0)  # fault the pages in now, not during the first transfer
-    return buffer
 
 
 class NixlAgent:

@@ -66,6 +66,7 @@ from workers.kv.framing import (
     with_context,
 )
 from workers.kv.host import local_host_id
+from workers.kv.hugepages import advise_huge_pages
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import MemoryPiece, PendingTransfer, ViewCache, kernel_layer_parts
 from workers.kv.receiving import MAX_RING_SLOTS, ReceivingSide, SideEndpoint, receive_slot_layers, ring_slots
@@ -128,22 +129,6 @@ class _Ring:
             self.fd = None
 
 
-def _advise_huge_pages(mm: mmap.mmap) -> None:
-    """Ask for transparent huge pages on a ring mapping (granted where shmem THP is "advise" or wider).
-
-    Slots are written with streaming stores and read from memory by the other process; on 4 KiB
-    pages that read ran at 9 GB/s here, on huge pages at 15 GB/s, and the copy into the slot at
-    11 instead of 9 GB/s. Where the host does not allow it (``shmem_enabled`` "never", a common
-    default) this does nothing.
-    """
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is not None:
-        try:
-            mm.madvise(advice)
-        except OSError:
-            pass  # a kernel without THP: 4 KiB pages, as without the advice
-
-
 def create_ring(num_slots: int, slot_nbytes: int) -> _Ring:
     """A new ring in an anonymous memory file of this process, every page touched once."""
     if not hasattr(os, "memfd_create"):
@@ -156,7 +141,7 @@ def create_ring(num_slots: int, slot_nbytes: int) -> _Ring:
     except BaseException:
         os.close(fd)
         raise
-    _advise_huge_pages(mm)
+    advise_huge_pages(mm)
     array = np.frombuffer(mm, dtype=np.uint8)
     array.fill(0)  # touch every page here, not during a transfer (and with huge pages where granted)
     path = f"/proc/{os.getpid()}/fd/{fd}"
@@ -178,7 +163,7 @@ def map_ring(ring_id: str, path: str, num_slots: int, slot_nbytes: int) -> _Ring
         mm = mmap.mmap(fd, num_slots * slot_nbytes)
     finally:
         os.close(fd)
-    _advise_huge_pages(mm)  # this process's page tables may then map the owner's huge pages whole
+    advise_huge_pages(mm)  # this process's page tables may then map the owner's huge pages whole
     return _Ring(ring_id, path, num_slots, slot_nbytes, mm, np.frombuffer(mm, dtype=np.uint8))
 
 
