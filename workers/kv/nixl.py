@@ -27,6 +27,7 @@ moves the copy to the decode side, ran as fast and took more CPU in all
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -34,6 +35,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -78,6 +80,19 @@ except ImportError as exc:  # optional dependency
 PROGRESS_INTERVAL_S = 0.002
 
 
+@contextlib.contextmanager
+def _as_transfer_error(what: str) -> Iterator[None]:
+    """Raise NIXL's own exceptions (plain ``Exception`` subclasses) as KVTransferError naming ``what``."""
+    try:
+        yield
+    except KVTransferError:
+        raise
+    except Exception as exc:
+        if not type(exc).__module__.startswith("nixl"):
+            raise
+        raise KVTransferError(f"NIXL {what}: {exc!r}") from exc
+
+
 class NixlAgent:
     """A NIXL agent, progressed by a sleeping thread where ``progress``; calls on it are serialized (not thread-safe)."""
 
@@ -96,43 +111,47 @@ class NixlAgent:
 
     def _progress(self) -> None:
         while not self._stop.wait(PROGRESS_INTERVAL_S):
-            with self._lock:
+            # a failed poll is retried at the next interval; transfers report their own failures
+            with self._lock, contextlib.suppress(KVTransferError), _as_transfer_error("progress"):
                 self._agent.get_new_notifs()  # progresses the UCX worker; pdserve sends no notifications
 
     def register(self, buffer: torch.Tensor) -> None:
         """Register ``buffer`` for transfers."""
-        with self._lock:
+        with self._lock, _as_transfer_error("memory registration"):
             self._agent.register_memory(buffer)
             self._version += 1
 
     def deregister(self, buffer: torch.Tensor) -> None:
         """Deregister ``buffer``."""
-        with self._lock:
+        with self._lock, _as_transfer_error("memory deregistration"):
             self._agent.deregister_memory(self._agent.get_reg_descs(buffer))
             self._version += 1
 
     def metadata(self) -> dict[str, Any]:
         """This agent's name, metadata and its version, for a peer's ``load_peer`` (after the registrations it needs)."""
-        with self._lock:
+        with self._lock, _as_transfer_error("metadata"):
             meta = base64.b64encode(self._agent.get_agent_metadata()).decode()
             return {"name": self.name, "meta": meta, "version": self._version}
 
     def load_peer(self, info: dict[str, Any]) -> str:
         """Load a peer's metadata (again when a newer version comes), connect, and return its name."""
-        name, version = str(info["name"]), int(info["version"])
-        with self._lock:
+        try:
+            name, version, meta = str(info["name"]), int(info["version"]), base64.b64decode(info["meta"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KVTransferError(f"malformed NIXL peer description: {exc!r}") from None
+        with self._lock, _as_transfer_error(f"loading peer {name!r}"):
             known = self._remotes.get(name)
             if known is None or known < version:
                 if known is not None:
                     self._agent.remove_remote_agent(name)
-                self._agent.add_remote_agent(base64.b64decode(info["meta"]))
+                self._agent.add_remote_agent(meta)
                 self._agent.make_connection(name)  # wire up now, not during the first layer
                 self._remotes[name] = version
         return name
 
     def write(self, local_addr: int, nbytes: int, peer: str, peer_addr: int, timeout_s: float) -> None:
         """WRITE ``nbytes`` at ``local_addr`` to ``peer_addr`` of agent ``peer`` and wait for completion."""
-        with self._lock:  # one transfer at a time per agent
+        with self._lock, _as_transfer_error(f"WRITE to {peer!r}"):  # one transfer at a time per agent
             local = self._agent.get_xfer_descs([(local_addr, nbytes, 0)], "DRAM")
             remote = self._agent.get_xfer_descs([(peer_addr, nbytes, 0)], "DRAM")
             handle = self._agent.initialize_xfer("WRITE", local, remote, peer)
@@ -268,13 +287,15 @@ class NixlWire:
                 raise KVTransferError(f"expected RING, got {frame.kind.name}")
             info = json.loads(recv_control_payload(self._sock, frame))
             self._peer = connector.agent.load_peer(info)
-            self._slot_nbytes = int(info["slot_nbytes"])
+            self._ring_addr, self._slot_nbytes = int(info["addr"]), int(info["slot_nbytes"])
+            self._free_slots: deque[int] = deque(range(int(info["num_slots"])))
             self._staging = connector.staging.acquire(descriptor.layer_nbytes)
+        except (KeyError, TypeError, ValueError) as exc:  # json's errors are ValueErrors
+            self.close()
+            raise KVTransferError(f"request {descriptor.request_id!r}: malformed RING: {exc!r}") from None
         except BaseException:
             self.close()
             raise
-        self._ring_addr = int(info["addr"])
-        self._free_slots: deque[int] = deque(range(int(info["num_slots"])))
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         """Stage one layer, WRITE it into a free slot, and announce it."""

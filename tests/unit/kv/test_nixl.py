@@ -9,8 +9,10 @@ import torch
 
 pytest.importorskip("nixl", reason="optional NIXL not installed")
 
+from workers.kv.errors import KVTransferError  # noqa: E402
+from workers.kv.hugepages import huge_page_buffer  # noqa: E402
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions  # noqa: E402
-from workers.kv.nixl import NixlConnector, NixlEndpoint  # noqa: E402
+from workers.kv.nixl import NixlAgent, NixlConnector, NixlEndpoint  # noqa: E402
 
 SPEC = KVSpec(num_layers=7, num_kv_heads=2, head_dim=16, dtype="float32")
 
@@ -78,3 +80,23 @@ def test_idle_agents_leave_the_cores_alone() -> None:
     finally:
         connector.close()
         endpoint.close()
+
+
+def test_nixl_failures_surface_as_transfer_errors() -> None:
+    """NIXL raises plain Exceptions of its own; callers of a transport catch KVTransferError."""
+    target, source = NixlAgent("target", progress=True), NixlAgent("source", progress=False)
+    try:
+        ring, staging = huge_page_buffer(1 << 20), huge_page_buffer(1 << 20)
+        target.register(ring)
+        source.register(staging)
+        peer = source.load_peer(target.metadata())
+        source.write(staging.data_ptr(), 4096, peer, ring.data_ptr(), 5.0)  # registered: fine
+        with pytest.raises(KVTransferError, match="NIXL WRITE to"):
+            source.write(staging.data_ptr(), 4096, peer, ring.data_ptr() + (4 << 20), 5.0)  # beyond the ring
+        with pytest.raises(KVTransferError, match="NIXL loading peer 'junk'"):
+            source.load_peer({"name": "junk", "version": 1, "meta": "AAAA"})
+        with pytest.raises(KVTransferError, match="malformed NIXL peer description"):
+            source.load_peer({"name": "no-meta", "version": 1})
+    finally:
+        target.close()
+        source.close()
