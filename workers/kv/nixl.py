@@ -256,9 +256,9 @@ class NixlEndpoint(SideEndpoint):
                 send_frame(sock, Frame(FrameKind.ACK))
             else:
                 send_error(sock, error)
-        except (KVTransferError, OSError, RuntimeError) as exc:  # NIXL reports its errors as RuntimeError
+        except (KVTransferError, OSError, RuntimeError) as exc:  # NIXL's own arrive as KVTransferError
             if not isinstance(exc, KVTransferError | OSError):
-                exc = KVTransferError(f"NIXL: {exc!r}")
+                exc = KVTransferError(f"nixl receiver: {exc!r}")  # e.g. a torch error: the sender hears of it at once
             if pending is None:
                 send_error(sock, exc)
                 return
