@@ -3,8 +3,7 @@
 The sending side (the pipelined sender, its queue and threads) is in
 workers.kv.sending. Receiving: the endpoint's I/O thread reads a layer into
 a reused staging buffer (or a shared-memory slot) and
-``PendingTransfer.deliver`` -- called there or on the connection's
-``LayerVerifier`` thread (workers.kv.receiving) -- verifies the checksum and
+``PendingTransfer.deliver``, called on that thread, verifies the checksum and
 calls the engine's callback with views of it.
 """
 

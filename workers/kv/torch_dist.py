@@ -17,8 +17,15 @@ Per request on the pair: HELLO (descriptor) -> ACK or ERROR, then per layer
 a LAYER header on the control socket, ``send(k)``, ``send(v)`` on the group
 into a staging buffer of the receiver, and the layer's checksum as an 8-byte
 trailer on the control socket (the sender hashes while the group moves the
-bytes); the receiver's ``LayerVerifier`` checks and delivers layer i while
-layer i+1 arrives in the other staging buffer. END -> ACK or ERROR.
+bytes); the receiver verifies and delivers each layer before it posts the
+next one's receives into the same buffer. END -> ACK or ERROR.
+
+Verifying on a thread of its own, while the next layer arrived in a second
+buffer, cost a thread hand-off per layer that the overlap did not repay on
+a small host: 16 MB unpinned ran 0.38-0.96x raw gloo (median 0.63 over nine
+runs) against 0.49-1.06x (0.94) inline, 256 MB pinned 0.74-0.80x against
+0.82-0.84x (three runs); 64 MB stayed within noise (pinned median 0.79
+against 0.78, unpinned 0.67 against 0.61).
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from workers.kv.framing import (
 )
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import PendingTransfer, StagingPool
-from workers.kv.receiving import LayerVerifier, ReceivingSide, SideEndpoint
+from workers.kv.receiving import ReceivingSide, SideEndpoint
 from workers.kv.sending import PipelinedSender
 from workers.kv.tcp import read_hello, send_hello
 
@@ -117,15 +124,10 @@ class TorchDistEndpoint(SideEndpoint):
         except (KVTransferError, OSError, RuntimeError) as exc:
             send_error(sock, exc)
             return
-        verifier = LayerVerifier(self._staging, name=f"kv-dist-verify-{pair_id[:8]}")
-        try:
-            while self._serve_request(sock, scratch, group, verifier):
-                pass
-        finally:
-            verifier.drain()
-            verifier.close()
+        while self._serve_request(sock, scratch, group):
+            pass
 
-    def _serve_request(self, sock: socket.socket, scratch: bytearray, group: Any, verifier: LayerVerifier) -> bool:
+    def _serve_request(self, sock: socket.socket, scratch: bytearray, group: Any) -> bool:
         """Serve one request on the pair; False when the pair is over (closed or broken)."""
         sock.settimeout(None)  # an idle pair may wait for its next request indefinitely
         try:
@@ -143,7 +145,7 @@ class TorchDistEndpoint(SideEndpoint):
                 send_error(sock, exc)
                 return True
             send_frame(sock, Frame(FrameKind.ACK))  # accepted: tensors may follow on the group
-            error = self._receive_layers(sock, scratch, pending, group, verifier)
+            error = self._receive_layers(sock, scratch, pending, group)
             if error is None:
                 pending.complete()
                 send_frame(sock, Frame(FrameKind.ACK))
@@ -152,31 +154,38 @@ class TorchDistEndpoint(SideEndpoint):
             return True
         except (KVTransferError, OSError) as exc:
             if pending is not None:
-                verifier.drain()  # layers already received are settled before the transfer is failed
                 rid = pending.descriptor.request_id
                 exc = pending.fail(with_context(exc, rid, f"after {pending.layers_received()} layers"))
             send_error(sock, exc)
             return False  # the stream position is unknown: drop the pair, the sender builds a new one
 
     def _receive_layers(
-        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, group: Any, verifier: LayerVerifier
+        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, group: Any
     ) -> KVTransferError | None:
+        """Receive, verify and deliver every layer up to END; the first delivery error (the stream is still drained)."""
         desc = pending.descriptor
         tag = request_tag(desc.request_id)
         half = desc.tensor_nbytes
         trailer = bytearray(TRAILER.size)
+        buffer = self._staging.acquire(desc.layer_nbytes)
+        payload = buffer[: 2 * half]
+        error: KVTransferError | None = None
         while True:
             frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes)
             if frame is None:
-                return verifier.drain()
+                self._staging.release(buffer)
+                return error
             what = f"layer {frame.layer_idx}"
-            # a buffer whose receive failed is not given back: the group may still write into it
-            buffer = verifier.take(desc.layer_nbytes, self._options.stall_timeout_s)
+            # a receive that fails raises, and the buffer is not given back: the group may still write into it
             works = [group.recv([buffer[:half]], _SENDER_RANK, 0), group.recv([buffer[half : 2 * half]], _SENDER_RANK, 0)]
             for work in works:  # both posted before waiting: K and V share one round trip
                 _wait(work, what)
             recv_into(sock, memoryview(trailer), f"the checksum of {what}")
-            verifier.submit(pending, frame.layer_idx, buffer, 2 * half, TRAILER.unpack(trailer)[0])
+            if error is None:  # after a failed delivery the rest is drained, so the sender reaches END
+                try:
+                    pending.deliver(frame.layer_idx, payload, TRAILER.unpack(trailer)[0])
+                except KVTransferError as exc:
+                    error = exc
 
 
 @dataclass
