@@ -18,7 +18,10 @@ default, 512, keeps colocated decode steps short; a larger budget prefills in
 fewer, larger steps; transformers prefills the whole padded batch at once).
 ``--row-major-weights`` also times pdserve with its projection weights in nn.Linear's usual
 row-major layout (what ``LlamaModel.use_column_major_weights`` changes), interleaved with runs
-in the column-major layout the engine uses on CPU.
+in the column-major layout the engine uses on CPU (in both, the logits of 2-16 rows go through the
+packed LM head kernel where it is built: see ``workers.engine.lm_head``).
+The line under the table says which LM head path pdserve took; ``PDSERVE_ENGINE_PURE=1`` runs
+without the kernel.
 The load average is printed: other processes on the cores, and their memory traffic, shift both
 columns; compare ratios from the same run.
 """
@@ -98,6 +101,7 @@ def main() -> int:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 
+    from workers.engine import lm_head
     from workers.engine.config import EngineConfig
     from workers.engine.engine import LLMEngine
     from workers.engine.sampling_params import SamplingParams
@@ -191,6 +195,10 @@ def main() -> int:
     print(f"load average (1, 5, 15 min): before {load_before}, after {_load_average()}")
     print(f"model: {model_dir}  (torch threads: {torch.get_num_threads()}, reps: {args.reps}, median, "
           f"pdserve token budget {engine_config.max_num_batched_tokens})")
+    head = engine.model.packed_head
+    head_path = (f"packed kernel, {lm_head.KERNEL_STATE}, {head.nbytes >> 20} MiB copy" if head is not None
+                 else f"torch matmul (kernel {lm_head.KERNEL_STATE})")
+    print(f"pdserve LM head: {head_path}")
     print(f"mixed prompt lengths: {sorted(mixed_lens)}")
     print(f"output lengths: {args.max_tokens} each, or mixed: {sorted(mixed_out)}")
     header = f"{'case':<36}{'tokens':>8}{'transformers tok/s':>21}{'pdserve tok/s':>16}{'ratio':>8}"

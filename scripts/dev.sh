@@ -30,6 +30,9 @@ setup() {
   # The KV transports' fused copy+checksum kernel (C); without it they copy and hash in two steps.
   "$PY" -m workers.kv.native build --if-stale >/dev/null 2>&1 \
     || echo "warning: KV checksum kernel not built; transports use numpy + xxhash" >&2
+  # The CPU engine's LM head kernel (C); without it the logits take torch's matmul.
+  "$PY" -m workers.engine.native build --if-stale >/dev/null 2>&1 \
+    || echo "warning: engine LM head kernel not built; logits use torch's matmul" >&2
 }
 
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}

@@ -65,6 +65,8 @@ class LLMEngine:
         self.model = load_model(self.model_dir, device=config.device, dtype=config.dtype)
         if self.device.type == "cpu":
             self.model.use_column_major_weights()
+            if config.packed_lm_head:
+                self.model.pack_lm_head()
         has_tokenizer = (self.model_dir / "tokenizer.json").is_file()
         self.tokenizer: TokenizerInfo | None = load_tokenizer(self.model_dir) if has_tokenizer else None
         eos = set(self.model_config.eos_token_ids)

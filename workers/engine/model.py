@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.engine.config import ModelConfig, RopeScaling
+from workers.engine.lm_head import PackedLMHead, pack_lm_head
 
 # Row counts for which CPU logits are computed as weight @ hidden.T when the LM head is stored
 # row-major (see LlamaModel.logits): measured with MKL on AVX-512, [rows, hidden] @ weight.T over a
@@ -248,6 +249,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.packed_head: PackedLMHead | None = None  # see pack_lm_head
         cos, sin = self.rope_tables(cfg)
         self.rope_cos: torch.Tensor
         self.rope_sin: torch.Tensor
@@ -320,9 +322,20 @@ class LlamaModel(nn.Module):
                 changed += 1
         return changed
 
+    def pack_lm_head(self) -> bool:
+        """Give ``logits`` a panel-packed copy of the LM head for the compiled CPU kernel; whether it got one.
+
+        The copy is a snapshot: call this after the weights are final (the engine does, once loaded).
+        None without a current build of the kernel, or for a head that is not fp32 on CPU.
+        """
+        self.packed_head = pack_lm_head(self.lm_head.weight)
+        return self.packed_head is not None
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits in fp32 for the given hidden states."""
+        if self.packed_head is not None and self.packed_head.applies(hidden):
+            return self.packed_head(hidden)
         weight = self.lm_head.weight
         if weight.is_contiguous() and hidden.device.type == "cpu" and hidden.shape[0] in _SKINNY_LOGITS_ROWS:
             # [vocab, hidden] @ [hidden, rows]: the same products, but a kernel that streams the large

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from workers import native_build
 from workers.kv import checksum, native
 
 if checksum.KERNEL is None and shutil.which("cc") is None and shutil.which("gcc") is None:
@@ -164,7 +165,7 @@ def test_a_block_straddling_k_and_v_takes_the_kernel(kernel, monkeypatch: pytest
 
 def test_a_build_of_another_source_is_not_loaded(kernel, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     assert native.load()[0] is kernel
-    monkeypatch.setattr(native, "source_digest", lambda: "0" * 64)
+    monkeypatch.setattr(native_build, "source_digest", lambda source: "0" * 64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         module, why = native.load()
@@ -184,7 +185,8 @@ def test_an_unknown_instruction_set_is_refused(kernel) -> None:  # type: ignore[
         kernel.use_isa("avx9")
 
 
-def test_a_build_without_its_source_is_not_loaded(kernel, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(native, "SOURCE", tmp_path / "_copyhash.c")  # an install that shipped the build only
+def test_a_build_without_its_source_is_not_loaded(kernel, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # an install that shipped the build only: no source beside it
+    monkeypatch.setattr(native.EXTENSION, "source", native.EXTENSION.source.with_name("_copyhash_not_shipped.c"))
     module, why = native.load()
     assert module is None and "missing" in why
