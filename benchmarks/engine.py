@@ -18,7 +18,7 @@ default, 512, keeps colocated decode steps short; a larger budget prefills in
 fewer, larger steps; transformers prefills the whole padded batch at once).
 ``--row-major-weights`` also times pdserve with its projection weights in nn.Linear's usual
 row-major layout (what ``LlamaModel.use_column_major_weights`` changes), interleaved with runs
-in the column-major layout the engine uses on CPU (in both, the logits of 2-16 rows go through the
+in the column-major layout the engine uses on CPU (in both, the logits of 2-64 rows go through the
 packed LM head kernel where it is built: see ``workers.engine.lm_head``).
 The line under the table says which LM head path pdserve took; ``PDSERVE_ENGINE_PURE=1`` runs
 without the kernel.

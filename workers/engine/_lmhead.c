@@ -87,7 +87,8 @@ __attribute__((target("avx2,fma"))) static void panel_avx2(const float *panel, c
     }
 }
 
-/* Sixteen rows per pass: a panel row is one register, each hidden row's logits another. */
+/* Sixteen rows per pass over one panel: a panel row is one register, each hidden row's logits another.
+   It runs the panels left over after the groups below. */
 #define AVX512_ROWS 16
 
 __attribute__((target("avx512f"))) static void panel_avx512(const float *panel, const float *h, float *out,
@@ -102,27 +103,76 @@ __attribute__((target("avx512f"))) static void panel_avx512(const float *panel, 
             const float *w = panel + k * PANEL;
             _mm_prefetch((const char *)(w + PREFETCH_AHEAD * PANEL), _MM_HINT_T0);
             __m512 wv = _mm512_loadu_ps(w);
-            if (n == AVX512_ROWS) {
-#pragma GCC unroll 16
-                for (size_t i = 0; i < AVX512_ROWS; i++)
-                    acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(h0[i * hidden + k]), wv, acc[i]);
-            } else {
-                for (size_t i = 0; i < n; i++)
-                    acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(h0[i * hidden + k]), wv, acc[i]);
-            }
+            for (size_t i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(h0[i * hidden + k]), wv, acc[i]);
         }
         for (size_t i = 0; i < n; i++) _mm512_mask_storeu_ps(out + (r0 + i) * vocab, mask, acc[i]);
+    }
+}
+
+/* Four panels at once against up to six rows: 24 accumulators and the four panel registers fit the 32,
+   and each broadcast row value feeds four multiply-adds. One panel at a time against 16 rows took a
+   load per multiply-add: for the tiny model's head at 32 and 64 rows it ran 4.5 and 9.6 ms against
+   MKL's 3.6 and 5.6; four at once ran 3.8 and 7.2 against 4.6 and 6.6 (caches swept before each call). */
+#define GROUP 4
+#define GROUP_ROWS 6
+
+__attribute__((target("avx512f"), always_inline)) static inline void group_rows_avx512(
+    const float *group, const float *h0, float *out, size_t hidden, size_t vocab, __mmask16 last, const size_t n) {
+    const size_t stride = hidden * PANEL; /* floats from one panel to the next */
+    __m512 acc[GROUP_ROWS][GROUP];
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < GROUP; j++) acc[i][j] = _mm512_setzero_ps();
+    for (size_t k = 0; k < hidden; k++) {
+        const float *w = group + k * PANEL;
+        __m512 wv[GROUP];
+        for (size_t j = 0; j < GROUP; j++) {
+            _mm_prefetch((const char *)(w + j * stride + PREFETCH_AHEAD * PANEL), _MM_HINT_T0);
+            wv[j] = _mm512_loadu_ps(w + j * stride);
+        }
+        for (size_t i = 0; i < n; i++) {
+            __m512 x = _mm512_set1_ps(h0[i * hidden + k]);
+            for (size_t j = 0; j < GROUP; j++) acc[i][j] = _mm512_fmadd_ps(x, wv[j], acc[i][j]);
+        }
+    }
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < GROUP; j++)
+            _mm512_mask_storeu_ps(out + i * vocab + j * PANEL, j == GROUP - 1 ? last : (__mmask16)0xFFFF, acc[i][j]);
+}
+
+__attribute__((target("avx512f"))) static void group_avx512(const float *group, const float *h, float *out,
+                                                           size_t rows, size_t hidden, size_t vocab, size_t cols) {
+    __mmask16 last = (__mmask16)((1u << cols) - 1u); /* columns of the group's last panel */
+    for (size_t r0 = 0; r0 < rows; r0 += GROUP_ROWS) {
+        const float *h0 = h + r0 * hidden;
+        float *o = out + r0 * vocab;
+        switch (rows - r0 < GROUP_ROWS ? rows - r0 : GROUP_ROWS) { /* a constant row count each: all in registers */
+            case 6: group_rows_avx512(group, h0, o, hidden, vocab, last, 6); break;
+            case 5: group_rows_avx512(group, h0, o, hidden, vocab, last, 5); break;
+            case 4: group_rows_avx512(group, h0, o, hidden, vocab, last, 4); break;
+            case 3: group_rows_avx512(group, h0, o, hidden, vocab, last, 3); break;
+            case 2: group_rows_avx512(group, h0, o, hidden, vocab, last, 2); break;
+            default: group_rows_avx512(group, h0, o, hidden, vocab, last, 1); break;
+        }
     }
 }
 #endif
 
 static panel_fn run_panel = panel_scalar;
+static panel_fn run_group = NULL; /* GROUP panels at once, where the instruction set has a loop for it */
 static const char *isa = "scalar";
 
-/* Panel after panel, every row against each while it is in cache: the weight is read once per call. */
+/* Panel after panel (or group after group), every row against each while it is in cache: the weight
+   is read once per call. */
 static void lm_head(const float *panels, const float *h, float *out, size_t rows, size_t hidden, size_t vocab) {
-    size_t count = (vocab + PANEL - 1) / PANEL;
-    for (size_t p = 0; p < count; p++) {
+    size_t count = (vocab + PANEL - 1) / PANEL, p = 0;
+#ifdef PD_X86
+    for (; run_group != NULL && p + GROUP <= count; p += GROUP) {
+        size_t end = (p + GROUP) * PANEL;
+        run_group(panels + p * hidden * PANEL, h, out + p * PANEL, rows, hidden, vocab,
+                  end > vocab ? PANEL - (end - vocab) : PANEL);
+    }
+#endif
+    for (; p < count; p++) {
         size_t cols = vocab - p * PANEL < PANEL ? vocab - p * PANEL : PANEL;
         run_panel(panels + p * hidden * PANEL, h, out + p * PANEL, rows, hidden, vocab, cols);
     }
@@ -193,13 +243,16 @@ static PyObject *py_use_isa(PyObject *self, PyObject *arg) {
     if (name == NULL) return NULL;
     if (strcmp(name, "scalar") == 0) {
         run_panel = panel_scalar;
+        run_group = NULL;
         isa = "scalar";
 #ifdef PD_X86
     } else if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         run_panel = panel_avx2;
+        run_group = NULL;
         isa = "avx2";
     } else if (strcmp(name, "avx512") == 0 && __builtin_cpu_supports("avx512f")) {
         run_panel = panel_avx512;
+        run_group = group_avx512;
         isa = "avx512";
 #endif
     } else {
@@ -230,6 +283,7 @@ PyMODINIT_FUNC PyInit__lmhead(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) {
         run_panel = panel_avx512;
+        run_group = group_avx512;
         isa = "avx512";
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         run_panel = panel_avx2;

@@ -9,7 +9,7 @@ The packed copy costs vocab x hidden x 4 bytes beside the model's own weight, wh
 paths keep using (``EngineConfig.packed_lm_head`` turns it off). The kernel is single-threaded:
 it is used only while torch runs one intra-op thread (the engine's CPU default), for fp32
 hidden states on CPU, at the row counts where it measured faster (``KERNEL_ROWS``: a decode step
-of 2-16 sequences). Its logits are each one chain of fused multiply-adds over the hidden dimension
+of 2-64 sequences). Its logits are each one chain of fused multiply-adds over the hidden dimension
 in order; MKL's GEMM over the column-major head gave the same bits at those row counts on the
 development host, and greedy parity with transformers holds through the kernel
 (tests/integration/engine/test_engine_hf_parity.py).
@@ -25,11 +25,12 @@ from workers.engine import native
 
 KERNEL, KERNEL_STATE = native.load()  # (None, why) without a current build
 
-# Row counts the kernel takes (tiny model's 32k x 256 head, one thread, cache swept before each
-# call): 1.2-1.35x MKL's speed at 2-8 rows and even at 16 (2.3 ms each; inside a decode step 2.6-3.4
-# against 4.2-4.7 ms). At 1 row MKL runs a GEMV as fast; at 32 and 64 its register blocking wins
-# (3.6 and 5.6 ms against 4.5 and 9.6).
-KERNEL_ROWS = range(2, 17)
+# Row counts the kernel takes. Tiny model's 32k x 256 head, one thread, caches swept before each call:
+# 2-32 rows 1.1-1.4x MKL's speed (16 rows 2.2 against 3.2 ms), 64 rows 7.2 against 6.6 ms (both near
+# the core's multiply-add peak there), 1 row the same (MKL's GEMV). Inside decode steps, where the
+# rest of the step has pushed the head out of cache: 16 rows 2.6-3.4 against 4.2-4.7 ms, 32 rows
+# 5.0 against 7.5 ms, 64 rows 8.7 against 8.8-9.5 ms.
+KERNEL_ROWS = range(2, 65)
 
 
 class PackedLMHead:

@@ -39,7 +39,8 @@ def _weight(vocab: int, hidden: int) -> torch.Tensor:
     return torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(vocab * 7 + hidden)) * 0.05
 
 
-@pytest.mark.parametrize(("vocab", "hidden"), [(16, 8), (1000, 64), (3001, 100), (32000, 256)])
+# one panel; four-panel groups with leftover panels; a group whose last panel is partial; the tiny model's head
+@pytest.mark.parametrize(("vocab", "hidden"), [(16, 8), (1000, 64), (60, 24), (3001, 100), (32000, 256)])
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 16, 17, 40])
 def test_logits_are_the_projection_in_float64_to_rounding(kernel, vocab: int, hidden: int, rows: int) -> None:  # type: ignore[no-untyped-def]
     weight = _weight(vocab, hidden)
@@ -74,14 +75,16 @@ def test_every_instruction_set_gives_the_same_bits() -> None:
         assert torch.equal(logits, results["scalar"]), isa
 
 
-def test_the_last_panel_writes_only_real_columns(kernel) -> None:  # type: ignore[no-untyped-def]
-    weight = _weight(35, 32)  # 3 panels, the last with 3 real rows of 16
+@pytest.mark.parametrize("vocab", [35, 60])  # a partial last panel on its own (3 panels), and in a group of 4
+def test_the_last_panel_writes_only_real_columns(kernel, vocab: int) -> None:  # type: ignore[no-untyped-def]
+    weight = _weight(vocab, 32)
     head = PackedLMHead(weight, kernel)
-    x = torch.randn(4, 32)
-    out = np.full(4 * 35 + 5, 7.0, dtype=np.float32)  # a sentinel tail past rows * vocab
-    kernel.logits(head._flat, x.numpy(), out, 4, 32, 35)
-    np.testing.assert_allclose(out[:140].reshape(4, 35), (x.double() @ weight.double().T).numpy(), rtol=1e-5, atol=1e-5)
-    assert (out[140:] == 7.0).all()
+    x = torch.randn(7, 32)
+    out = np.full(7 * vocab + 5, 7.0, dtype=np.float32)  # a sentinel tail past rows * vocab
+    kernel.logits(head._flat, x.numpy(), out, 7, 32, vocab)
+    expected = (x.double() @ weight.double().T).numpy()
+    np.testing.assert_allclose(out[: 7 * vocab].reshape(7, vocab), expected, rtol=1e-5, atol=1e-5)
+    assert (out[7 * vocab :] == 7.0).all()
 
 
 def test_bad_buffers_are_refused_not_read_past(kernel) -> None:  # type: ignore[no-untyped-def]
@@ -120,17 +123,17 @@ def test_the_engine_takes_the_kernel_where_it_applies_and_torch_elsewhere(tiny_m
 
     monkeypatch.setattr(PackedLMHead, "__call__", counted)
     weight = model.lm_head.weight.detach()
-    for rows in (1, 2, 16, 17):
+    for rows in (1, 2, 16, 64, 65):
         x = torch.randn(rows, weight.shape[1])
         torch.testing.assert_close(model.logits(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
-    assert calls == [r for r in (1, 2, 16, 17) if r in KERNEL_ROWS] == [2, 16]
+    assert calls == [r for r in (1, 2, 16, 64, 65) if r in KERNEL_ROWS] == [2, 16, 64]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the kernel is single-threaded: torch's parallel GEMM takes over
     try:
         model.logits(torch.randn(4, weight.shape[1]))
     finally:
         torch.set_num_threads(threads)
-    assert calls == [2, 16]
+    assert calls == [2, 16, 64]
     unpacked = LLMEngine(tiny_model_dir, EngineConfig(kv_cache_bytes=8 << 20, packed_lm_head=False))
     assert unpacked.model.packed_head is None
 
