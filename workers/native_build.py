@@ -10,6 +10,7 @@ command lines of the two extensions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import importlib.machinery
@@ -18,6 +19,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +33,25 @@ def source_digest(source: Path) -> str:
 def built_paths(directory: Path, stem: str) -> list[Path]:
     """Extension files named ``stem`` in ``directory``."""
     return sorted(p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in directory.glob(f"{stem}{suffix}"))
+
+
+@contextlib.contextmanager
+def isa_forced(kernel: ModuleType, name: str) -> Iterator[bool]:
+    """Run a loaded extension's loops on instruction set ``name`` inside the block (False: this CPU lacks it).
+
+    Both extensions pick the widest set the CPU has at import and switch with ``use_isa(name)``;
+    the tests compare the sets through this, and the pick at import is restored on leaving.
+    """
+    default = kernel.ISA
+    try:
+        kernel.use_isa(name)
+    except ValueError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        kernel.use_isa(default)
 
 
 @dataclass

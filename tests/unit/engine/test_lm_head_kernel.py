@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from workers import native_build
 from workers.engine import lm_head, native
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
@@ -24,15 +25,11 @@ ISAS = ["scalar", "avx2", "avx512"] if platform.machine() in ("x86_64", "AMD64")
 @pytest.fixture(scope="module", params=ISAS)
 def kernel(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """The built kernel, once per instruction set; the set-up command builds it wherever a compiler exists."""
-    kernel = lm_head.KERNEL
-    assert kernel is not None, f"engine LM head kernel not loaded: {lm_head.KERNEL_STATE}"
-    default = kernel.ISA
-    try:
-        kernel.use_isa(request.param)
-    except ValueError:
-        pytest.skip(f"this CPU has no {request.param}")
-    yield kernel
-    kernel.use_isa(default)
+    assert lm_head.KERNEL is not None, f"engine LM head kernel not loaded: {lm_head.KERNEL_STATE}"
+    with native_build.isa_forced(lm_head.KERNEL, request.param) as available:
+        if not available:
+            pytest.skip(f"this CPU has no {request.param}")
+        yield lm_head.KERNEL
 
 
 def _weight(vocab: int, hidden: int) -> torch.Tensor:
@@ -59,17 +56,11 @@ def test_every_instruction_set_gives_the_same_bits() -> None:
     weight = _weight(3001, 100)
     x = torch.randn(23, 100, generator=torch.Generator().manual_seed(3))
     head = PackedLMHead(weight, kernel)
-    default = kernel.ISA
     results = {}
-    try:
-        for isa in ISAS:
-            try:
-                kernel.use_isa(isa)
-            except ValueError:
-                continue
-            results[isa] = head(x)
-    finally:
-        kernel.use_isa(default)
+    for isa in ISAS:
+        with native_build.isa_forced(kernel, isa) as available:
+            if available:
+                results[isa] = head(x)
     assert "scalar" in results
     for isa, logits in results.items():
         assert torch.equal(logits, results["scalar"]), isa

@@ -24,15 +24,11 @@ ISAS = ["scalar", "sse2", "avx2", "avx512"] if platform.machine() in ("x86_64", 
 @pytest.fixture(scope="module", params=ISAS)
 def kernel(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """The built kernel, once per stripe loop; the set-up command builds it wherever a compiler exists."""
-    kernel = checksum.KERNEL
-    assert kernel is not None, f"KV checksum kernel not loaded: {checksum.KERNEL_STATE}"
-    default = kernel.ISA
-    try:
-        kernel.use_isa(request.param)
-    except ValueError:
-        pytest.skip(f"this CPU has no {request.param}")
-    yield kernel
-    kernel.use_isa(default)
+    assert checksum.KERNEL is not None, f"KV checksum kernel not loaded: {checksum.KERNEL_STATE}"
+    with native_build.isa_forced(checksum.KERNEL, request.param) as available:
+        if not available:
+            pytest.skip(f"this CPU has no {request.param}")
+        yield checksum.KERNEL
 
 
 LENGTHS = [241, 242, 255, 256, 257, 1023, 1024, 1025, 1087, 1088, 1089, 4096, 65_537, 512 << 10, (512 << 10) + 13]
