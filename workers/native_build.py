@@ -37,10 +37,11 @@ def built_paths(directory: Path, stem: str) -> list[Path]:
 
 @contextlib.contextmanager
 def isa_forced(kernel: ModuleType, name: str) -> Iterator[bool]:
-    """Run a loaded extension's loops on instruction set ``name`` inside the block (False: this CPU lacks it).
+    """Run a loaded extension's loops on instruction set ``name`` inside the block (False: not available here).
 
-    Both extensions pick the widest set the CPU has at import and switch with ``use_isa(name)``;
-    the tests compare the sets through this, and the pick at import is restored on leaving.
+    Both extensions pick the widest set the CPU has at import and switch with ``use_isa(name)``,
+    which refuses a set the CPU lacks or the extension does not have; the tests compare the sets
+    through this, and the set in effect before the block is restored on leaving.
     """
     default = kernel.ISA
     try:
