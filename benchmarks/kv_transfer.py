@@ -13,7 +13,9 @@ picks: ``--tcp-congestion``, default ``auto``, which is reno on loopback;
 under this machine's BBR both ran slower, the ceiling less at 16 MB and
 more at 256 MB; its receiver sleeps in ``recv``, or polls first as the tcp
 receiver does with ``--raw-poll``) and raw gloo (``send``/``recv`` of each
-layer's K and V between the same two processes), and where NIXL is
+layer's K and V between the same two processes; torch_dist moves layers
+that queue up in runs, fewer and larger messages, so it passes this ceiling
+where layers are small), and where NIXL is
 installed raw NIXL (a WRITE of each layer, from a registered buffer here
 into a registered buffer of the receiver, both on huge pages as pdserve's
 own; UCX moves it by CMA between processes of one host). Each transport's

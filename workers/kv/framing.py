@@ -31,6 +31,7 @@ HEADER_NBYTES = _HEADER.size
 HEADER_CHECKSUM_OFFSET = struct.calcsize("<4sB3xIIQ")  # where the checksum field starts in a packed header
 MAX_CONTROL_PAYLOAD_NBYTES = 1 << 20
 TRAILER = struct.Struct("<Q")  # a layer's checksum, sent after its payload so the sender hashes while sending
+RUN_ENTRY = struct.Struct("<IQ")  # (layer index, checksum) of each layer of a LAYERS frame, in payload order
 
 
 class FrameKind(enum.IntEnum):
@@ -44,6 +45,9 @@ class FrameKind(enum.IntEnum):
     RING = 6  # receiver -> sender (shm): payload is the ring's JSON description
     FREE = 7  # receiver -> sender (shm): slot may be reused
     PAIR = 8  # sender -> receiver (torch_dist): payload is the pair id; reply carries the store port
+    # sender -> receiver (torch_dist): a run of layers moved as one message; layer_idx = how many,
+    # nbytes = their K||V bytes, payload = one RUN_ENTRY per layer
+    LAYERS = 9
 
 
 _LAYER = int(FrameKind.LAYER)
@@ -289,13 +293,14 @@ def send_error(sock: socket.socket, error: BaseException) -> None:
 
 def next_layer_frame(
     sock: socket.socket, scratch: bytearray, tag: int, layer_nbytes: int, num_slots: int | None = None,
-    poll_s: float = 0.0,
+    poll_s: float = 0.0, max_run: int = 1,
 ) -> Frame | None:
     """Receiver side: the next LAYER frame of the request tagged ``tag``, or None at END.
 
-    Anything else (another request's tag, a wrong size, a slot outside ``num_slots``) is a
-    protocol error: the stream position is lost, so it raises KVTransferError. ``poll_s``: poll
-    this long before sleeping (``recv_polling``).
+    With ``max_run`` > 1 a LAYERS frame of 2 to ``max_run`` layers passes too (its entries are
+    left on the socket). Anything else (another request's tag, a wrong size, a slot outside
+    ``num_slots``) is a protocol error: the stream position is lost, so it raises
+    KVTransferError. ``poll_s``: poll this long before sleeping (``recv_polling``).
     """
     recv_polling(sock, (memoryview(scratch),), "a frame header", poll_s)
     magic, kind, layer_idx, slot, nbytes, checksum, frame_tag = _HEADER.unpack(scratch)
@@ -307,6 +312,11 @@ def next_layer_frame(
     frame = _decode(scratch)
     if frame.kind == FrameKind.END:
         return None
+    if (
+        frame.kind == FrameKind.LAYERS and frame.tag == tag and 2 <= frame.layer_idx <= max_run
+        and frame.nbytes == frame.layer_idx * layer_nbytes
+    ):
+        return frame
     raise KVTransferError(f"unexpected frame {frame} (want LAYER of {layer_nbytes} bytes)")
 
 

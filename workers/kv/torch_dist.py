@@ -20,6 +20,18 @@ trailer on the control socket (the sender hashes while the group moves the
 bytes); the receiver verifies and delivers each layer before it posts the
 next one's receives into the same buffer. END -> ACK or ERROR.
 
+Host layers that queue up behind the wire (the model computes faster than
+gloo moves them) go in runs instead: up to RUN_NBYTES of them copied into one
+of the pair's two run buffers, each layer hashed as it is copied, then one
+LAYERS header (the run's layer indices and checksums) and one ``send``. gloo
+pays a rendezvous per message, so its speed grows with message size: here
+0.28 / 0.62 / 1.27 / 1.72 / 2.27 GB/s for messages of 0.25 / 1 / 2 / 4 / 8 MiB
+sent one at a time. With 16 MB of KV in 32 layers (256 KiB K and V messages)
+runs of 4 MiB took torch_dist from 1.05-1.26x to 1.56-1.68x of raw gloo's
+per-layer sends (pinned, 15 alternating rounds, two runs); at 64 MB (1 MiB
+messages, near gloo's plateau) they gain less: 0.85-0.93x against 0.78-0.80x.
+A CUDA pair sends each layer alone: NCCL moves device tensors without a copy.
+
 Verifying on a thread of its own, while the next layer arrived in a second
 buffer, cost a thread hand-off per layer that the overlap did not repay on
 a small host: 16 MB unpinned ran 0.38-0.96x raw gloo (median 0.63 over nine
@@ -34,17 +46,18 @@ import datetime
 import socket
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from workers.kv.checksum import checksum_parts, device_checksum, request_tag
+from workers.kv.checksum import checksum_parts, copy_and_checksum, device_checksum, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
 from workers.kv.errors import KVTransferError, KVTransferTimeout
 from workers.kv.framing import (
     HEADER_NBYTES,
+    RUN_ENTRY,
     TRAILER,
     Frame,
     FrameKind,
@@ -68,6 +81,7 @@ from workers.kv.sending import PipelinedSender
 from workers.kv.tcp import read_hello, send_hello
 
 _SENDER_RANK, _RECEIVER_RANK = 0, 1
+RUN_NBYTES = 4 << 20  # the most bytes of queued host layers one gloo message carries (see send_layers)
 
 
 def _make_group(store: Any, pair_id: str, rank: int, device: str, timeout_s: float) -> Any:
@@ -171,21 +185,37 @@ class TorchDistEndpoint(SideEndpoint):
         payload = buffer[: 2 * half]
         error: KVTransferError | None = None
         while True:
-            frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes)
+            frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, max_run=desc.num_layers)
             if frame is None:
                 self._staging.release(buffer)
                 return error
+            if frame.kind == FrameKind.LAYERS:
+                entries = bytearray(frame.layer_idx * RUN_ENTRY.size)
+                recv_into(sock, memoryview(entries), "the entries of a run of layers")
+                if buffer.numel() < frame.nbytes:
+                    self._staging.release(buffer)
+                    buffer = self._staging.acquire(frame.nbytes)
+                    payload = buffer[: 2 * half]
+                # a receive that fails raises, and the buffer is not given back: the group may still write into it
+                _wait(group.recv([buffer[: frame.nbytes]], _SENDER_RANK, 0), f"a run of {frame.layer_idx} layers")
+                for i, (layer_idx, checksum) in enumerate(RUN_ENTRY.iter_unpack(entries)):
+                    error = error or _delivered(pending, layer_idx, buffer[i * 2 * half : (i + 1) * 2 * half], checksum)
+                continue
             what = f"layer {frame.layer_idx}"
-            # a receive that fails raises, and the buffer is not given back: the group may still write into it
             works = [group.recv([buffer[:half]], _SENDER_RANK, 0), group.recv([buffer[half : 2 * half]], _SENDER_RANK, 0)]
             for work in works:  # both posted before waiting: K and V share one round trip
                 _wait(work, what)
             recv_into(sock, memoryview(trailer), f"the checksum of {what}")
-            if error is None:  # after a failed delivery the rest is drained, so the sender reaches END
-                try:
-                    pending.deliver(frame.layer_idx, payload, TRAILER.unpack(trailer)[0])
-                except KVTransferError as exc:
-                    error = exc
+            error = error or _delivered(pending, frame.layer_idx, payload, TRAILER.unpack(trailer)[0])
+
+
+def _delivered(pending: PendingTransfer, layer_idx: int, payload: torch.Tensor, checksum: int) -> KVTransferError | None:
+    """Verify and deliver one layer; its error, if it failed (the caller drains the rest, so the sender reaches END)."""
+    try:
+        pending.deliver(layer_idx, payload, checksum)
+    except KVTransferError as exc:
+        return exc
+    return None
 
 
 @dataclass
@@ -195,6 +225,16 @@ class _Pair:
     device: str
     lock: threading.Lock
     broken: bool = False
+    # two buffers that runs of layers are copied into while the previous run is on the wire (host pairs only)
+    run_buffers: list[torch.Tensor] = field(default_factory=list)
+
+    def run_buffer(self, n: int, nbytes: int) -> torch.Tensor:
+        """The ``n % 2``-th run buffer, of at least ``nbytes`` (allocated and touched on first use)."""
+        while len(self.run_buffers) < 2:
+            self.run_buffers.append(torch.zeros(0, dtype=torch.uint8))
+        if self.run_buffers[n % 2].numel() < nbytes:
+            self.run_buffers[n % 2] = torch.zeros(nbytes, dtype=torch.uint8)
+        return self.run_buffers[n % 2]
 
 
 class TorchDistWire:
@@ -233,6 +273,46 @@ class TorchDistWire:
         if device == "cuda":
             torch.cuda.current_stream().synchronize()  # K/V must outlive the NCCL send
         send_all(self._pair.sock, TRAILER.pack(checksum))
+
+    def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Send the layers queued at once, in runs of up to RUN_NBYTES that each cross the group as one message.
+
+        Each run is copied into one of the pair's two run buffers (hashing each layer as it is
+        copied) while the run before it is on the wire; its checksums travel with its header.
+        A run of one layer, or a layer of more than RUN_NBYTES / 2, goes alone without a copy.
+        """
+        layer_nbytes = self._desc.layer_nbytes
+        per_run = RUN_NBYTES // layer_nbytes
+        if self._pair.device == "cuda" or per_run < 2:
+            for layer_idx, k, v in layers:
+                self.send_layer(layer_idx, k, v, False)
+            return
+        in_flight: list[tuple[Any, str]] = []
+        for n, start in enumerate(range(0, len(layers), per_run)):
+            run = layers[start : start + per_run]
+            if len(run) == 1:  # alone, it needs no copy
+                self._wait_all(in_flight)
+                self.send_layer(*run[0], False)
+                continue
+            if len(in_flight) == 2:  # that run used the buffer this one is copied into
+                _wait(*in_flight.pop(0))
+            buffer = self._pair.run_buffer(n, len(run) * layer_nbytes)
+            target = buffer.numpy()
+            entries = bytearray()
+            for i, (layer_idx, k, v) in enumerate(run):
+                parts = (k.reshape(-1).view(torch.uint8).numpy().data, v.reshape(-1).view(torch.uint8).numpy().data)
+                checksum = copy_and_checksum(target[i * layer_nbytes : (i + 1) * layer_nbytes], parts, nontemporal=False)
+                entries += RUN_ENTRY.pack(layer_idx, checksum)
+            nbytes = len(run) * layer_nbytes
+            send_frame(self._pair.sock, Frame(FrameKind.LAYERS, len(run), 0, nbytes, 0, self._tag), [memoryview(entries)])
+            what = f"request {self._desc.request_id!r} layers {run[0][0]}-{run[-1][0]}"
+            in_flight.append((self._pair.group.send([buffer[:nbytes]], _RECEIVER_RANK, 0), what))
+        self._wait_all(in_flight)
+
+    @staticmethod
+    def _wait_all(in_flight: list[tuple[Any, str]]) -> None:
+        while in_flight:
+            _wait(*in_flight.pop(0))
 
     def end(self) -> None:
         """Send END (every layer is on the wire): from the sending thread, before the caller wakes in finish."""
