@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -143,3 +144,22 @@ def test_a_run_header_passes_with_its_entries_left_on_the_socket() -> None:
         frame = next_layer_frame(b, bytearray(40), 7, 1000, max_run=8)
         assert frame is not None and frame.kind == FrameKind.LAYERS and frame.layer_idx == 2
         assert list(RUN_ENTRY.iter_unpack(b.recv(len(entries), socket.MSG_WAITALL))) == [(4, 11), (2, 22)]
+
+
+def test_a_run_announced_but_never_sent_fails_within_the_deadline(connector: torch_dist.TorchDistConnector) -> None:
+    deadline_s = 1.0
+    ep = open_endpoint("torch_dist", EndpointOptions(stall_timeout_s=deadline_s))
+    try:
+        assert isinstance(ep, torch_dist.TorchDistEndpoint)
+        got = _Collector()
+        wire, pair, rx = _wire(ep, connector, "announced-only", got)
+        entries = RUN_ENTRY.pack(0, 1) + RUN_ENTRY.pack(1, 2)
+        send_frame(pair.sock, Frame(FrameKind.LAYERS, 2, 0, 2 * LAYER_NBYTES, 0, wire._tag), [entries])
+        t0 = time.monotonic()
+        with pytest.raises(KVTransferError, match="a run of 2 layers"):
+            rx.wait(30)
+        assert time.monotonic() - t0 < deadline_s + 3.0
+        assert got.layers == {}
+        wire.close()
+    finally:
+        ep.close()
