@@ -22,7 +22,8 @@ next one's receives into the same buffer. END -> ACK or ERROR.
 
 Host layers that queue up behind the wire (the model computes faster than
 gloo moves them) go in runs instead: up to RUN_NBYTES of them copied into one
-of the pair's two run buffers, each layer hashed as it is copied, then one
+of the pair's two run buffers (RUN_NBYTES each, kept as long as the pair),
+each layer hashed as it is copied, then one
 LAYERS header (the run's layer indices and checksums) and one ``send``. gloo
 pays a rendezvous per message, so its speed grows with message size: here
 0.28 / 0.62 / 1.27 / 1.72 / 2.27 GB/s for messages of 0.25 / 1 / 2 / 4 / 8 MiB
@@ -31,6 +32,10 @@ runs of 4 MiB took torch_dist from 1.05-1.26x to 1.56-1.68x of raw gloo's
 per-layer sends (pinned, 15 alternating rounds, two runs); at 64 MB (1 MiB
 messages, near gloo's plateau) they gain less: 0.85-0.93x against 0.78-0.80x.
 A CUDA pair sends each layer alone: NCCL moves device tensors without a copy.
+Layers too big for runs (8 MiB at 256 MB) did not gain from hashing the next
+queued layer while the current one was on the wire, so that gloo would read
+it from cache: 0.72-0.83x against 0.74-0.80x per round (four pinned runs);
+the sender's one core is busy with gloo's copy and the hash either way.
 
 Verifying on a thread of its own, while the next layer arrived in a second
 buffer, cost a thread hand-off per layer that the overlap did not repay on
