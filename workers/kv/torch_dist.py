@@ -80,7 +80,7 @@ from workers.kv.framing import (
     with_context,
 )
 from workers.kv.interface import EndpointOptions, SenderOptions
-from workers.kv.pipeline import PendingTransfer, StagingPool
+from workers.kv.pipeline import PendingTransfer, StagingPool, as_bytes
 from workers.kv.receiving import ReceivingSide, SideEndpoint
 from workers.kv.sending import PipelinedSender
 from workers.kv.tcp import read_hello, send_hello
@@ -189,6 +189,7 @@ class TorchDistEndpoint(SideEndpoint):
         buffer = self._staging.acquire(desc.layer_nbytes)
         payload = buffer[: 2 * half]
         error: KVTransferError | None = None
+        # a receive that fails raises, and the buffer is not given back: the group may still write into it
         while True:
             frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, max_run=desc.num_layers)
             if frame is None:
@@ -201,7 +202,6 @@ class TorchDistEndpoint(SideEndpoint):
                     self._staging.release(buffer)
                     buffer = self._staging.acquire(frame.nbytes)
                     payload = buffer[: 2 * half]
-                # a receive that fails raises, and the buffer is not given back: the group may still write into it
                 _wait(group.recv([buffer[: frame.nbytes]], _SENDER_RANK, 0), f"a run of {frame.layer_idx} layers")
                 for i, (layer_idx, checksum) in enumerate(RUN_ENTRY.iter_unpack(entries)):
                     error = error or _delivered(pending, layer_idx, buffer[i * 2 * half : (i + 1) * 2 * half], checksum)
@@ -231,12 +231,10 @@ class _Pair:
     lock: threading.Lock
     broken: bool = False
     # two buffers that runs of layers are copied into while the previous run is on the wire (host pairs only)
-    run_buffers: list[torch.Tensor] = field(default_factory=list)
+    run_buffers: list[torch.Tensor] = field(default_factory=lambda: [torch.zeros(0, dtype=torch.uint8)] * 2)
 
     def run_buffer(self, n: int, nbytes: int) -> torch.Tensor:
         """The ``n % 2``-th run buffer, of at least ``nbytes`` (allocated and touched on first use)."""
-        while len(self.run_buffers) < 2:
-            self.run_buffers.append(torch.zeros(0, dtype=torch.uint8))
         if self.run_buffers[n % 2].numel() < nbytes:
             self.run_buffers[n % 2] = torch.zeros(nbytes, dtype=torch.uint8)
         return self.run_buffers[n % 2]
@@ -305,8 +303,8 @@ class TorchDistWire:
             target = buffer.numpy()
             entries = bytearray()
             for i, (layer_idx, k, v) in enumerate(run):
-                parts = (k.reshape(-1).view(torch.uint8).numpy().data, v.reshape(-1).view(torch.uint8).numpy().data)
-                checksum = copy_and_checksum(target[i * layer_nbytes : (i + 1) * layer_nbytes], parts, nontemporal=False)
+                layer_target = target[i * layer_nbytes : (i + 1) * layer_nbytes]
+                checksum = copy_and_checksum(layer_target, (as_bytes(k), as_bytes(v)), nontemporal=False)
                 entries += RUN_ENTRY.pack(layer_idx, checksum)
             nbytes = len(run) * layer_nbytes
             send_frame(self._pair.sock, Frame(FrameKind.LAYERS, len(run), 0, nbytes, 0, self._tag), [memoryview(entries)])
