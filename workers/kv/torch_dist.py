@@ -187,7 +187,6 @@ class TorchDistEndpoint(SideEndpoint):
         half = desc.tensor_nbytes
         trailer = bytearray(TRAILER.size)
         buffer = self._staging.acquire(desc.layer_nbytes)
-        payload = buffer[: 2 * half]
         error: KVTransferError | None = None
         # a receive that fails raises, and the buffer is not given back: the group may still write into it
         while True:
@@ -201,7 +200,6 @@ class TorchDistEndpoint(SideEndpoint):
                 if buffer.numel() < frame.nbytes:
                     self._staging.release(buffer)
                     buffer = self._staging.acquire(frame.nbytes)
-                    payload = buffer[: 2 * half]
                 _wait(group.recv([buffer[: frame.nbytes]], _SENDER_RANK, 0), f"a run of {frame.layer_idx} layers")
                 for i, (layer_idx, checksum) in enumerate(RUN_ENTRY.iter_unpack(entries)):
                     error = error or _delivered(pending, layer_idx, buffer[i * 2 * half : (i + 1) * 2 * half], checksum)
@@ -211,7 +209,7 @@ class TorchDistEndpoint(SideEndpoint):
             for work in works:  # both posted before waiting: K and V share one round trip
                 _wait(work, what)
             recv_into(sock, memoryview(trailer), f"the checksum of {what}")
-            error = error or _delivered(pending, frame.layer_idx, payload, TRAILER.unpack(trailer)[0])
+            error = error or _delivered(pending, frame.layer_idx, buffer[: 2 * half], TRAILER.unpack(trailer)[0])
 
 
 def _delivered(pending: PendingTransfer, layer_idx: int, payload: torch.Tensor, checksum: int) -> KVTransferError | None:
@@ -299,14 +297,14 @@ class TorchDistWire:
                 continue
             if len(in_flight) == 2:  # that run used the buffer this one is copied into
                 _wait(*in_flight.pop(0))
-            buffer = self._pair.run_buffer(n, len(run) * layer_nbytes)
+            nbytes = len(run) * layer_nbytes
+            buffer = self._pair.run_buffer(n, nbytes)
             target = buffer.numpy()
             entries = bytearray()
             for i, (layer_idx, k, v) in enumerate(run):
                 layer_target = target[i * layer_nbytes : (i + 1) * layer_nbytes]
                 checksum = copy_and_checksum(layer_target, (as_bytes(k), as_bytes(v)), nontemporal=False)
                 entries += RUN_ENTRY.pack(layer_idx, checksum)
-            nbytes = len(run) * layer_nbytes
             send_frame(self._pair.sock, Frame(FrameKind.LAYERS, len(run), 0, nbytes, 0, self._tag), [memoryview(entries)])
             what = f"request {self._desc.request_id!r} layers {run[0][0]}-{run[-1][0]}"
             in_flight.append((self._pair.group.send([buffer[:nbytes]], _RECEIVER_RANK, 0), what))
