@@ -81,22 +81,25 @@ class ModelConfig:
                 )
             return value
 
+        _refuse_unsupported(raw, source)
         hidden = need_int("hidden_size")
         heads = need_int("num_attention_heads")
-        kv_heads = raw.get("num_key_value_heads") or heads
-        if not isinstance(kv_heads, int) or heads % kv_heads != 0:
+        kv_heads = need_int("num_key_value_heads") if raw.get("num_key_value_heads") is not None else heads
+        if heads % kv_heads != 0:
             raise ModelConfigError(
                 f"{source}: field 'num_key_value_heads' ({kv_heads!r}) must divide num_attention_heads ({heads})"
             )
-        head_dim = raw.get("head_dim") or hidden // heads
-        if not isinstance(head_dim, int) or head_dim % 2 != 0:
-            raise ModelConfigError(f"{source}: field 'head_dim' must be an even integer, got {head_dim!r}")
+        head_dim = need_int("head_dim") if raw.get("head_dim") is not None else hidden // heads
+        if head_dim % 2 != 0 or head_dim < 2:
+            raise ModelConfigError(f"{source}: field 'head_dim' must be an even integer >= 2, got {head_dim!r}")
         theta, scaling = _parse_rope(raw, source)
         dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
         if dtype_name not in _DTYPES:
             raise ModelConfigError(f"{source}: field 'dtype' must be one of {_DTYPES}, got {dtype_name!r}")
         eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in eos_ids):
+            raise ModelConfigError(f"{source}: field 'eos_token_id' must be a token id or a list of them, got {eos!r}")
         bos = raw.get("bos_token_id")
         return cls(
             architecture=arch,
@@ -108,7 +111,7 @@ class ModelConfig:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             max_position_embeddings=need_int("max_position_embeddings"),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_positive_number(raw, "rms_norm_eps", 1e-6, source),
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -117,6 +120,26 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=bos if isinstance(bos, int) else None,
         )
+
+
+def _positive_number(raw: dict[str, Any], name: str, default: float, source: str) -> float:
+    """Field ``name`` of ``raw`` (``default`` when absent) as a float; ModelConfigError unless a finite number > 0."""
+    value = raw.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise ModelConfigError(f"{source}: field '{name}' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _refuse_unsupported(raw: dict[str, Any], source: str) -> None:
+    """ModelConfigError for a field value the engine would silently ignore (MLP biases, an activation other than SiLU).
+
+    Loading such a checkpoint would otherwise run without error and produce other tokens than its own.
+    """
+    if raw.get("mlp_bias") is True:
+        raise ModelConfigError(f"{source}: field 'mlp_bias' = true is not supported (the MLP has no biases here)")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelConfigError(f"{source}: field 'hidden_act' = {act!r} is not supported (supported: 'silu')")
 
 
 def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
@@ -128,6 +151,8 @@ def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling | 
     if not isinstance(theta, (int, float)) or theta <= 0:
         raise ModelConfigError(f"{source}: field 'rope_theta' must be a positive number, got {theta!r}")
     scaling_raw = raw.get("rope_scaling") or params
+    if not isinstance(scaling_raw, dict):
+        raise ModelConfigError(f"{source}: field 'rope_scaling' must be an object or null, got {scaling_raw!r}")
     rope_type = scaling_raw.get("rope_type", scaling_raw.get("type", "default"))
     if rope_type == "default":
         return float(theta), None
@@ -144,6 +169,8 @@ def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling | 
         )
     except KeyError as exc:
         raise ModelConfigError(f"{source}: llama3 rope scaling lacks field {exc.args[0]!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ModelConfigError(f"{source}: llama3 rope scaling has a field that is not a number: {exc}") from exc
     return float(theta), scaling
 
 

@@ -254,16 +254,23 @@ class LLMEngine:
     ) -> list[CompletionResult]:
         """Run prompts (token ids or text) to completion alongside any other requests."""
         ids: list[str] = []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise InvalidRequest(
-                        f"text prompts need {self.model_dir / 'tokenizer.json'}, which is missing"
-                    )
-                prompt = self.tokenizer.encode(prompt)
-            rid = f"generate-{next(self._arrival)}"
-            self.add_request(rid, prompt, sampling)
-            ids.append(rid)
+        try:
+            for prompt in prompts:
+                if isinstance(prompt, str):
+                    if self.tokenizer is None:
+                        raise InvalidRequest(
+                            f"text prompts need {self.model_dir / 'tokenizer.json'}, which is missing"
+                        )
+                    prompt = self.tokenizer.encode(prompt)
+                rid = f"generate-{next(self._arrival)}"
+                self.add_request(rid, prompt, sampling)
+                ids.append(rid)
+        except BaseException:  # one bad prompt: none of this call's prompts stays queued, holding blocks
+            for rid in ids:
+                self.abort(rid)
+            added = set(ids)
+            self._pending = [out for out in self._pending if out.request_id not in added]
+            raise
         tokens: dict[str, list[int]] = {r: [] for r in ids}
         texts: dict[str, list[str]] = {r: [] for r in ids}
         reasons: dict[str, FinishReason] = {}
@@ -290,20 +297,22 @@ class LLMEngine:
             chunks, tables, self.config.block_size, self.device, self._layout.dtype, self._kv_views
         )
         hidden = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_cache.layers)
+        seqs = [c.seq for c in batch.sample_chunks]
+        new_tokens: list[int] = []
+        if batch.sample_rows:
+            num_rows = len(batch.sample_rows)
+            if batch.sample_rows[-1] == num_rows - 1:  # rows 0..n-1 (ascending, distinct): a slice, no gather
+                logits = self.model.logits(hidden[:num_rows])
+            else:
+                rows = torch.tensor(batch.sample_rows, dtype=torch.long).to(self.device)
+                logits = self.model.logits(hidden.index_select(0, rows))
+            new_tokens = sample(
+                logits, [s.sampling for s in seqs], [s.num_output_tokens for s in seqs], self._generator
+            )
+        # only after sampling: a step that raised must not leave requests with every token computed and
+        # none sampled, which the scheduler would never pick again
         for chunk in batch.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
-        if not batch.sample_rows:
-            return []
-        num_rows = len(batch.sample_rows)
-        if batch.sample_rows[-1] == num_rows - 1:  # rows 0..n-1 (ascending, distinct): a slice, no gather
-            logits = self.model.logits(hidden[:num_rows])
-        else:
-            rows = torch.tensor(batch.sample_rows, dtype=torch.long).to(self.device)
-            logits = self.model.logits(hidden.index_select(0, rows))
-        seqs = [c.seq for c in batch.sample_chunks]
-        new_tokens = sample(
-            logits, [s.sampling for s in seqs], [s.num_output_tokens for s in seqs], self._generator
-        )
         outputs = []
         for seq, token in zip(seqs, new_tokens, strict=True):
             seq.token_ids.append(token)

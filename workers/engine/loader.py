@@ -51,55 +51,74 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(raw, source=str(path))
 
 
-def _weight_files(root: Path) -> list[Path]:
+def _weight_files(root: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The checkpoint's safetensors files, and the shard its index names for each tensor (empty without an index)."""
     index = root / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: field 'weight_map' must be a non-empty object")
-        files = sorted({root / str(name) for name in weight_map.values()})
+        listed = {name: root / str(file) for name, file in weight_map.items()}
+        files = sorted(set(listed.values()))
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: shard listed in {index.name} not found")
-        return files
+        return files, listed
     single = root / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [single], {}
     shards = sorted(root.glob("*.safetensors"))
     if not shards:
         raise CheckpointError(f"{single}: file not found (and no *.safetensors or index in {root})")
-    return shards
+    return shards, {}
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """A checkpoint's tensors, and which file each came from (or, for one missing, which file should hold it)."""
+
+    tensors: dict[str, torch.Tensor]
+    files: dict[str, Path]
+    pattern: str  # every weight file, named where no file is known for a tensor
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Tensor ``name``; CheckpointError naming its file if it is missing or not of ``shape``."""
+        source = str(self.files.get(name, self.pattern))
+        if name not in self.tensors:
+            raise CheckpointError(f"{source}: missing tensor '{name}'")
+        t = self.tensors[name]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
+        return t
+
+
+def _load_checkpoint(root: Path) -> _Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    paths, listed = _weight_files(root)
+    tensors: dict[str, torch.Tensor] = {}
+    files = dict(listed)
+    for path in paths:
+        try:
+            loaded = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: malformed safetensors file ({exc})") from exc
+        tensors.update(loaded)
+        files.update(dict.fromkeys(loaded, path))
+    return _Checkpoint(tensors, files, str(root / "*.safetensors"))
 
 
 def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint by Hugging Face name, on CPU."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for path in _weight_files(Path(model_dir)):
-        try:
-            tensors.update(load_file(str(path), device="cpu"))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: malformed safetensors file ({exc})") from exc
-    return tensors
-
-
-def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], source: str) -> torch.Tensor:
-    if name not in tensors:
-        raise CheckpointError(f"{source}: missing tensor '{name}'")
-    t = tensors[name]
-    if tuple(t.shape) != shape:
-        raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
-    return t
+    return _load_checkpoint(Path(model_dir)).tensors
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str | None = None) -> LlamaModel:
     """Build the model from ``config.json`` and the safetensors weights, fusing q/k/v and gate/up."""
     root = Path(model_dir)
     cfg = load_model_config(root)
-    tensors = load_state_dict(root)
-    src = str(root / "*.safetensors")
+    take = _load_checkpoint(root).take
     dtype_name = dtype or cfg.dtype_name
     if dtype is None and device == "cpu" and dtype_name != "float32":
         dtype_name = "float32"  # half-precision matmuls are slow or missing on CPU
@@ -107,41 +126,37 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str | None = N
         model = LlamaModel(cfg)
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     state: dict[str, torch.Tensor] = {
-        "embed_tokens.weight": _take(tensors, "model.embed_tokens.weight", (cfg.vocab_size, h), src),
-        "norm.weight": _take(tensors, "model.norm.weight", (h,), src),
+        "embed_tokens.weight": take("model.embed_tokens.weight", (cfg.vocab_size, h)),
+        "norm.weight": take("model.norm.weight", (h,)),
     }
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     else:
-        state["lm_head.weight"] = _take(tensors, "lm_head.weight", (cfg.vocab_size, h), src)
+        state["lm_head.weight"] = take("lm_head.weight", (cfg.vocab_size, h))
     for i in range(cfg.num_layers):
         p, d = f"model.layers.{i}.", f"layers.{i}."
         attn = [
-            _take(tensors, p + "self_attn.q_proj.weight", (q, h), src),
-            _take(tensors, p + "self_attn.k_proj.weight", (kv, h), src),
-            _take(tensors, p + "self_attn.v_proj.weight", (kv, h), src),
+            take(p + "self_attn.q_proj.weight", (q, h)),
+            take(p + "self_attn.k_proj.weight", (kv, h)),
+            take(p + "self_attn.v_proj.weight", (kv, h)),
         ]
         state[d + "self_attn.qkv_proj.weight"] = torch.cat(attn, dim=0)
         if cfg.qkv_bias:
             biases = [
-                _take(tensors, p + "self_attn.q_proj.bias", (q,), src),
-                _take(tensors, p + "self_attn.k_proj.bias", (kv,), src),
-                _take(tensors, p + "self_attn.v_proj.bias", (kv,), src),
+                take(p + "self_attn.q_proj.bias", (q,)),
+                take(p + "self_attn.k_proj.bias", (kv,)),
+                take(p + "self_attn.v_proj.bias", (kv,)),
             ]
             state[d + "self_attn.qkv_proj.bias"] = torch.cat(biases, dim=0)
-        state[d + "self_attn.o_proj.weight"] = _take(tensors, p + "self_attn.o_proj.weight", (h, q), src)
+        state[d + "self_attn.o_proj.weight"] = take(p + "self_attn.o_proj.weight", (h, q))
         gate_up = [
-            _take(tensors, p + "mlp.gate_proj.weight", (cfg.intermediate_size, h), src),
-            _take(tensors, p + "mlp.up_proj.weight", (cfg.intermediate_size, h), src),
+            take(p + "mlp.gate_proj.weight", (cfg.intermediate_size, h)),
+            take(p + "mlp.up_proj.weight", (cfg.intermediate_size, h)),
         ]
         state[d + "mlp.gate_up_proj.weight"] = torch.cat(gate_up, dim=0)
-        state[d + "mlp.down_proj.weight"] = _take(
-            tensors, p + "mlp.down_proj.weight", (h, cfg.intermediate_size), src
-        )
-        state[d + "input_layernorm.weight"] = _take(tensors, p + "input_layernorm.weight", (h,), src)
-        state[d + "post_attention_layernorm.weight"] = _take(
-            tensors, p + "post_attention_layernorm.weight", (h,), src
-        )
+        state[d + "mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight", (h, cfg.intermediate_size))
+        state[d + "input_layernorm.weight"] = take(p + "input_layernorm.weight", (h,))
+        state[d + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight", (h,))
     target = _DTYPES[dtype_name]
     state = {k: v.to(device=device, dtype=target) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)

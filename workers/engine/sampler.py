@@ -59,6 +59,8 @@ def sample(
         if p.greedy:
             continue
         probs = _filtered_probs(logits[row].float().cpu(), p)
+        if not bool(torch.isfinite(probs).all()):
+            continue  # logits that overflowed (inf/nan from the model) have no distribution: keep the argmax
         gen = generator
         if p.seed is not None:
             gen = torch.Generator().manual_seed(position_seed(p.seed, output_positions[row]))

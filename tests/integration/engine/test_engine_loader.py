@@ -111,3 +111,18 @@ def test_tokenizer_files(model_copy: Path) -> None:
     (model_copy / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match=r"tokenizer\.json: file not found"):
         load_tokenizer(model_copy)
+
+
+def test_a_tensor_missing_from_its_shard_names_that_shard(hf_tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(hf_tiny_model_dir).save_pretrained(sharded, max_shard_size="1MB")
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = sharded / weight_map["model.norm.weight"]
+    tensors = load_file(str(shard))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{shard.name}: missing tensor 'model.norm.weight'"):
+        load_model(sharded)

@@ -78,11 +78,38 @@ def test_bad_input_raises_clearly_and_engine_keeps_serving(engine: LLMEngine) ->
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"stop": ("",)}, "stop strings"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_k": 2.0}, "top_k must be an integer"),
+        ({"max_tokens": True}, "max_tokens must be an integer"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"stop_token_ids": (2.0,)}, "stop_token_ids must be an integer"),
     ],
 )
 def test_bad_sampling_values_name_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidSamplingParams, match=field):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_vanishing_temperature_samples_greedily_and_keeps_the_batch_running(engine: LLMEngine) -> None:
+    # logits / 1e-40 overflow float32 to inf: sampled as such, the step raised after it had marked every
+    # request of the batch computed, and the others never ran again
+    tiny = SamplingParams(max_tokens=4, temperature=1e-40, seed=3)
+    engine.add_request("tiny-temperature", PROMPT, tiny)
+    engine.add_request("neighbour", PROMPT[:5], SamplingParams(max_tokens=4))
+    outs = _drain(engine)
+    greedy = engine.generate([PROMPT], SamplingParams(max_tokens=4))[0]
+    assert _tokens(outs["tiny-temperature"]) == list(greedy.token_ids)
+    assert len(_tokens(outs["neighbour"])) == 4
+    assert engine.free_blocks == engine.total_blocks
+
+
+def test_generate_with_one_bad_prompt_leaves_nothing_queued(engine: LLMEngine) -> None:
+    with pytest.raises(PromptTooLong):
+        engine.generate([PROMPT, PROMPT[:3], [5] * 256])
+    assert not engine.has_unfinished() and engine.step() == []
+    assert engine.free_blocks == engine.total_blocks
 
 
 def test_abort_frees_blocks_and_reports_abort(engine: LLMEngine) -> None:

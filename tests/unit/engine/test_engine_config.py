@@ -74,6 +74,21 @@ def test_llama3_rope_scaling_matches_transformers() -> None:
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope type 'yarn'"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, "lacks field 'low_freq_factor'"),
         ({"dtype": "int8"}, "'dtype'"),
+        ({"num_key_value_heads": -2}, "'num_key_value_heads' must be an integer >= 1"),
+        ({"head_dim": -64}, "'head_dim' must be an integer >= 1"),
+        ({"head_dim": 63}, "'head_dim' must be an even integer"),
+        ({"rms_norm_eps": None}, "'rms_norm_eps' must be a positive number"),
+        ({"rms_norm_eps": "1e-6x"}, "'rms_norm_eps' must be a positive number"),
+        ({"rope_scaling": "linear"}, "'rope_scaling' must be an object or null"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": "x", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 64}},
+            "llama3 rope scaling has a field that is not a number",
+        ),
+        ({"mlp_bias": True}, "'mlp_bias' = true is not supported"),
+        ({"hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported"),
+        ({"eos_token_id": "</s>"}, "'eos_token_id' must be a token id"),
+        ({"eos_token_id": [2, None]}, "'eos_token_id' must be a token id"),
     ],
 )
 def test_bad_fields_are_named(override: dict[str, Any], message: str) -> None:

@@ -73,3 +73,13 @@ def test_greedy_tokens_agree_across_layouts_and_keep_the_first_maximum() -> None
     assert not transposed.is_contiguous()
     assert greedy_tokens(transposed) == expected
     assert greedy_tokens(logits.double()) == expected
+
+
+def test_logits_without_a_distribution_fall_back_to_the_argmax() -> None:
+    # an overflowed row (inf or nan logits) has no distribution to draw from: multinomial would raise
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, float("inf"), 1.0], [float("nan"), 0.0, 2.0], [0.0, 2.0, 1.0]])
+    params = [SamplingParams(temperature=1.0, seed=1)] * 3
+    tokens = sample(logits, params, [0, 0, 0], gen)
+    assert tokens[:2] == greedy_tokens(logits)[:2]
+    assert tokens[2] in (0, 1, 2)
