@@ -322,9 +322,12 @@ def next_layer_frame(
 
 def await_verdict(sock: socket.socket, request_id: str, scratch: bytearray) -> None:
     """Sender side: read the receiver's ACK, or raise the error it reported."""
-    frame = recv_frame(sock, scratch, "the receiver's acknowledgement")
-    while frame.kind == FrameKind.FREE:  # shm slot credits still in flight
+    try:
         frame = recv_frame(sock, scratch, "the receiver's acknowledgement")
+        while frame.kind == FrameKind.FREE:  # shm slot credits still in flight
+            frame = recv_frame(sock, scratch, "the receiver's acknowledgement")
+    except KVTransferError as exc:  # a silent or lost receiver: say which request waited
+        raise with_context(exc, request_id, "awaiting the receiver's verdict") from None
     raise_if_error(sock, frame, request_id)
     if frame.kind != FrameKind.ACK:
         raise KVTransferError(f"request {request_id!r}: expected ACK, got {frame.kind.name}")
@@ -431,7 +434,8 @@ class Acceptor:
                 self._connections.pop(sock, None)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop accepting, end open connections, and wait for their threads to return."""
+        """Stop accepting, end open connections, and wait up to ``timeout_s`` in all for their threads to return."""
+        deadline = time.monotonic() + timeout_s
         self._closed = True
         for sock in (self._listener,):
             try:
@@ -439,7 +443,7 @@ class Acceptor:
             except OSError:
                 pass
         self._listener.close()
-        self._thread.join(timeout=timeout_s)
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
             connections = list(self._connections.items())
         for sock, _ in connections:
@@ -447,5 +451,5 @@ class Acceptor:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for _, thread in connections:
-            thread.join(timeout=timeout_s)
+        for _, thread in connections:  # daemon threads: one stuck in a native call is left behind, not waited for
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -44,9 +44,11 @@ class ReceivingSide:
         return self.table.register(request_id, num_tokens, spec, on_layer, keep)
 
     def close(self) -> None:
-        """Stop accepting, end open connections, and fail every pending transfer."""
-        self._acceptor.close()
+        """Fail every pending transfer, stop accepting, and end open connections."""
+        # failed first: a connection thread inside a gloo receive does not wake when its control socket
+        # is shut, and its waiter should not sit out the acceptor's join
         self.table.fail_all("endpoint closed")
+        self._acceptor.close()
 
 
 class SideEndpoint:

@@ -253,6 +253,9 @@ class PipelinedSender:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
+            # the connection and the sending thread go now: a caller that catches the error without
+            # calling abort() must leak neither (nor hold a torch_dist pair's lock)
+            self.abort()
             raise self._error
 
     def _run(self) -> None:

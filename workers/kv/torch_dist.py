@@ -48,9 +48,12 @@ against 0.78, unpinned 0.67 against 0.61).
 from __future__ import annotations
 
 import datetime
+import re
 import socket
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +89,7 @@ from workers.kv.sending import PipelinedSender
 from workers.kv.tcp import read_hello, send_hello
 
 _SENDER_RANK, _RECEIVER_RANK = 0, 1
+_TIMED_OUT = re.compile(r"time(d)?[ _-]?out", re.IGNORECASE)
 RUN_NBYTES = 4 << 20  # the most bytes of queued host layers one gloo message carries (see send_layers)
 
 
@@ -100,12 +104,25 @@ def _make_group(store: Any, pair_id: str, rank: int, device: str, timeout_s: flo
     return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
 
 
+def _group_error(exc: RuntimeError, what: str) -> KVTransferError:
+    """A gloo/NCCL RuntimeError (peer loss, timeout) as a KVTransferError, or KVTransferTimeout, naming ``what``."""
+    cls = KVTransferTimeout if _TIMED_OUT.search(str(exc)) else KVTransferError  # gloo: "Timed out waiting 1000ms"
+    return cls(f"{what}: {exc}")
+
+
+def _post(op: Callable[[list[torch.Tensor], int, int], Any], tensor: torch.Tensor, peer: int, what: str) -> Any:
+    """Post ``group.send`` or ``group.recv`` of ``tensor``: a group whose peer is gone refuses at once, not at wait."""
+    try:
+        return op([tensor], peer, 0)
+    except RuntimeError as exc:
+        raise _group_error(exc, what) from None
+
+
 def _wait(work: Any, what: str) -> None:
     try:
         work.wait()
     except RuntimeError as exc:  # gloo/NCCL report peer loss and timeouts as RuntimeError
-        cls = KVTransferTimeout if "imeout" in str(exc) else KVTransferError
-        raise cls(f"{what}: {exc}") from None
+        raise _group_error(exc, what) from None
 
 
 class TorchDistEndpoint(SideEndpoint):
@@ -171,7 +188,7 @@ class TorchDistEndpoint(SideEndpoint):
             else:
                 send_error(sock, error)
             return True
-        except (KVTransferError, OSError) as exc:
+        except (KVTransferError, OSError, RuntimeError) as exc:  # RuntimeError: from the group, were one unwrapped
             if pending is not None:
                 rid = pending.descriptor.request_id
                 exc = pending.fail(with_context(exc, rid, f"after {pending.layers_received()} layers"))
@@ -200,12 +217,13 @@ class TorchDistEndpoint(SideEndpoint):
                 if buffer.numel() < frame.nbytes:
                     self._staging.release(buffer)
                     buffer = self._staging.acquire(frame.nbytes)
-                _wait(group.recv([buffer[: frame.nbytes]], _SENDER_RANK, 0), f"a run of {frame.layer_idx} layers")
+                what = f"a run of {frame.layer_idx} layers"
+                _wait(_post(group.recv, buffer[: frame.nbytes], _SENDER_RANK, what), what)
                 for i, (layer_idx, checksum) in enumerate(RUN_ENTRY.iter_unpack(entries)):
                     error = error or _delivered(pending, layer_idx, buffer[i * 2 * half : (i + 1) * 2 * half], checksum)
                 continue
             what = f"layer {frame.layer_idx}"
-            works = [group.recv([buffer[:half]], _SENDER_RANK, 0), group.recv([buffer[half : 2 * half]], _SENDER_RANK, 0)]
+            works = [_post(group.recv, buffer[:half], _SENDER_RANK, what), _post(group.recv, buffer[half : 2 * half], _SENDER_RANK, what)]
             for work in works:  # both posted before waiting: K and V share one round trip
                 _wait(work, what)
             recv_into(sock, memoryview(trailer), f"the checksum of {what}")
@@ -250,7 +268,10 @@ class TorchDistWire:
         self._ended = False
         self._done = False
         self._closed = False
-        send_hello(pair.sock, descriptor)
+        try:
+            send_hello(pair.sock, descriptor)
+        except KVTransferError as exc:
+            raise with_context(exc, descriptor.request_id, "HELLO") from None
         await_verdict(pair.sock, descriptor.request_id, self._scratch)  # accepted before tensors flow
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
@@ -264,7 +285,8 @@ class TorchDistWire:
             k_sent[0] ^= 0xFF
         send_frame(self._pair.sock, Frame(FrameKind.LAYER, layer_idx, 0, 2 * k_wire.numel(), 0, self._tag))
         what = f"request {self._desc.request_id!r} layer {layer_idx}"
-        works = [self._pair.group.send([k_sent], _RECEIVER_RANK, 0), self._pair.group.send([v_wire], _RECEIVER_RANK, 0)]
+        group = self._pair.group
+        works = [_post(group.send, k_sent, _RECEIVER_RANK, what), _post(group.send, v_wire, _RECEIVER_RANK, what)]
         if device == "cuda":
             checksum = device_checksum(torch.cat([k_wire, v_wire]))
         else:  # gloo's own thread moves the bytes meanwhile; xxh3 releases the GIL
@@ -307,7 +329,7 @@ class TorchDistWire:
                 entries += RUN_ENTRY.pack(layer_idx, checksum)
             send_frame(self._pair.sock, Frame(FrameKind.LAYERS, len(run), 0, nbytes, 0, self._tag), [memoryview(entries)])
             what = f"request {self._desc.request_id!r} layers {run[0][0]}-{run[-1][0]}"
-            in_flight.append((self._pair.group.send([buffer[:nbytes]], _RECEIVER_RANK, 0), what))
+            in_flight.append((_post(self._pair.group.send, buffer[:nbytes], _RECEIVER_RANK, what), what))
         self._wait_all(in_flight)
 
     @staticmethod
@@ -346,9 +368,14 @@ class TorchDistConnector:
 
     def open(self, descriptor: TransferDescriptor, options: SenderOptions) -> PipelinedSender:
         """Get (or build) the pair towards the receiver, lock it for this request, return a sender."""
-        pair = self._pair(descriptor, options)
-        if not pair.lock.acquire(timeout=options.timeout_s):
-            raise KVTransferTimeout(f"request {descriptor.request_id!r}: pair busy for {options.timeout_s}s")
+        deadline = time.monotonic() + options.timeout_s
+        while True:
+            pair = self._pair(descriptor, options)
+            if not pair.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise KVTransferTimeout(f"request {descriptor.request_id!r}: pair busy for {options.timeout_s}s")
+            if not pair.broken:
+                break
+            pair.lock.release()  # dropped by the request that held it while this one waited: build a new one
         try:
             wire = TorchDistWire(descriptor, options, pair, self)
         except BaseException:

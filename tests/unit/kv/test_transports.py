@@ -215,6 +215,34 @@ def test_callback_failure_fails_the_transfer(endpoint: KVEndpoint, client: KVCli
         rx.wait(5)
 
 
+def _sending_threads() -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name == "kv-send")
+
+
+def test_a_caller_that_only_catches_the_error_leaks_no_sender(endpoint: KVEndpoint, client: KVClient) -> None:
+    # a receiver that goes away mid-transfer fails the sending thread; the caller then sees the error from
+    # send_layer or finish and, without abort(), must get back the thread and the connection (torch_dist:
+    # the pair and its lock). A thread left waiting per failure shows as one more kv-send thread each time.
+    spec = KVSpec(num_layers=3, num_kv_heads=1, head_dim=8, dtype="float32")
+    layers = _random_layers(spec, 4, 0)
+    rounds = _sending_threads() + 3
+    for n in range(rounds):
+        doomed = open_endpoint(endpoint.kind.value, EndpointOptions(stall_timeout_s=2.0))
+        rx = doomed.expect(f"orphaned-{n}", 4, spec, _Collector())
+        tx = client.open(rx.descriptor)
+        tx.send_layer(0, *layers[0])
+        time.sleep(0.05)
+        doomed.close()
+        with pytest.raises(KVTransferError):
+            for i, (k, v) in enumerate(layers[1:], start=1):
+                time.sleep(0.02)
+                tx.send_layer(i, k, v)
+            tx.finish()
+    assert _sending_threads() <= max(rounds - 3, 1) + 1
+    _, got, _, _ = _transfer(endpoint, client, "after-failures", spec, 4)
+    assert sorted(got.layers) == [0, 1, 2]
+
+
 def test_send_layer_does_not_wait_for_the_wire(endpoint: KVEndpoint, client: KVClient) -> None:
     # The receiver takes 0.2 s per layer; queuing 3 layers must still return at once.
     spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=16, dtype="float32")

@@ -1,0 +1,163 @@
+"""torch_dist when a pair's other side goes away or stalls: errors name the request, arrive within the deadline,
+and leave the next request a working pair (real gloo groups, real sockets)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import workers.kv.torch_dist as torch_dist
+from workers.kv.checksum import request_tag
+from workers.kv.errors import KVTransferError, KVTransferTimeout
+from workers.kv.framing import Frame, FrameKind, send_frame
+from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
+from workers.kv.registry import open_endpoint
+
+SPEC = KVSpec(num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32")
+NUM_TOKENS = 16
+
+
+def _layers() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    shape = (NUM_TOKENS, SPEC.num_kv_heads, SPEC.head_dim)
+    return [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(SPEC.num_layers)]
+
+
+def _ignore(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    pass
+
+
+@pytest.fixture
+def connector() -> Iterator[torch_dist.TorchDistConnector]:
+    c = torch_dist.TorchDistConnector()
+    yield c
+    c.close()
+
+
+def _endpoint(stall_s: float) -> torch_dist.TorchDistEndpoint:
+    ep = open_endpoint("torch_dist", EndpointOptions(stall_timeout_s=stall_s))
+    assert isinstance(ep, torch_dist.TorchDistEndpoint)
+    return ep
+
+
+def test_a_sender_group_that_is_gone_fails_the_receiver_at_once() -> None:
+    # the sending process's group disappears (as when it crashes) after a layer header reached the
+    # receiver: posting the receives fails at once, and that must fail the transfer, not end the thread
+    ep = _endpoint(stall_s=1.0)
+    connector = torch_dist.TorchDistConnector()
+    try:
+        rx = ep.expect("orphan", NUM_TOKENS, SPEC, _ignore)
+        tx = connector.open(rx.descriptor, SenderOptions(timeout_s=3.0))
+        tx.send_layer(0, *_layers()[0])
+        time.sleep(0.3)
+        pair = connector._pairs[rx.descriptor.address]
+        pair.group = None  # the last reference to the sender's group
+        gc.collect()
+        time.sleep(0.3)
+        send_frame(pair.sock, Frame(FrameKind.LAYER, 1, 0, rx.descriptor.layer_nbytes, 0, request_tag("orphan")))
+        t0 = time.monotonic()
+        with pytest.raises(KVTransferError, match="'orphan'"):
+            rx.wait(8.0)
+        assert time.monotonic() - t0 < 3.0  # the stall deadline is 1 s; wait's own 8 s must not be what ends it
+        tx.abort()
+    finally:
+        connector.close()
+        ep.close()
+
+
+def test_an_endpoint_closed_mid_transfer_fails_the_sender_with_a_transfer_error(
+    connector: torch_dist.TorchDistConnector,
+) -> None:
+    ep = _endpoint(stall_s=3.0)
+    layers = _layers()
+    rx = ep.expect("abandoned", NUM_TOKENS, SPEC, _ignore)
+    tx = connector.open(rx.descriptor, SenderOptions(timeout_s=3.0))
+    tx.send_layer(0, *layers[0])
+    time.sleep(0.3)
+    ep.close()
+    with pytest.raises(KVTransferError, match="'abandoned'"):  # not gloo's RuntimeError
+        for i, (k, v) in enumerate(layers[1:], start=1):
+            time.sleep(0.1)
+            tx.send_layer(i, k, v)
+        tx.finish()
+
+
+def test_a_receiver_that_stalls_past_the_sender_timeout_is_a_timeout(connector: torch_dist.TorchDistConnector) -> None:
+    # layers larger than the sockets' buffers: a send completes only once the receiver posted its receive
+    spec = KVSpec(num_layers=3, num_kv_heads=8, head_dim=128, dtype="float32")
+    num_tokens = 1024  # 4 MiB K and V
+    shape = (num_tokens, spec.num_kv_heads, spec.head_dim)
+    ep = _endpoint(stall_s=10.0)
+    try:
+        def slow(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            if layer_idx == 0:
+                time.sleep(2.5)  # the receiver posts the next receives only after this
+
+        rx = ep.expect("stalled", num_tokens, spec, slow)
+        tx = connector.open(rx.descriptor, SenderOptions(timeout_s=1.0))
+        with pytest.raises(KVTransferTimeout, match="'stalled'"):  # gloo says "Timed out waiting 1000ms"
+            for i in range(spec.num_layers):
+                tx.send_layer(i, torch.ones(shape), torch.ones(shape))
+                time.sleep(0.05)  # one layer at a time: no runs
+            tx.finish()
+    finally:
+        ep.close()
+
+
+def test_a_request_waiting_for_a_pair_that_breaks_gets_a_new_one(connector: torch_dist.TorchDistConnector) -> None:
+    ep = _endpoint(stall_s=3.0)
+    layers = _layers()
+    options = SenderOptions(timeout_s=3.0)
+    try:
+        rx_a = ep.expect("A", NUM_TOKENS, SPEC, _ignore)
+        rx_b = ep.expect("B", NUM_TOKENS, SPEC, _ignore)
+        tx_a = connector.open(rx_a.descriptor, options)
+        tx_a.send_layer(0, *layers[0])
+        outcome: list[object] = []
+
+        def send_b() -> None:
+            try:
+                tx_b = connector.open(rx_b.descriptor, options)  # waits for the pair that A holds
+                for i, (k, v) in enumerate(layers):
+                    tx_b.send_layer(i, k, v)
+                outcome.append(tx_b.finish())
+            except KVTransferError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=send_b)
+        thread.start()
+        time.sleep(0.3)
+        tx_a.abort()  # drops the pair B is waiting for
+        thread.join(10.0)
+        assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
+        rx_b.wait(5.0)
+    finally:
+        ep.close()
+
+
+def test_closing_the_endpoint_fails_a_transfer_waiting_in_a_receive_at_once() -> None:
+    # the pair's thread waits inside gloo for tensors that were announced and never sent; a shut socket does
+    # not wake it, so the endpoint fails its pending transfers before it waits for connection threads
+    ep = _endpoint(stall_s=30.0)
+    connector = torch_dist.TorchDistConnector()
+    try:
+        rx = ep.expect("announced", NUM_TOKENS, SPEC, _ignore)
+        tx = connector.open(rx.descriptor, SenderOptions(timeout_s=3.0))
+        pair = connector._pairs[rx.descriptor.address]
+        send_frame(pair.sock, Frame(FrameKind.LAYER, 0, 0, rx.descriptor.layer_nbytes, 0, request_tag("announced")))
+        time.sleep(0.3)
+        closing = threading.Thread(target=ep.close)
+        closing.start()
+        t0 = time.monotonic()
+        with pytest.raises(KVTransferError, match="endpoint closed"):
+            rx.wait(20.0)
+        assert time.monotonic() - t0 < 2.0
+        closing.join(10.0)
+        tx.abort()
+    finally:
+        connector.close()
