@@ -47,12 +47,14 @@ against 0.78, unpinned 0.67 against 0.61).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import re
 import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +127,18 @@ def _wait(work: Any, what: str) -> None:
         raise _group_error(exc, what) from None
 
 
+# endpoints not closed yet: closed at exit, before the interpreter's teardown, which otherwise destroyed a
+# live pair's gloo group while its threads ran and aborted the process ("terminate called without an
+# active exception"), after a transfer that failed
+_OPEN_ENDPOINTS: weakref.WeakSet[TorchDistEndpoint] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_endpoints() -> None:
+    for endpoint in list(_OPEN_ENDPOINTS):
+        endpoint.close()
+
+
 class TorchDistEndpoint(SideEndpoint):
     """Receiving endpoint: control listener, a TCPStore for pair rendezvous, one thread per pair."""
 
@@ -141,9 +155,11 @@ class TorchDistEndpoint(SideEndpoint):
         self._staging = StagingPool(self._options.staging_nbytes, device=self._options.device)
         self._side = ReceivingSide(self.kind, self._options, self._serve_pair, 1 << 16, device=self._options.device)
         self.address = self._side.address
+        _OPEN_ENDPOINTS.add(self)
 
     def close(self) -> None:
         """Stop accepting; pending transfers fail."""
+        _OPEN_ENDPOINTS.discard(self)
         self._side.close()
         self._staging.clear()
 

@@ -4,6 +4,8 @@ and leave the next request a working pair (real gloo groups, real sockets)."""
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -161,3 +163,31 @@ def test_closing_the_endpoint_fails_a_transfer_waiting_in_a_receive_at_once() ->
         tx.abort()
     finally:
         connector.close()
+
+
+_ABORT_THEN_EXIT = """
+import threading, time, torch
+from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
+from workers.kv.registry import KVClient, open_endpoint
+spec = KVSpec(4, 2, 8, "float32")
+layers = [(torch.randn(16, 2, 8), torch.randn(16, 2, 8)) for _ in range(4)]
+endpoint = open_endpoint("torch_dist", EndpointOptions(stall_timeout_s=3.0))
+client = KVClient(SenderOptions(timeout_s=3.0))
+rx_a, rx_b = endpoint.expect("A", 16, spec, lambda *_: None), endpoint.expect("B", 16, spec, lambda *_: None)
+tx_a = client.open(rx_a.descriptor)
+tx_a.send_layer(0, *layers[0])
+tx_a.abort()
+tx_b = client.open(rx_b.descriptor)
+for i, (k, v) in enumerate(layers):
+    tx_b.send_layer(i, k, v)
+tx_b.finish()
+print("done")  # and exit without closing the endpoint or the client
+"""
+
+
+def test_a_process_that_exits_without_closing_after_a_failed_transfer_exits_cleanly() -> None:
+    # the interpreter's teardown destroyed a live pair's gloo group with its threads running and the
+    # process aborted (exit status 134, "terminate called without an active exception") in most runs
+    out = subprocess.run([sys.executable, "-c", _ABORT_THEN_EXIT], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "done", out.stderr[-2000:]
+    assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr[-2000:]
