@@ -3,6 +3,7 @@ and leave the next request a working pair (real gloo groups, real sockets)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import workers.kv.torch_dist as torch_dist
 from workers.kv.checksum import request_tag
 from workers.kv.errors import KVTransferError, KVTransferTimeout
 from workers.kv.framing import Frame, FrameKind, send_frame
-from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
+from workers.kv.interface import EndpointOptions, KVReceiver, KVSender, KVSpec, SenderOptions
 from workers.kv.registry import open_endpoint
 
 SPEC = KVSpec(num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32")
@@ -47,29 +48,44 @@ def _endpoint(stall_s: float) -> torch_dist.TorchDistEndpoint:
     return ep
 
 
-def test_a_sender_group_that_is_gone_fails_the_receiver_at_once() -> None:
-    # the sending process's group disappears (as when it crashes) after a layer header reached the
-    # receiver: posting the receives fails at once, and that must fail the transfer, not end the thread
-    ep = _endpoint(stall_s=1.0)
+def _announce_without_tensors(connector: torch_dist.TorchDistConnector, rx: KVReceiver, layer_idx: int) -> None:
+    """Send a layer's header on the pair's control socket; its tensors never follow on the group."""
+    pair = connector._pairs[rx.descriptor.address]
+    tag = request_tag(rx.descriptor.request_id)
+    send_frame(pair.sock, Frame(FrameKind.LAYER, layer_idx, 0, rx.descriptor.layer_nbytes, 0, tag))
+
+
+@contextlib.contextmanager
+def _opened(
+    request_id: str, stall_s: float
+) -> Iterator[tuple[torch_dist.TorchDistEndpoint, torch_dist.TorchDistConnector, KVReceiver, KVSender]]:
+    """An endpoint, a connector of its own, and a transfer opened between them (aborted, then all closed, after)."""
+    ep = _endpoint(stall_s)
     connector = torch_dist.TorchDistConnector()
     try:
-        rx = ep.expect("orphan", NUM_TOKENS, SPEC, _ignore)
+        rx = ep.expect(request_id, NUM_TOKENS, SPEC, _ignore)
         tx = connector.open(rx.descriptor, SenderOptions(timeout_s=3.0))
-        tx.send_layer(0, *_layers()[0])
-        time.sleep(0.3)
-        pair = connector._pairs[rx.descriptor.address]
-        pair.group = None  # the last reference to the sender's group
-        gc.collect()
-        time.sleep(0.3)
-        send_frame(pair.sock, Frame(FrameKind.LAYER, 1, 0, rx.descriptor.layer_nbytes, 0, request_tag("orphan")))
-        t0 = time.monotonic()
-        with pytest.raises(KVTransferError, match="'orphan'"):
-            rx.wait(8.0)
-        assert time.monotonic() - t0 < 3.0  # the stall deadline is 1 s; wait's own 8 s must not be what ends it
+        yield ep, connector, rx, tx
         tx.abort()
     finally:
         connector.close()
         ep.close()
+
+
+def test_a_sender_group_that_is_gone_fails_the_receiver_at_once() -> None:
+    # the sending process's group disappears (as when it crashes) after a layer header reached the
+    # receiver: posting the receives fails at once, and that must fail the transfer, not end the thread
+    with _opened("orphan", stall_s=1.0) as (_, connector, rx, tx):
+        tx.send_layer(0, *_layers()[0])
+        time.sleep(0.3)
+        connector._pairs[rx.descriptor.address].group = None  # the last reference to the sender's group
+        gc.collect()
+        time.sleep(0.3)
+        _announce_without_tensors(connector, rx, 1)
+        t0 = time.monotonic()
+        with pytest.raises(KVTransferError, match="'orphan'"):
+            rx.wait(8.0)
+        assert time.monotonic() - t0 < 3.0  # the stall deadline is 1 s; wait's own 8 s must not be what ends it
 
 
 def test_an_endpoint_closed_mid_transfer_fails_the_sender_with_a_transfer_error(
@@ -145,13 +161,8 @@ def test_a_request_waiting_for_a_pair_that_breaks_gets_a_new_one(connector: torc
 def test_closing_the_endpoint_fails_a_transfer_waiting_in_a_receive_at_once() -> None:
     # the pair's thread waits inside gloo for tensors that were announced and never sent; a shut socket does
     # not wake it, so the endpoint fails its pending transfers before it waits for connection threads
-    ep = _endpoint(stall_s=30.0)
-    connector = torch_dist.TorchDistConnector()
-    try:
-        rx = ep.expect("announced", NUM_TOKENS, SPEC, _ignore)
-        tx = connector.open(rx.descriptor, SenderOptions(timeout_s=3.0))
-        pair = connector._pairs[rx.descriptor.address]
-        send_frame(pair.sock, Frame(FrameKind.LAYER, 0, 0, rx.descriptor.layer_nbytes, 0, request_tag("announced")))
+    with _opened("announced", stall_s=30.0) as (ep, connector, rx, _):
+        _announce_without_tensors(connector, rx, 0)
         time.sleep(0.3)
         closing = threading.Thread(target=ep.close)
         closing.start()
@@ -160,14 +171,11 @@ def test_closing_the_endpoint_fails_a_transfer_waiting_in_a_receive_at_once() ->
             rx.wait(20.0)
         assert time.monotonic() - t0 < 2.0
         closing.join(10.0)
-        tx.abort()
-    finally:
-        connector.close()
 
 
 _ABORT_THEN_EXIT = """
 import threading, time, torch
-from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
+from workers.kv.interface import EndpointOptions, KVReceiver, KVSender, KVSpec, SenderOptions
 from workers.kv.registry import KVClient, open_endpoint
 spec = KVSpec(4, 2, 8, "float32")
 layers = [(torch.randn(16, 2, 8), torch.randn(16, 2, 8)) for _ in range(4)]
