@@ -311,10 +311,13 @@ class NixlWire:
         assert self._staging is not None
         # plain stores: the WRITE reads the staging right back, from cache
         checksum = copy_and_checksum(self._staging.numpy(), (k_bytes, v_bytes), corrupt, nontemporal=False)
-        self._connector.agent.write(
-            self._staging.data_ptr(), nbytes, self._peer, self._ring_addr + slot * self._slot_nbytes,
-            self._options.timeout_s,
-        )
+        try:
+            self._connector.agent.write(
+                self._staging.data_ptr(), nbytes, self._peer, self._ring_addr + slot * self._slot_nbytes,
+                self._options.timeout_s,
+            )
+        except KVTransferError as exc:  # NIXL's message names the peer agent only
+            raise with_context(exc, self._desc.request_id, f"layer {layer_idx}") from None
         send_frame(self._sock, Frame(FrameKind.LAYER, layer_idx, slot, nbytes, checksum, self._tag))
 
     def finish(self) -> None:

@@ -100,3 +100,22 @@ def test_nixl_failures_surface_as_transfer_errors() -> None:
     finally:
         target.close()
         source.close()
+
+
+def test_a_write_into_a_closed_endpoint_names_the_request() -> None:
+    endpoint, connector = NixlEndpoint(EndpointOptions(stall_timeout_s=3.0)), NixlConnector()
+    shape = (8, SPEC.num_kv_heads, SPEC.head_dim)
+    try:
+        rx = endpoint.expect("stranded", 8, SPEC, lambda *_: None)
+        tx = connector.open(rx.descriptor, SenderOptions(timeout_s=3.0))
+        tx.send_layer(0, torch.ones(shape), torch.ones(shape))
+        time.sleep(0.3)
+        endpoint.close()  # deregisters the ring the next WRITE targets
+        with pytest.raises(KVTransferError, match="'stranded'"):
+            for i in range(1, SPEC.num_layers):
+                time.sleep(0.02)
+                tx.send_layer(i, torch.ones(shape), torch.ones(shape))
+            tx.finish()
+    finally:
+        connector.close()
+        endpoint.close()
