@@ -38,6 +38,7 @@ from orchestrator.runtime.backend import (
     FinishReason,
     GenerationFailed,
     GenerationRequest,
+    InvalidRequest,
     RequestRejected,
     TokenEvent,
 )
@@ -357,6 +358,8 @@ class DisaggregatedBackend:
         if isinstance(exc, WorkerBusy):
             return _Attempt(exc, None, busy=True)
         if isinstance(exc, WorkerRejected):
+            if exc.code is grpc.StatusCode.INVALID_ARGUMENT:  # bad input (e.g. a token id): a 400, not a 503
+                return InvalidRequest(f"request {request.request_id}: {exc.detail}")
             return GenerationFailed(f"request {request.request_id}: {exc}")
         return _Attempt(exc, instance_id)
 

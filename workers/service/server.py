@@ -3,7 +3,9 @@
 The server runs ``grpc.aio`` on a private event loop in a daemon thread, so a
 worker (a Ray actor, a test, a script) can start it with one call and keep its
 own thread free. Worker errors become gRPC status codes the router maps back:
-FAILED_PRECONDITION for a request this worker cannot take, NOT_FOUND for an
+INVALID_ARGUMENT for a request no worker can ever serve (a token id outside
+the vocabulary, bad sampling values), FAILED_PRECONDITION for a request this
+worker cannot take, NOT_FOUND for an
 unknown request, RESOURCE_EXHAUSTED when KV blocks are short, ABORTED when the KV transfer failed, INTERNAL otherwise.
 """
 
@@ -18,6 +20,8 @@ import grpc
 
 from protos.pdserve.v1 import worker_pb2 as pb
 from protos.pdserve.v1 import worker_pb2_grpc as pb_grpc
+from workers.engine.outputs import DuplicateRequest, InvalidRequest, WrongRole
+from workers.engine.sampling_params import InvalidSamplingParams
 from workers.kv.errors import KVTransferError
 from workers.service import convert
 from workers.service.decode import DecodeWorker, NoRoom, UnknownRequest, WorkerError
@@ -38,6 +42,8 @@ async def _fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
     elif isinstance(exc, KVTransferError):
         code = grpc.StatusCode.ABORTED
+    elif isinstance(exc, (InvalidRequest, InvalidSamplingParams)) and not isinstance(exc, (DuplicateRequest, WrongRole)):
+        code = grpc.StatusCode.INVALID_ARGUMENT  # the client's input: no worker could serve it
     elif isinstance(exc, (WorkerError, ValueError)):
         code = grpc.StatusCode.FAILED_PRECONDITION
     else:

@@ -4,7 +4,9 @@ A generation request's life in the front end:
 
 1. auth (``Authorization: Bearer``, every route but ``/health``), then the
    JSON body is parsed and validated (400 with the field on failure);
-2. model check (404), tokenization / chat template, context-window bounds
+   A body over ``ServerLimits.max_body_bytes`` is answered 413 unread;
+2. model check (404), tokenization / chat template in a worker thread (a
+   long prompt must not stall other streams), context-window bounds
    (413, 400), deadline from ``x-pdserve-timeout-s`` or the default,
    front-end concurrency limit (429 + Retry-After);
 3. ``backend.generate``: the first event is awaited before answering, so a
@@ -43,10 +45,11 @@ from orchestrator.runtime.backend import (
     GenerationRequest,
     TokenEvent,
 )
-from orchestrator.runtime.http.config import PromptTokenizer, ServerLimits, WallClock
+from orchestrator.runtime.http.config import DEFAULT_SLO_CLASS, PromptTokenizer, ServerLimits, WallClock
 from orchestrator.runtime.http.errors import (
     APIError,
     bad_request,
+    body_too_large,
     from_backend_error,
     from_validation_error,
     internal_error,
@@ -54,7 +57,7 @@ from orchestrator.runtime.http.errors import (
     route_error,
     unauthorized,
 )
-from orchestrator.runtime.http.prepare import SLO_CLASS_HEADER, build_request, check_model
+from orchestrator.runtime.http.prepare import build_request, check_model
 from orchestrator.runtime.http.schemas import ChatCompletionRequest, CompletionRequest
 from orchestrator.runtime.http.sse import (
     SSE_DONE,
@@ -124,6 +127,21 @@ class _SSEResponse(StreamingResponse):
 
 def _error_response(error: APIError, headers: dict[str, str]) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers={**headers, **error.headers})
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, or 413 as soon as it is known to exceed ``max_bytes`` (declared length or bytes so far)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise body_too_large(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # chunked bodies have no declared length
+        size += len(chunk)
+        if size > max_bytes:
+            raise body_too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _parse_body(raw: bytes, schema: type[_Body]) -> _Body:
@@ -243,15 +261,17 @@ async def _generate(
     # The backend id is always fresh, so two clients reusing an x-request-id cannot collide.
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     headers = {REQUEST_ID_HEADER: request.headers.get(REQUEST_ID_HEADER) or request_id}
-    tracker = RequestTracker(
-        state.metrics, state.clock, arrival_s, request.headers.get(SLO_CLASS_HEADER) or "default"
-    )
+    # Labelled with the class only once it is known to be configured (bounded label sets).
+    tracker = RequestTracker(state.metrics, state.clock, arrival_s, DEFAULT_SLO_CLASS)
     try:
-        body = _parse_body(await request.body(), schema)
+        body = _parse_body(await _read_body(request, state.limits.max_body_bytes), schema)
         model_error = check_model(body.model, state.model_name)
         if model_error is not None:
             raise model_error
-        greq = build_request(body, request.headers, request_id, arrival_s, state.tokenizer, state.limits)
+        greq = await asyncio.to_thread(
+            build_request, body, request.headers, request_id, arrival_s, state.tokenizer, state.limits
+        )
+        tracker.slo_class = greq.slo_class
         limit = state.limits.max_concurrent_requests
         if limit is not None and state.in_flight >= limit:
             raise rejected("too_many_requests", state.limits.retry_after_s)

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+DEFAULT_SLO_CLASS = "default"  # the class of a request without an x-pdserve-slo-class header
+
 
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
@@ -21,6 +23,11 @@ class ServerLimits:
     admission still applies).
     ``default_timeout_s`` / ``max_timeout_s``: a request's deadline after
     arrival, and the most a client may ask for with ``x-pdserve-timeout-s``.
+    ``max_body_bytes``: a larger request body is answered 413 before it is
+    read whole (the default, 16 MiB, is far more text than any context window).
+    ``slo_classes``: the names ``x-pdserve-slo-class`` may carry; any other is
+    answered 400, because each class is a label set in the latency histograms
+    and a free-form header would grow them without bound.
     """
 
     max_context_tokens: int = 2048
@@ -29,10 +36,17 @@ class ServerLimits:
     retry_after_s: float = 1.0
     default_timeout_s: float = 600.0
     max_timeout_s: float = 3600.0
+    max_body_bytes: int = 16 << 20
+    slo_classes: frozenset[str] = frozenset({DEFAULT_SLO_CLASS})
 
     def __post_init__(self) -> None:
+        if DEFAULT_SLO_CLASS not in self.slo_classes or not all(self.slo_classes):
+            raise ValueError(f"slo_classes must hold {DEFAULT_SLO_CLASS!r} and no empty name, got "
+                             f"{sorted(self.slo_classes)}")
         if self.max_context_tokens < 2:
             raise ValueError(f"max_context_tokens must be >= 2, got {self.max_context_tokens}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.max_concurrent_requests is not None and self.max_concurrent_requests < 1:
@@ -59,6 +73,11 @@ class PromptTokenizer(Protocol):
     @property
     def eos_token(self) -> str | None:
         """End-of-sequence token text, for chat templates."""
+        ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows (added tokens included); prompt ids must be below it."""
         ...
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

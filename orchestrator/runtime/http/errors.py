@@ -6,7 +6,7 @@ Every error leaves the server as ``{"error": {"message", "type", "param",
 - 400 malformed JSON, schema violations and invalid values (like vLLM and
   OpenAI, pdserve does not use 422; ``param`` names the offending field);
 - 401 missing or wrong API key; 404 unknown model or route; 405 wrong method;
-- 413 prompt longer than the context window;
+- 413 prompt longer than the context window, or a body over the size limit;
 - 429 admission rejected the request (``Retry-After`` header, whole seconds);
 - 503 no instance could generate; 504 the request's deadline passed;
 - 500 anything unexpected (the message says what, the server keeps serving).
@@ -93,6 +93,12 @@ def context_too_long(prompt_tokens: int, max_context_tokens: int) -> APIError:
         "tokens and must also hold at least one generated token.",
         "invalid_request_error", "context_length_exceeded", "prompt",
     )
+
+
+def body_too_large(max_body_bytes: int) -> APIError:
+    """413: the request body is over the server's size limit."""
+    return APIError(413, f"The request body exceeds this server's limit of {max_body_bytes} bytes.",
+                    "invalid_request_error", "request_too_large")
 
 
 def rejected(reason: str, retry_after_s: float | None) -> APIError:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from orchestrator.runtime.backend import GenerationRequest
 from orchestrator.runtime.http.chat import ChatTemplateError, render_chat
-from orchestrator.runtime.http.config import PromptTokenizer, ServerLimits
+from orchestrator.runtime.http.config import DEFAULT_SLO_CLASS, PromptTokenizer, ServerLimits
 from orchestrator.runtime.http.errors import APIError, bad_request, context_too_long, model_not_found
 from orchestrator.runtime.http.schemas import ChatCompletionRequest, CompletionRequest
 from workers.engine.sampling_params import InvalidSamplingParams, SamplingParams
@@ -23,13 +23,25 @@ def prompt_token_ids(body: CompletionRequest | ChatCompletionRequest, tokenizer:
             if not prompt:
                 raise bad_request("prompt must not be empty", "prompt")
             return tokenizer.encode(prompt, add_special_tokens=True)
-        return list(prompt)
+        ids = list(prompt)
+        _check_vocabulary(ids, tokenizer.vocab_size)
+        return ids
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
         text = render_chat(messages, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from exc
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _check_vocabulary(ids: list[int], vocab_size: int) -> None:
+    """400 naming the first id a client sent that the model has no embedding for (the schema ensures >= 0)."""
+    bad = next((t for t in ids if t >= vocab_size), None)
+    if bad is not None:
+        raise bad_request(
+            f"prompt holds token id {bad}, outside the model's vocabulary of {vocab_size} ids [0, {vocab_size})",
+            "prompt", code="invalid_token_id",
+        )
 
 
 def max_new_tokens(
@@ -89,6 +101,21 @@ def timeout_s(headers: Mapping[str, str], limits: ServerLimits) -> float:
     return value
 
 
+def slo_class(headers: Mapping[str, str], limits: ServerLimits) -> str:
+    """The request's SLO class: the ``x-pdserve-slo-class`` header if configured, else 400; absent: default."""
+    raw = headers.get(SLO_CLASS_HEADER)
+    if not raw:
+        return DEFAULT_SLO_CLASS
+    if raw not in limits.slo_classes:
+        shown = raw if len(raw) <= 64 else raw[:64] + "..."
+        raise bad_request(
+            f"header {SLO_CLASS_HEADER} names SLO class {shown!r}, which this server does not have; "
+            f"configured: {', '.join(sorted(limits.slo_classes))}",
+            SLO_CLASS_HEADER, code="unknown_slo_class",
+        )
+    return raw
+
+
 def build_request(
     body: CompletionRequest | ChatCompletionRequest,
     headers: Mapping[str, str],
@@ -98,6 +125,7 @@ def build_request(
     limits: ServerLimits,
 ) -> GenerationRequest:
     """The backend request for ``body``; raises ``APIError`` for anything invalid."""
+    slo = slo_class(headers, limits)
     ids = prompt_token_ids(body, tokenizer)
     if not ids:
         raise bad_request("the prompt has no tokens", "prompt")
@@ -108,7 +136,7 @@ def build_request(
         sampling=sampling,
         arrival_s=arrival_s,
         deadline_s=arrival_s + timeout_s(headers, limits),
-        slo_class=headers.get(SLO_CLASS_HEADER) or "default",
+        slo_class=slo,
     )
 
 

@@ -36,9 +36,17 @@ class HFTokenizer:
         """End-of-sequence token text."""
         return self._eos_token
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids this tokenizer can decode, added tokens included."""
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``."""
-        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        """Token ids of ``text``; releases the GIL while the Rust tokenizer runs."""
+        # ``encode_batch`` lets other threads run meanwhile and ``encode`` does not, so a multi-MB
+        # prompt tokenized in a worker thread would still stall the server's event loop.
+        (encoding,) = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
 
 def load_hf_tokenizer(model_dir: str | Path) -> HFTokenizer:

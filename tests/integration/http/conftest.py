@@ -35,8 +35,10 @@ def live(tiny_model_dir: Path) -> Iterator[LiveServer]:
     metrics = ServingMetrics()
     backend = LocalEngineBackend(engine, metrics=metrics)
     tokenizer = load_hf_tokenizer(tiny_model_dir)
-    app = create_app(backend, tokenizer, MODEL, api_key="", metrics=metrics,
-                     limits=ServerLimits(max_context_tokens=engine.max_model_len))
+    # The SLO classes the tests in this package send (bench-e2e, metrics-test).
+    limits = ServerLimits(max_context_tokens=engine.max_model_len,
+                          slo_classes=frozenset({"default", "bench-e2e", "metrics-test"}))
+    app = create_app(backend, tokenizer, MODEL, api_key="", metrics=metrics, limits=limits)
     handle = serve(app, "127.0.0.1", 0)
     try:
         yield LiveServer(handle, engine, backend, metrics, tokenizer)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -10,6 +15,7 @@ import openai
 import pytest
 from http_live_support import MODEL, LiveServer
 
+from orchestrator.commands.up import curl_hint
 from orchestrator.runtime.http import ServerHandle, ServerLimits, create_app, serve
 
 
@@ -47,8 +53,14 @@ BAD_BODIES = [
     ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n", None),
     ({"model": MODEL, "prompt": "x", "temperature": 5}, 400, "temperature", None),
     ({"model": MODEL, "prompt": "x", "temperature": "hot"}, 400, "temperature", None),
-    ({"model": MODEL, "prompt": [10**9]}, 400, None, None),  # token id outside the vocabulary
+    ({"model": MODEL, "prompt": [10**9]}, 400, "prompt", "invalid_token_id"),  # token id outside the vocabulary
+    ({"model": MODEL, "prompt": [1, 32000]}, 400, "prompt", "invalid_token_id"),  # the tiny model has 32000
     ({"prompt": "x"}, 400, "model", None),
+    ({"model": MODEL, "prompt": "x", "seed": 2**64}, 400, "seed", None),  # beyond int64: not a 500
+    ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of", None),
+    ({"model": MODEL, "prompt": "x", "presence_penalty": 1.5}, 400, "presence_penalty", None),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"50256": -100}}, 400, "logit_bias", None),
+    ({"model": MODEL, "prompt": "x", "echo": True}, 400, "echo", None),
     ([1, 2], 400, None, "invalid_json"),
 ]
 
@@ -66,7 +78,19 @@ def test_malformed_json_and_bad_chat_input(live: LiveServer) -> None:
     chat = live.url + "/v1/chat/completions"
     _assert_error(_post(chat, {"model": MODEL, "messages": []}), 400, "messages")
     _assert_error(_post(chat, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}), 400, "n")
+    _assert_error(_post(chat, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                               "response_format": {"type": "json_object"}}), 400, "response_format")
+    _assert_error(_post(chat, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                               "frequency_penalty": 0.3}), 400, "frequency_penalty")
     _assert_error(_post(chat, {"model": MODEL, "messages": [{"role": "user", "content": "x " * 2100}]}), 413)
+    _still_serves(live)
+
+
+def test_unknown_slo_class_header_is_400(live: LiveServer) -> None:
+    resp = _post(live.url + "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2},
+                 headers={"x-pdserve-slo-class": "made-up-class"})
+    _assert_error(resp, 400, "x-pdserve-slo-class", "unknown_slo_class")
+    assert "made-up-class" not in httpx.get(live.url + "/metrics").text
     _still_serves(live)
 
 
@@ -153,3 +177,55 @@ def test_front_end_limit_gives_429_with_retry_after(live: LiveServer, second_ser
         assert resp.headers["retry-after"] == "3"
     _wait_idle(live)  # closing the stream aborted the holder and freed its slot
     assert _post(url, {"model": MODEL, "prompt": "y", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest.mark.parametrize("second_server", [{"api_key": "s3cret"}], indirect=True)
+def test_the_curl_hint_of_up_works_with_an_api_key(
+    live: LiveServer, second_server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PDSERVE_API_KEY", "s3cret")  # the key given through the environment
+    hint = curl_hint(second_server.url, MODEL, "s3cret")
+    assert "s3cret" not in hint
+    out = subprocess.run(["bash", "-c", hint + " -sS"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ}, check=True).stdout
+    assert json.loads(out)["choices"][0]["text"] is not None, out
+    monkeypatch.delenv("PDSERVE_API_KEY")  # given with --api-key: the hint says to export it
+    assert curl_hint(second_server.url, MODEL, "s3cret").endswith("(with PDSERVE_API_KEY set to the --api-key value)")
+    assert "Authorization" not in curl_hint(second_server.url, MODEL, None)
+
+
+@pytest.mark.parametrize("second_server", [{"limits": ServerLimits(max_body_bytes=4096)}], indirect=True)
+def test_a_body_over_the_size_limit_is_413(live: LiveServer, second_server: ServerHandle) -> None:
+    url = second_server.url + "/v1/completions"
+    big = {"model": MODEL, "prompt": "word " * 2000, "max_tokens": 2}
+    _assert_error(httpx.post(url, json=big, timeout=30), 413, code="request_too_large")
+
+    def chunked() -> Iterator[bytes]:  # no content-length: the limit applies to the bytes as they arrive
+        payload = json.dumps(big).encode()
+        for i in range(0, len(payload), 1000):
+            yield payload[i:i + 1000]
+
+    _assert_error(httpx.post(url, content=chunked(), headers={"content-type": "application/json"}, timeout=30), 413,
+                  code="request_too_large")
+    small = httpx.post(url, json={"model": MODEL, "prompt": "small", "max_tokens": 2}, timeout=30)
+    assert small.status_code == 200, small.text
+
+
+def test_a_huge_prompt_is_tokenized_off_the_event_loop(live: LiveServer) -> None:
+    prompt = "The key-value cache is stored in fixed-size blocks. " * 60_000  # ~3 MB, ~800k tokens
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answer.append(
+        _post(live.url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 2})))
+    sender.start()
+    health_s: list[float] = []
+    while sender.is_alive():
+        started = time.monotonic()
+        assert httpx.get(live.url + "/health", timeout=30).status_code == 200
+        health_s.append(time.monotonic() - started)
+        time.sleep(0.02)
+    sender.join()
+    _assert_error(answer[0], 413, "prompt", "context_length_exceeded")
+    assert max(health_s) < 1.0, health_s  # /health answered throughout...
+    assert len(health_s) >= 5, health_s  # ...the seconds that tokenizing took
+    _still_serves(live)

@@ -18,7 +18,7 @@ from orchestrator.runtime.backend import (
     RequestRejected,
     TokenEvent,
 )
-from orchestrator.runtime.http import create_app
+from orchestrator.runtime.http import ServerLimits, create_app
 from orchestrator.runtime.metrics import ServingMetrics
 
 Script = Callable[[GenerationRequest], list[TokenEvent | BackendError | Exception]]
@@ -48,6 +48,7 @@ class CharTokenizer:
     chat_template = None
     bos_token = None
     eos_token = None
+    vocab_size = 0x110000  # every code point
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in text]
@@ -147,7 +148,8 @@ def test_stream_that_ends_without_finish_is_a_failure_not_a_hang() -> None:
 
 def test_slo_class_and_timeout_headers_reach_the_backend() -> None:
     backend = ScriptedBackend(lambda r: _tokens("x"))
-    app = create_app(backend, CharTokenizer(), "m", api_key="")
+    app = create_app(backend, CharTokenizer(), "m", api_key="",
+                     limits=ServerLimits(slo_classes=frozenset({"default", "batch"})))
 
     async def go() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
@@ -158,6 +160,23 @@ def test_slo_class_and_timeout_headers_reach_the_backend() -> None:
     req = backend.requests[0]
     assert req.slo_class == "batch"
     assert abs((req.deadline_s - req.arrival_s) - 30.0) < 1e-9
+
+
+def test_unknown_slo_classes_are_400_and_add_no_metric_labels() -> None:
+    backend = ScriptedBackend(lambda r: _tokens("x", "y"))
+    metrics = ServingMetrics()
+    app = create_app(backend, CharTokenizer(), "m", api_key="", metrics=metrics)
+
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return [await client.post("/v1/completions", json={"model": "m", "prompt": "a"},
+                                      headers={"x-pdserve-slo-class": f"tenant-{i}"}) for i in range(5)]
+
+    for resp in asyncio.run(go()):
+        assert resp.status_code == 400
+        assert resp.json()["error"]["param"] == "x-pdserve-slo-class"
+    assert backend.requests == []
+    assert "tenant-" not in metrics.render().decode()
 
 
 def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

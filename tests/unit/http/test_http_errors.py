@@ -91,3 +91,44 @@ def test_chat_schema() -> None:
         ChatCompletionRequest.model_validate({"model": "m", "messages": []})
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "robot", "content": "x"}]})
+
+
+_CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+_COMPLETION = {"model": "m", "prompt": "x"}
+
+
+@pytest.mark.parametrize(
+    ("schema", "body", "param"),
+    [
+        (CompletionRequest, {**_COMPLETION, "seed": 2**63}, "seed"),
+        (CompletionRequest, {**_COMPLETION, "seed": -(2**63) - 1}, "seed"),
+        (ChatCompletionRequest, {**_CHAT, "seed": 10**30}, "seed"),
+        (CompletionRequest, {**_COMPLETION, "best_of": 2}, "best_of"),
+        (CompletionRequest, {**_COMPLETION, "presence_penalty": 0.5}, "presence_penalty"),
+        (ChatCompletionRequest, {**_CHAT, "frequency_penalty": -1.0}, "frequency_penalty"),
+        (CompletionRequest, {**_COMPLETION, "logit_bias": {"50": 10}}, "logit_bias"),
+        (ChatCompletionRequest, {**_CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+        (ChatCompletionRequest, {**_CHAT, "response_format": {"type": "json_schema", "json_schema": {}}},
+         "response_format"),
+        (CompletionRequest, {**_COMPLETION, "echo": True}, "echo"),
+        (CompletionRequest, {**_COMPLETION, "logprobs": 1}, "logprobs"),
+        (CompletionRequest, {**_COMPLETION, "suffix": "!"}, "suffix"),
+        (ChatCompletionRequest, {**_CHAT, "logprobs": True}, "logprobs"),
+        (ChatCompletionRequest, {**_CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ],
+)
+def test_fields_that_cannot_be_honoured_are_400_naming_the_field(schema: type, body: dict, param: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        schema.model_validate(body)
+    err = from_validation_error(info.value)
+    assert err.status == 400 and err.param == param
+    assert param in err.message
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted() -> None:
+    neutral = {"best_of": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "echo": False,
+               "seed": 2**63 - 1}
+    assert CompletionRequest.model_validate({**_COMPLETION, **neutral}).seed == 2**63 - 1
+    chat = ChatCompletionRequest.model_validate({**_CHAT, "response_format": {"type": "text"}, "seed": -(2**63),
+                                                 "presence_penalty": None, "logit_bias": None})
+    assert chat.seed == -(2**63)

@@ -17,6 +17,7 @@ class WordTokenizer:
     chat_template: str | None = None
     bos_token: str | None = "<s>"
     eos_token: str | None = "</s>"
+    vocab_size = 100
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, bool]] = []
@@ -64,12 +65,24 @@ def test_completion_request_fields_reach_sampling() -> None:
          "top_k": -1, "seed": 7, "stop": "END", "ignore_eos": True}
     )
     req = build_request(body, {"x-pdserve-slo-class": "batch", "x-pdserve-timeout-s": "2.5"}, "r", 10.0, tok,
-                        ServerLimits())
+                        ServerLimits(slo_classes=frozenset({"default", "batch"})))
     assert req.prompt_token_ids == (1, 3, 3, 5)
     s = req.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop, s.ignore_eos) == (
         5, 0.5, 0.9, 0, 7, ("END",), True)
     assert req.deadline_s == 12.5 and req.slo_class == "batch"
+
+
+@pytest.mark.parametrize("prompt", [[5, 100], [[7, 10**9]]])
+def test_token_ids_outside_the_vocabulary_are_400_naming_the_id(prompt: list) -> None:
+    body = CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    with pytest.raises(APIError) as info:
+        build_request(body, {}, "r", 0.0, WordTokenizer(), ServerLimits())
+    bad = prompt[-1] if isinstance(prompt[-1], int) else prompt[0][-1]
+    assert info.value.status == 400 and info.value.param == "prompt" and info.value.code == "invalid_token_id"
+    assert str(bad) in info.value.message and "100" in info.value.message
+    ok = CompletionRequest.model_validate({"model": "m", "prompt": [0, 99]})
+    assert build_request(ok, {}, "r", 0.0, WordTokenizer(), ServerLimits()).prompt_token_ids == (0, 99)
 
 
 def test_context_bounds() -> None:
@@ -94,8 +107,21 @@ def test_bad_timeout_header_is_400(raw: str) -> None:
     assert info.value.status == 400 and info.value.param == "x-pdserve-timeout-s"
 
 
+@pytest.mark.parametrize("header", ["batch", "interactive-" + "x" * 500, "Default"])
+def test_an_slo_class_that_is_not_configured_is_400_naming_the_header(header: str) -> None:
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "a"})
+    with pytest.raises(APIError) as info:
+        build_request(body, {"x-pdserve-slo-class": header}, "r", 0.0, WordTokenizer(), ServerLimits())
+    err = info.value
+    assert err.status == 400 and err.param == "x-pdserve-slo-class" and err.code == "unknown_slo_class"
+    assert "default" in err.message and len(err.message) < 300
+    assert build_request(body, {}, "r", 0.0, WordTokenizer(), ServerLimits()).slo_class == "default"
+
+
 def test_limits_validate() -> None:
     with pytest.raises(ValueError, match="default_timeout_s"):
         ServerLimits(default_timeout_s=10, max_timeout_s=5)
     with pytest.raises(ValueError, match="max_concurrent_requests"):
         ServerLimits(max_concurrent_requests=0)
+    with pytest.raises(ValueError, match="slo_classes"):
+        ServerLimits(slo_classes=frozenset({"batch"}))

@@ -16,6 +16,7 @@ from orchestrator.runtime.backend import (
     FinishReason,
     GenerationFailed,
     GenerationRequest,
+    InvalidRequest,
     RequestRejected,
     TokenEvent,
 )
@@ -167,3 +168,14 @@ def test_a_new_request_still_tries_a_worker_that_failed_a_call_recently(
     (events,) = _run(backend, _request("after-blip"))
     want = reference.generate([list(PROMPT)], SamplingParams(max_tokens=12, ignore_eos=True))[0]
     assert _tokens(events) == want.token_ids
+
+
+@pytest.mark.parametrize("prompt", [PROMPT + (32000,), (5, 32000)])  # disaggregated, and short (decode prefills)
+def test_a_token_id_outside_the_vocabulary_is_invalid_not_a_failure(
+    cluster: Cluster, tiny_model_dir: Path, prompt: tuple[int, ...]
+) -> None:
+    views = StaticViews(cluster.view(["prefill-0-g0", "decode-0-g0"]))
+    backend = DisaggregatedBackend(views, load_tokenizer(tiny_model_dir), initial_view=views.view)
+    with pytest.raises(InvalidRequest, match="32000"):
+        _run(backend, _request("oov", prompt))
+    assert backend.handovers == 0  # bad input is not retried on other workers
