@@ -10,8 +10,11 @@ SLO report, and stops everything it started.
 from __future__ import annotations
 
 import argparse
+import math
 
 from orchestrator.commands.kv_flags import add_kv_arguments, kv_flags_problem
+
+CONTEXT_TOKENS = 2048  # the front end's default window; longer trace requests are clipped to it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +38,12 @@ def _validate(args: argparse.Namespace) -> str | None:
         return "--requests must be >= 1 and --rate-scale > 0"
     if args.prefill < 0 or args.decode < 1:
         return "--prefill must be >= 0 and --decode >= 1"
+    for flag, value in (("--max-prompt-tokens", args.max_prompt_tokens), ("--max-output-tokens", args.max_output_tokens)):
+        if value < 1:
+            return f"{flag} must be >= 1, got {value}"
+    for flag, value in (("--ttft-slo", args.ttft_slo), ("--tpot-slo", args.tpot_slo)):
+        if not (math.isfinite(value) and value > 0):
+            return f"{flag} must be a positive number of seconds, got {value}"
     return kv_flags_problem(args)
 
 
@@ -46,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from orchestrator.runtime.bench.plot import plot_cdfs
     from orchestrator.runtime.bench.report import format_report, report_json, summarize
     from orchestrator.runtime.bench.runner import Endpoint, run_requests
     from orchestrator.runtime.bench.workload import WorkloadOptions, plan_requests
@@ -58,6 +68,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         trace = load_trace(args.trace)
+        options = WorkloadOptions(
+            rate_scale=args.rate_scale, limit=args.requests, max_prompt_tokens=args.max_prompt_tokens,
+            max_output_tokens=args.max_output_tokens, context_tokens=CONTEXT_TOKENS,
+        )
     except (OSError, ValueError) as exc:
         print(f"pdserve quickstart: {exc}", file=sys.stderr)
         return 2
@@ -73,10 +87,6 @@ def main(args: argparse.Namespace) -> int:
         return 1
     try:
         print(f"serving {handle.model_dir.name} at {handle.url}/v1 (up in {time.monotonic() - started:.0f} s)")
-        options = WorkloadOptions(
-            rate_scale=args.rate_scale, limit=args.requests, max_prompt_tokens=args.max_prompt_tokens,
-            max_output_tokens=args.max_output_tokens, context_tokens=2048,
-        )
         requests = plan_requests(
             trace.arrival_s.tolist(), trace.prompt_tokens.tolist(), trace.output_tokens.tolist(), options
         )
@@ -94,7 +104,9 @@ def main(args: argparse.Namespace) -> int:
             config = {"trace": args.trace, "requests": args.requests, "rate_scale": args.rate_scale,
                       "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens}
             (out / "bench.json").write_text(json.dumps(report_json(report, results, config), indent=2))
-            print(f"wrote {out / 'bench.json'}")
+            plot_cdfs(results, out / "bench_cdf.png", args.ttft_slo, args.tpot_slo,
+                      title=f"quickstart: {trace.name} -> {handle.model_dir.name}")
+            print(f"wrote {out / 'bench.json'} and {out / 'bench_cdf.png'}")
     finally:
         handle.stop()
     print(f"done in {time.monotonic() - started:.0f} s")

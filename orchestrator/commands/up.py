@@ -12,9 +12,13 @@ command started it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 
 from orchestrator.commands.kv_flags import add_kv_arguments, kv_flags_problem
+
+API_KEY_ENV = "PDSERVE_API_KEY"  # the same name the HTTP app reads; not imported, to keep --help light
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_kv_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="HTTP interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
-    parser.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help="require this bearer token (default: $PDSERVE_API_KEY; unset: no auth)")
     parser.add_argument("--placement", choices=("pack", "spread"), default="pack",
                         help="a prefill/decode pair on one node (pack) or on different nodes (spread)")
@@ -36,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one")
     parser.add_argument("--kv-blocks", type=int, default=512,
                         help="KV cache blocks per worker (16 tokens each; default 512)")
+    parser.add_argument("--slo-class", action="append", default=[], metavar="NAME",
+                        help="an SLO class clients may name in header x-pdserve-slo-class (repeatable; 'default' "
+                             "is always accepted, any other name is answered 400)")
 
 
 def _validate(args: argparse.Namespace) -> str | None:
@@ -47,7 +54,42 @@ def _validate(args: argparse.Namespace) -> str | None:
         return "--kv-blocks must be >= 1"
     if not 0 <= args.port <= 65535:
         return "--port must be within 0..65535"
+    if any(not name.strip() for name in args.slo_class):
+        return "--slo-class needs a non-empty name"
     return kv_flags_problem(args)
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (None: it can, or port 0 picks a free one).
+
+    Checked before Ray and the workers start, which takes seconds to minutes, rather than after.
+    """
+    if port == 0:
+        return None
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        socket.create_server((host, port), family=family).close()
+    except OSError as exc:
+        # create_server's message adds the address again; the errno's text is enough
+        reason = os.strerror(exc.errno) if exc.errno and not isinstance(exc, socket.gaierror) else exc.strerror or exc
+        return f"cannot listen on {host}:{port}: {reason}"
+    return None
+
+
+def curl_hint(url: str, model: str, api_key: str | None) -> str:
+    """A curl command line that works against this server, with the auth header when a key is required.
+
+    The key itself is never printed (stdout often ends up in logs): the command reads it from
+    ``$PDSERVE_API_KEY``, and says to set that when the key came from ``--api-key``.
+    """
+    body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 16})
+    auth = ""
+    if api_key:
+        auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"'
+    hint = f"curl {url}/v1/completions -H 'content-type: application/json'{auth} -d '{body}'"
+    if api_key and os.environ.get(API_KEY_ENV) != api_key:
+        hint += f"  (with {API_KEY_ENV} set to the --api-key value)"
+    return hint
 
 
 def main(args: argparse.Namespace) -> int:
@@ -59,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
     from orchestrator.runtime.embedded import start_embedded
     from orchestrator.runtime.placement import PlacementStrategy
 
-    problem = _validate(args)
+    problem = _validate(args) or port_problem(args.host, args.port)
     if problem is not None:
         print(f"pdserve up: {problem}", file=sys.stderr)
         return 2
@@ -70,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
             transport=args.transport, kv_poll_us=args.kv_poll_us, kv_tcp_congestion=args.kv_tcp_congestion,
             host=args.host, port=args.port, api_key=args.api_key,
             placement=PlacementStrategy(args.placement), address=args.address, num_kv_blocks=args.kv_blocks,
+            slo_classes=args.slo_class,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)
@@ -78,8 +121,7 @@ def main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(f"pdserve is serving {handle.model_dir.name} at {handle.url}/v1 (Ctrl-C to stop)", flush=True)
-    print(f"  try: curl {handle.url}/v1/completions -H 'content-type: application/json' "
-          f"-d '{{\"model\": \"{handle.model_dir.name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+    print(f"  try: {curl_hint(handle.url, handle.model_dir.name, args.api_key)}", flush=True)
     try:
         while not stop.wait(0.5):
             if not handle.server.running:

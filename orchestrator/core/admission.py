@@ -91,6 +91,16 @@ def _has_room(inst: InstanceLoad, request: RequestInfo, config: AdmissionConfig)
     )
 
 
+def context_window(max_positions: int, snapshot: ClusterSnapshot) -> int:
+    """The most tokens (prompt plus output) one request may hold on every instance of ``snapshot``.
+
+    The model's positions, capped by the smallest KV cache that reported one: an engine never lets
+    a sequence outgrow its cache, so a window advertised beyond it would cut requests short.
+    """
+    capacities = [inst.total_kv_blocks * inst.block_size for inst in snapshot.instances if inst.total_kv_blocks > 0]
+    return min([max_positions, *capacities])
+
+
 def admit(
     snapshot: ClusterSnapshot,
     request: RequestInfo,

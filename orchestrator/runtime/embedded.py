@@ -11,9 +11,11 @@ and Ray only if it started it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,17 +111,24 @@ def start_embedded(
     router: RouterConfig | None = None,
     health_interval_s: float = 0.5,
     controller_max_restarts: int = -1,
+    slo_classes: Sequence[str] = (),
 ) -> EmbeddedHandle:
-    """Start Ray (if needed), the controller and its workers, the router, and the HTTP server."""
+    """Start Ray (if needed), the controller and its workers, the router, and the HTTP server.
+
+    ``slo_classes``: SLO classes the front end accepts in ``x-pdserve-slo-class`` besides ``default``.
+    """
     import ray
 
+    from orchestrator.core.admission import AdmissionConfig, context_window
     from orchestrator.runtime import builder
-    from orchestrator.runtime.http import create_app, serve
+    from orchestrator.runtime.http import ServerLimits, create_app, serve
+    from orchestrator.runtime.http.config import DEFAULT_SLO_CLASS
     from orchestrator.runtime.http.tokenizer import load_hf_tokenizer
     from orchestrator.runtime.metrics import ServingMetrics
-    from workers.engine.loader import load_tokenizer
+    from workers.engine.loader import load_model_config, load_tokenizer
     from workers.engine.tiny import ensure_tiny_model
 
+    limits = ServerLimits(slo_classes=frozenset({DEFAULT_SLO_CLASS, *slo_classes}))  # invalid names fail first
     if model_dir is None:
         model_path = ensure_tiny_model(cache_dir)
     else:
@@ -151,10 +160,21 @@ def start_embedded(
     try:
         ray.get(controller.start.remote(), timeout=cluster.worker_start_timeout_s + 60)
         view = ray.get(controller.get_view.remote())
+        # the window the workers enforce, advertised and admitted as such: a larger one would cut requests short
+        window = context_window(load_model_config(model_path).max_position_embeddings, view.snapshot)
+        limits = dataclasses.replace(limits, max_context_tokens=window)
+        if router is None:
+            router = RouterConfig(admission=AdmissionConfig(max_context_tokens=window))
+        else:  # a router's own window may be narrower than the workers', never wider
+            admission = dataclasses.replace(
+                router.admission, max_context_tokens=min(router.admission.max_context_tokens, window)
+            )
+            router = dataclasses.replace(router, admission=admission)
         info = load_tokenizer(model_path)
         metrics = ServingMetrics()
         backend = DisaggregatedBackend(ControllerViews(controller), info, router, initial_view=view, metrics=metrics)
-        app = create_app(backend, load_hf_tokenizer(model_path), model_path.name, api_key=api_key, metrics=metrics)
+        app = create_app(backend, load_hf_tokenizer(model_path), model_path.name, api_key=api_key, metrics=metrics,
+                         limits=limits)
         server = serve(app, host, port)
     except BaseException:
         try:

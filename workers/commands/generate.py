@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", choices=TRANSPORTS, default="tcp", help="KV transport between the two processes")
     parser.add_argument(
         "--prompt", action="append", default=None,
-        help="prompt text (repeatable); default: three prompts of about 3, 20 and 300 tokens",
+        help="prompt text (repeatable); default: three prompts of 2, 24 and 391 tokens (tiny model tokenizer)",
     )
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate per prompt (EOS is ignored)")
     parser.add_argument(

@@ -11,6 +11,7 @@ messages go over multiprocessing pipes; KV bytes go over the transport.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import time
 import traceback
 from collections.abc import Sequence
@@ -57,7 +58,13 @@ def _reply(conn: Connection, fn: Any, *args: Any) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
+def _ignore_interrupts() -> None:
+    """Leave Ctrl-C to the parent, which stops both children: in them it only printed a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _decode_main(conn: Connection, model_dir: str, kinds: list[str], options: EndpointOptions) -> None:
+    _ignore_interrupts()
     import torch
 
     from workers.engine.config import EngineConfig, EngineRole
@@ -108,6 +115,7 @@ def _decode_main(conn: Connection, model_dir: str, kinds: list[str], options: En
 
 
 def _prefill_main(conn: Connection, model_dir: str, options: SenderOptions) -> None:
+    _ignore_interrupts()
     import torch
 
     from workers.engine.config import EngineConfig, EngineRole

@@ -33,3 +33,30 @@ def test_generate_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "not a model directory" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--transport", "pigeon"])
+
+
+def test_ctrl_c_stops_generate_without_a_traceback_from_its_processes(tiny_model_dir: Path) -> None:
+    # Ctrl-C reaches the whole foreground process group: the two child processes leave it to the parent
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pdserve = shutil.which("pdserve", path=os.path.dirname(sys.executable)) or "pdserve"
+    proc = subprocess.Popen(
+        [pdserve, "generate", "--max-tokens", "2000", "--model-dir", str(tiny_model_dir), "--no-check"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "prompt(s)" in proc.stdout.readline()  # the children start right after this line
+        time.sleep(4.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert "Traceback" not in err, err[-3000:]

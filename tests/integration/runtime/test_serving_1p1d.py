@@ -132,3 +132,15 @@ def _try(c: openai.OpenAI, model: str, prompt: str) -> str | None:
     except openai.APIError:
         return None
 
+
+
+def test_the_advertised_context_window_is_the_one_the_workers_enforce(live: EmbeddedHandle) -> None:
+    from workers.engine.config import EngineConfig
+    from workers.engine.loader import load_model_config
+
+    window = min(load_model_config(live.model_dir).max_position_embeddings, NUM_KV_BLOCKS * EngineConfig().block_size)
+    card = httpx.get(live.url + "/v1/models", timeout=10).json()["data"][0]
+    assert card["max_model_len"] == window
+    asked = {"model": live.model_dir.name, "prompt": "Hello", "max_tokens": window}  # the prompt leaves less room
+    answer = httpx.post(live.url + "/v1/completions", json=asked, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "context_length_exceeded"

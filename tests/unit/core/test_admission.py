@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.core.admission import AdmissionConfig, AdmissionOutcome, RejectReason, admit
+from orchestrator.core.admission import AdmissionConfig, AdmissionOutcome, RejectReason, admit, context_window
 from orchestrator.core.slo import OverloadAction
 from orchestrator.core.types import ClusterSnapshot, InstanceHealth, InstanceLoad, RequestInfo, Role
 
@@ -62,3 +62,15 @@ def test_waiting_request_limit_counts_as_full() -> None:
     )
     config = AdmissionConfig(max_waiting_requests=4, on_overload=OverloadAction.REJECT)
     assert admit(snap, _req(), config).reason is RejectReason.OVERLOADED
+
+
+def test_the_context_window_is_the_model_positions_capped_by_the_smallest_kv_cache() -> None:
+    def inst(name: str, role: Role, blocks: int, block_size: int = 16) -> InstanceLoad:
+        return InstanceLoad(name, role, total_kv_blocks=blocks, free_kv_blocks=blocks, block_size=block_size)
+
+    roomy = ClusterSnapshot(0.0, (inst("p0", Role.PREFILL, 1024), inst("d0", Role.DECODE, 512)))
+    assert context_window(4096, roomy) == 4096
+    small = ClusterSnapshot(0.0, (inst("p0", Role.PREFILL, 1024), inst("d0", Role.DECODE, 4), inst("d1", Role.DECODE, 9, 8)))
+    assert context_window(4096, small) == 64
+    unreported = ClusterSnapshot(0.0, (inst("d0", Role.DECODE, 0),))  # no load report yet: nothing to cap by
+    assert context_window(4096, unreported) == 4096

@@ -10,6 +10,7 @@ from types import ModuleType
 import pytest
 
 from orchestrator.commands import quickstart, up
+from orchestrator.commands.kv_flags import TCP_ALLOWED, congestion_problem
 from orchestrator.core.types import Role
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.service.host import WorkerSpec, kv_options
@@ -47,6 +48,38 @@ def test_bad_kv_flags_are_refused_before_anything_starts(command: ModuleType) ->
     assert problem is not None and problem.startswith("--kv-tcp-congestion: tcp_congestion must be")
 
 
+@pytest.mark.skipif(not TCP_ALLOWED.is_file(), reason="needs Linux's tcp_allowed_congestion_control")
+@pytest.mark.parametrize("command", [up, quickstart])
+def test_a_congestion_algorithm_this_host_does_not_allow_is_refused_before_anything_starts(
+    command: ModuleType,
+) -> None:
+    allowed = TCP_ALLOWED.read_text().split()
+    problem = command._validate(_args(command, "--kv-tcp-congestion", "bogus"))
+    assert problem is not None and "'bogus' is not allowed on this host" in problem
+    assert all(name in problem for name in allowed)
+    for fine in ("auto", "system", allowed[0]):
+        assert command._validate(_args(command, "--kv-tcp-congestion", fine)) is None
+
+
+def test_congestion_problem_lists_what_may_be_used() -> None:
+    allowed, available = ("reno", "bbr"), ("reno", "bbr", "cubic")
+    assert congestion_problem("bbr", allowed, available, privileged=False) is None
+    problem = congestion_problem("cubic", allowed, available, privileged=False)
+    assert problem is not None and problem.endswith("one of: bbr, reno (net.ipv4.tcp_allowed_congestion_control)")
+    assert congestion_problem("cubic", allowed, available, privileged=True) is None  # CAP_NET_ADMIN may
+    assert congestion_problem("vegas", allowed, available, privileged=True) is not None
+    assert congestion_problem("anything", None, None, privileged=False) is None  # no /proc: cannot tell
+
+
+def test_quickstart_refuses_a_bogus_congestion_algorithm_without_starting_ray(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if not TCP_ALLOWED.is_file():
+        pytest.skip("needs Linux's tcp_allowed_congestion_control")
+    assert quickstart.main(_args(quickstart, "--kv-tcp-congestion", "bogus")) == 2
+    assert "pdserve quickstart: --kv-tcp-congestion 'bogus' is not allowed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [up, quickstart])
 def test_transport_nixl_is_refused_up_front_where_nixl_is_missing(
     command: ModuleType, monkeypatch: pytest.MonkeyPatch
@@ -74,3 +107,15 @@ def test_endpoint_options_refuse_a_poll_that_is_not_a_finite_non_negative_time(p
     with pytest.raises(ValueError, match="poll_us must be a finite number of microseconds >= 0"):
         EndpointOptions(poll_us=poll_us)
     assert EndpointOptions(poll_us=0.0).poll_us == 0.0
+
+
+def test_up_refuses_a_port_in_use_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert up.port_problem("127.0.0.1", port) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+        assert up.main(_args(up, "--port", str(port))) == 2
+        assert capsys.readouterr().err.strip() == f"pdserve up: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert up.port_problem("127.0.0.1", port) is None  # free again
+    assert up.port_problem("127.0.0.1", 0) is None
