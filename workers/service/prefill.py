@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import Future
 from typing import Any
 
 from orchestrator.core.types import InstanceLoad, Role
@@ -73,9 +74,15 @@ class PrefillWorker:
         with self._lock:
             self._queued_tokens += len(prompt)
             self._queued.add(request_id)
-        first, sender = await asyncio.wrap_future(
-            self.loop.submit(lambda e: self._run(e, request_id, prompt, sampling, descriptor))
-        )
+        job = self.loop.submit(lambda e: self._run(e, request_id, prompt, sampling, descriptor))
+        waiting = asyncio.wrap_future(job)
+        try:
+            # shielded: a cancelled job would never run _run, leaving its tokens counted as queued for good
+            first, sender = await asyncio.shield(waiting)
+        except asyncio.CancelledError:  # the caller left (a client disconnect): the job still runs or is skipped
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits its outcome now
+            self._settle_abandoned(request_id, job)
+            raise
         # Waiting for the receiver's verdict happens off the engine thread: the next prompt can run.
         try:
             stats = await asyncio.to_thread(sender.finish)
@@ -83,6 +90,18 @@ class PrefillWorker:
             sender.abort()
             raise
         return PrefillResult(first_token_id=first, first_text="", transfer=stats)
+
+    def _settle_abandoned(self, request_id: str, job: Future[tuple[int, KVSender]]) -> None:
+        """Skip the abandoned job if it has not started; abort the sender it opens if it has."""
+        self.abort(request_id)
+
+        def abort_sender(done: Future[tuple[int, KVSender]]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                _, sender = done.result()
+                # off the engine thread, which completes the job: abort() waits for the sending thread
+                threading.Thread(target=sender.abort, name=f"kv-abort-{request_id}", daemon=True).start()
+
+        job.add_done_callback(abort_sender)
 
     def abort(self, request_id: str) -> bool:
         """Skip ``request_id`` if its prefill has not started yet."""

@@ -1,0 +1,90 @@
+"""The prefill worker when its caller goes away (a client disconnect): nothing stays counted or connected.
+
+Real engine (tiny model), real engine loop, real torch_dist pair and receiver in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.engine.config import EngineConfig, EngineRole
+from workers.engine.engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
+from workers.kv.errors import KVTransferError
+from workers.kv.interface import EndpointOptions, KVEndpoint, SenderOptions
+from workers.kv.registry import KVClient, open_endpoint
+from workers.service.decode import kv_spec
+from workers.service.engine_loop import EngineLoop
+from workers.service.prefill import PrefillWorker
+
+PROMPT = tuple(range(300, 364))
+SAMPLING = SamplingParams(max_tokens=1)
+
+
+def _ignore(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    pass
+
+
+@pytest.fixture
+def parts(tiny_model_dir: Path) -> Iterator[tuple[PrefillWorker, KVEndpoint, KVClient]]:
+    engine = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=64, role=EngineRole.PREFILL_ONLY))
+    client = KVClient(SenderOptions(timeout_s=5.0))
+    worker = PrefillWorker(EngineLoop(engine), client, "prefill-0-g0")
+    endpoint = open_endpoint("torch_dist", EndpointOptions(stall_timeout_s=10.0))
+    yield worker, endpoint, client
+    worker.close()
+    endpoint.close()
+
+
+def test_a_prefill_abandoned_while_queued_is_no_longer_counted(
+    parts: tuple[PrefillWorker, KVEndpoint, KVClient],
+) -> None:
+    worker, endpoint, _ = parts
+    gate = threading.Event()
+    worker.loop.submit(lambda engine: gate.wait(10.0))  # the engine thread is busy: the prefill waits in line
+    rx = endpoint.expect("left-in-line", len(PROMPT), kv_spec(worker.loop.engine), _ignore)
+
+    async def abandon() -> None:
+        task = asyncio.create_task(worker.prefill("left-in-line", PROMPT, SAMPLING, rx.descriptor))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(abandon())
+    gate.set()
+    worker.loop.call(lambda engine: None)  # the engine thread has run (or skipped) the abandoned job
+    assert worker.load().queued_prefill_tokens == 0
+    rx.cancel()
+
+
+def test_a_prefill_abandoned_while_running_aborts_its_sender(parts: tuple[PrefillWorker, KVEndpoint, KVClient]) -> None:
+    # the prefill's sender waits for the pair another transfer holds, so the job is running when its caller
+    # leaves; once it gets the pair and prefills, its sender must be aborted, else it keeps the pair forever
+    worker, endpoint, client = parts
+    spec = kv_spec(worker.loop.engine)
+    holder = client.open(endpoint.expect("holder", len(PROMPT), spec, _ignore).descriptor)
+    rx = endpoint.expect("left-running", len(PROMPT), spec, _ignore)
+
+    async def abandon() -> None:
+        task = asyncio.create_task(worker.prefill("left-running", PROMPT, SAMPLING, rx.descriptor))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(abandon())
+    holder.abort()  # the pair is free: the abandoned prefill runs now
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferError):
+        rx.wait(8.0)
+    assert time.monotonic() - t0 < 4.0  # aborted, not left to the receiver's stall deadline
+    after = endpoint.expect("after", len(PROMPT), spec, _ignore)
+    result = asyncio.run(worker.prefill("after", PROMPT, SAMPLING, after.descriptor))  # the pair is free again
+    assert result.transfer is not None and result.transfer.num_layers == spec.num_layers
+    after.wait(5.0)
