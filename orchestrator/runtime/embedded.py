@@ -73,11 +73,17 @@ def _repo_on_worker_path() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
 
 
+LOCAL_GCS_RECONNECT_S = 15  # how long a process of the private local Ray waits for its lost GCS before exiting
+
+
 def init_local_ray(num_prefill: int, num_decode: int, num_cpus: int | None = None) -> None:
     """Start a private local Ray with logical GPUs and one custom resource per pool."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster; see docs for clusters
+    # Ray's processes here die with this one's process group (a service manager's SIGTERM to the group):
+    # a driver then waited Ray's default 60 s for the dead GCS before it could exit
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(LOCAL_GCS_RECONNECT_S))
     _repo_on_worker_path()
     workers = num_prefill + num_decode
     ray.init(
