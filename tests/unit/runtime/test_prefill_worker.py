@@ -17,6 +17,7 @@ import torch
 from workers.engine.config import EngineConfig, EngineRole
 from workers.engine.engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
+from workers.kv.descriptor import TransferDescriptor
 from workers.kv.errors import KVTransferError
 from workers.kv.interface import EndpointOptions, KVEndpoint, SenderOptions
 from workers.kv.registry import KVClient, open_endpoint
@@ -30,6 +31,14 @@ SAMPLING = SamplingParams(max_tokens=1)
 
 def _ignore(layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
     pass
+
+
+async def _abandon(worker: PrefillWorker, request_id: str, descriptor: TransferDescriptor) -> None:
+    """Start a prefill of PROMPT, then leave it as a disconnecting client's handler does (cancelled)."""
+    task = asyncio.create_task(worker.prefill(request_id, PROMPT, SAMPLING, descriptor))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.fixture
@@ -51,13 +60,7 @@ def test_a_prefill_abandoned_while_queued_is_no_longer_counted(
     worker.loop.submit(lambda engine: gate.wait(10.0))  # the engine thread is busy: the prefill waits in line
     rx = endpoint.expect("left-in-line", len(PROMPT), kv_spec(worker.loop.engine), _ignore)
 
-    async def abandon() -> None:
-        task = asyncio.create_task(worker.prefill("left-in-line", PROMPT, SAMPLING, rx.descriptor))
-        await asyncio.sleep(0.2)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    asyncio.run(abandon())
+    asyncio.run(_abandon(worker, "left-in-line", rx.descriptor))
     gate.set()
     worker.loop.call(lambda engine: None)  # the engine thread has run (or skipped) the abandoned job
     assert worker.load().queued_prefill_tokens == 0
@@ -72,13 +75,7 @@ def test_a_prefill_abandoned_while_running_aborts_its_sender(parts: tuple[Prefil
     holder = client.open(endpoint.expect("holder", len(PROMPT), spec, _ignore).descriptor)
     rx = endpoint.expect("left-running", len(PROMPT), spec, _ignore)
 
-    async def abandon() -> None:
-        task = asyncio.create_task(worker.prefill("left-running", PROMPT, SAMPLING, rx.descriptor))
-        await asyncio.sleep(0.3)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    asyncio.run(abandon())
+    asyncio.run(_abandon(worker, "left-running", rx.descriptor))
     holder.abort()  # the pair is free: the abandoned prefill runs now
     t0 = time.monotonic()
     with pytest.raises(KVTransferError):
