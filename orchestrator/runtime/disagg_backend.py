@@ -10,8 +10,10 @@ A request's life here (DESIGN.md, disaggregated path):
    pushing KV layer by layer, and returns token 1 (streamed at once);
 4. D joins the request to its batch when the last layer landed and streams
    the rest.
-Failures never hang a stream: a dead or unreachable P or a failed transfer
-retries the prefill on another P (then recomputes on D); a dead D mid-stream
+Failures never hang a stream: a dead or unreachable P retries the prefill on
+another P (then recomputes on D); a failed transfer retries it away from the
+side the error points at (P for corrupt bytes, D when the receiver refused or
+vanished, neither when it cannot be told); a dead D mid-stream
 resumes prompt + tokens so far on another D (greedy decoding continues with
 the same tokens); with nothing left the stream ends in ``GenerationFailed``.
 Every wait is bounded by the request's deadline. Text is detokenized here over
@@ -21,6 +23,7 @@ the whole token stream, so it stays consistent across those hand-overs.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -117,6 +120,41 @@ def warm_up(snapshot: ClusterSnapshot, routing: RoutingConfig, admission: Admiss
     route(snapshot, probe, routing)
 
 
+class TransferFault(enum.Enum):
+    """Which side of a failed KV transfer the prefill worker's error points at."""
+
+    SENDER = "sender"  # the bytes went bad on the prefill side (checksum mismatch): try another P
+    RECEIVER = "receiver"  # the decode worker refused, went silent or vanished: the prefill worker is fine
+    UNKNOWN = "unknown"  # e.g. the sender gave up on its own timer: blame neither
+
+
+# Phrases of the KV transports' errors (workers/kv/framing.py, sending.py, memory.py) that mean the
+# receiving side failed. They arrive as text: the gRPC status detail is all the router sees.
+_RECEIVER_FAULTS = (
+    "connect to ",  # "cannot connect to ...", "connect to ... timed out"
+    "connection lost while",
+    "peer closed the connection",
+    "peer silent",
+    "peer stopped reading",
+    "receiver rejected",
+    "receiver's verdict",
+    "receiver too slow",
+    "expected ack",
+    "no in-process endpoint",
+)
+
+
+def transfer_fault(detail: str) -> TransferFault:
+    """The side a prefill worker's KV transfer error (its gRPC detail) points at."""
+    text = detail.lower()
+    # A checksum error is "reported by receiver" but is about the bytes the sender put out.
+    if "checksum" in text:
+        return TransferFault.SENDER
+    if any(phrase in text for phrase in _RECEIVER_FAULTS):
+        return TransferFault.RECEIVER
+    return TransferFault.UNKNOWN
+
+
 class _Attempt(Exception):
     """A hand-over is needed; ``suspect`` names the worker to avoid next."""
 
@@ -141,7 +179,9 @@ class DisaggregatedBackend:
         self._suspects: dict[str, float] = {}  # instance id -> until (monotonic s)
         self._clients: dict[str, WorkerClient] = {}
         self._active: dict[str, set[str]] = {}  # request id -> instance ids it runs on
+        self._aborted: set[str] = set()  # requests in flight that ``abort`` was called for
         self._queued = 0
+        self._shown: set[tuple[str, str]] = set()  # (instance id, role) series the metrics show
         self._refresher: asyncio.Task[None] | None = None
         self.handovers = 0  # prefill retries + decode resumes, for tests and metrics
         self.busy_retries = 0  # waits because no decode worker had KV room
@@ -183,12 +223,18 @@ class DisaggregatedBackend:
     def _record_view(self, view: ClusterView) -> None:
         if self.metrics is None:
             return
+        shown: set[tuple[str, str]] = set()
         for inst in view.snapshot.instances:
             role = inst.role.value
+            shown.add((inst.instance_id, role))
             self.metrics.set_running_requests(inst.instance_id, role, inst.running_requests)
             self.metrics.set_kv_blocks(inst.instance_id, role, inst.total_kv_blocks - inst.free_kv_blocks,
                                        inst.free_kv_blocks)
             self.metrics.set_queue_depth(role, inst.instance_id, inst.waiting_requests)
+        # Instances that left the view (or flipped role) must not keep reporting their last values.
+        for instance_id, role in self._shown - shown:
+            self.metrics.forget_instance(instance_id, role)
+        self._shown = shown
 
     def _routable_snapshot(self) -> ClusterSnapshot:
         now = time.monotonic()
@@ -229,14 +275,18 @@ class DisaggregatedBackend:
                 if not queued:
                     queued = True
                     self._queued += 1
-                    if self.metrics is not None:
-                        self.metrics.set_queue_depth("router", "router", self._queued)
+                    self._record_router_queue()
                 if time.time() >= deadline_s:
                     raise DeadlineExceeded(f"request {info.request_id} waited at the router past its deadline")
                 await asyncio.sleep(self.config.queue_poll_s)
         finally:
-            if queued:
+            if queued:  # admitted, rejected, timed out or cancelled: it left the queue either way
                 self._queued -= 1
+                self._record_router_queue()
+
+    def _record_router_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_queue_depth("router", "router", self._queued)
 
     def _route(self, info: RequestInfo, first_attempt: bool) -> RouteDecision:
         snap = self._routable_snapshot()
@@ -286,6 +336,12 @@ class DisaggregatedBackend:
                                 return
                     raise _Attempt(WorkerUnavailable("decode", "Generate", None, "stream ended early"), None)
                 except _Attempt as attempt:
+                    if rid in self._aborted:
+                        # The failure is most likely the abort itself (a reservation or prefill dropped
+                        # under the request): it must not start over on other workers.
+                        yield TokenEvent((), detok.delta(True), FinishReason.ABORT,
+                                         prompt_tokens=info.prompt_tokens, completion_tokens=len(generated))
+                        return
                     if time.time() >= request.deadline_s:
                         raise DeadlineExceeded(f"request {rid} passed its deadline ({attempt.cause})") from None
                     if attempt.busy:  # back-pressure, not a failure
@@ -304,6 +360,7 @@ class DisaggregatedBackend:
                     await self.refresh()
         finally:
             instances = self._active.pop(rid, set())
+            self._aborted.discard(rid)
             if not worker_finished:
                 await self._abort_on(rid, instances)
 
@@ -352,7 +409,18 @@ class DisaggregatedBackend:
         except WorkerCallError as exc:
             raise self._handover(exc, d_id, request) from None
 
-    def _handover(self, exc: WorkerCallError, instance_id: str, request: GenerationRequest) -> BaseException:
+    @staticmethod
+    def _prefill_suspect(exc: WorkerCallError, p_id: str, d_id: str) -> str | None:
+        """The worker to avoid after P's prefill call failed: P itself, unless its KV transfer did."""
+        if not isinstance(exc, TransferFailed):
+            return p_id
+        fault = transfer_fault(exc.detail)
+        if fault is TransferFault.SENDER:
+            return p_id
+        # The receiver vanished or refused: the transfer's target D, so the retry reserves elsewhere.
+        return d_id if fault is TransferFault.RECEIVER else None
+
+    def _handover(self, exc: WorkerCallError, instance_id: str | None, request: GenerationRequest) -> BaseException:
         if time.time() >= request.deadline_s:
             return DeadlineExceeded(f"request {request.request_id} passed its deadline: {exc}")
         if isinstance(exc, WorkerBusy):
@@ -384,7 +452,7 @@ class DisaggregatedBackend:
             await d.abort(rid)  # give the reservation back before trying elsewhere
             if isinstance(exc, DeadlineExceeded):
                 raise
-            raise self._handover(exc, p_id, request) from None
+            raise self._handover(exc, self._prefill_suspect(exc, p_id, d_id), request) from None
         if result.transfer is not None and self.metrics is not None:
             self.metrics.record_kv_transfer(result.transfer.kind.value, result.transfer.num_bytes,
                                             result.transfer.seconds)
@@ -409,7 +477,9 @@ class DisaggregatedBackend:
         return frozenset(self._active.get(request_id, ()))
 
     async def abort(self, request_id: str) -> None:
-        """Stop ``request_id`` on every worker it touched."""
+        """Stop ``request_id`` on every worker it touched; it is not handed over to other workers afterwards."""
+        if request_id in self._active:
+            self._aborted.add(request_id)
         await self._abort_on(request_id, self._active.get(request_id, set()))
 
     async def close(self) -> None:

@@ -150,6 +150,13 @@ class ServingMetrics:
         self.kv_blocks_used.labels(instance, role).set(used_blocks)
         self.kv_blocks_free.labels(instance, role).set(free_blocks)
 
+    def forget_instance(self, instance: str, role: str) -> None:
+        """Drop ``instance``'s per-instance gauges in ``role``: it left the view, or serves another role now."""
+        # A gauge keeps its last value until its label set is removed: a dead worker's KV blocks would stay.
+        for gauge in (self.running_requests, self.kv_blocks_used, self.kv_blocks_free):
+            gauge.remove(instance, role)
+        self.queue_depth.remove(role, instance)
+
     def record_kv_transfer(self, transport: str, num_bytes: int, duration_s: float) -> None:
         """One completed KV transfer over ``transport`` (``tcp``, ``shm``, ...)."""
         self.kv_transfer_bytes.labels(transport).inc(num_bytes)
