@@ -171,19 +171,27 @@ async def _unless_disconnected(
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        task.cancel()
+        # The server gave up on this request (its client left). ``work`` must have stopped before the
+        # caller closes the stream it reads, or closing that stream fails ("already running").
+        await _stop(task)
         raise
     finally:
         watch.cancel()
     if task.done():
         return task.result()
     await on_gone()  # first, so that the backend ends the stream even if ``work`` ignores one cancel
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.5)
+    await _stop(task)
+    raise _ClientGone
+
+
+async def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` until it has ended, even when the caller is being cancelled itself."""
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
     if not task.cancelled():
         task.exception()  # mark a failure as seen; the client is gone either way
-    raise _ClientGone
 
 
 async def _next_event(stream: AsyncIterator[TokenEvent]) -> TokenEvent:
@@ -322,6 +330,9 @@ async def _run(
     except _ClientGone:
         tracker.client_gone()
         return Response(status_code=499, headers=headers)  # nobody reads it; the connection is gone
+    except asyncio.CancelledError:  # the server cancelled the handler: its client is gone
+        tracker.client_gone()
+        raise
     except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error; the server keeps serving
         error = from_backend_error(exc) if isinstance(exc, BackendError) else internal_error(exc)
         tracker.fail(error)

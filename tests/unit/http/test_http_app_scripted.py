@@ -194,3 +194,55 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             ]
 
     assert asyncio.run(go()) == [401, 200, 200]
+
+
+class StuckInPrefill(ScriptedBackend):
+    """A backend whose first token never comes (a long prefill); records when the request started."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda r: [])
+        self.started = asyncio.Event()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        self.requests.append(request)
+        self.started.set()
+        await asyncio.Event().wait()
+        yield TokenEvent((), "", FinishReason.STOP)  # never reached
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_handler_cancelled_during_prefill_ends_as_a_client_abort_not_a_500(stream: bool) -> None:
+    metrics = ServingMetrics()
+    backend = StuckInPrefill()
+    app = create_app(backend, CharTokenizer(), "m", api_key="", metrics=metrics)
+    body = json.dumps({"model": "m", "prompt": "abc", "stream": stream}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "root_path": "",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    sent: list[dict] = []
+
+    async def go() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await asyncio.Event().wait()  # still connected, as far as the app can tell
+            raise AssertionError("unreachable")
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        task = asyncio.create_task(app(scope, receive, send))
+        await backend.started.wait()
+        task.cancel()  # what the server does with the handler of a client that went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert sent == []  # no 500 (or any answer) to a client that is gone
+    assert backend.aborted == [backend.requests[0].request_id]
+    assert metrics.registry.get_sample_value(
+        "pdserve_requests_total", {"outcome": "abort", "reason": "client_disconnected"}) == 1
+    assert metrics.registry.get_sample_value("pdserve_running_requests", {"instance": "frontend", "role": "http"}) == 0
