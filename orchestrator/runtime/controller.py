@@ -11,16 +11,23 @@ Life of the controller:
 2. Every ``health_interval_s``: probe each worker (gRPC load report; a failed
    probe asks Ray whether the actor still exists), let the core's ``supervise``
    decide health marks, replacements and new starts, carry them out (a
-   replacement reuses its slot's placement bundle, under a new id), and
-   publish a new view with a larger version.
+   replacement reuses its slot's placement bundle, under a new id: a slot's
+   generation only increases), and publish a new view with a larger version.
+   A slot whose start failed is not started again before its backoff (1 s,
+   doubling up to 30 s, reset by a start that succeeds) has passed.
 3. ``shutdown``: kill the workers and remove the placement groups it made.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import math
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,6 +70,8 @@ class ClusterConfig:
     health_interval_s: float = 0.5
     probe_timeout_s: float = 2.0
     worker_start_timeout_s: float = 120.0
+    start_backoff_s: float = 1.0  # wait after a slot's first failed start; doubles per failure in a row
+    max_start_backoff_s: float = 30.0
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
 
     def __post_init__(self) -> None:
@@ -70,6 +79,11 @@ class ClusterConfig:
             raise ValueError(f"need num_prefill >= 0 and num_decode >= 1, got {self.num_prefill}, {self.num_decode}")
         if self.health_interval_s <= 0:
             raise ValueError(f"health_interval_s must be > 0, got {self.health_interval_s}")
+        if not 0 < self.start_backoff_s <= self.max_start_backoff_s:
+            raise ValueError(
+                f"need 0 < start_backoff_s <= max_start_backoff_s, got {self.start_backoff_s}, "
+                f"{self.max_start_backoff_s}"
+            )
 
     @property
     def targets(self) -> dict[Role, int]:
@@ -97,6 +111,55 @@ class ClusterView:
         return None
 
 
+def start_backoff_s(failed_starts: int, base_s: float = 1.0, cap_s: float = 30.0) -> float:
+    """Wait before a slot's next start after ``failed_starts`` failed starts in a row: 0, base, 2 base, ... cap."""
+    if failed_starts <= 0:
+        return 0.0
+    return min(cap_s, base_s * 2.0 ** min(failed_starts - 1, 64))  # the exponent is capped: no overflow
+
+
+@dataclass
+class SlotStarts:
+    """Per slot, the next worker generation and the backoff after failed starts (no I/O; time is passed in).
+
+    Generations only increase, so an instance id is never reused: metric labels and routers' suspect
+    lists of a dead worker never apply to its replacement.
+    """
+
+    base_s: float = 1.0
+    cap_s: float = 30.0
+    _next_generation: dict[Slot, int] = field(default_factory=dict)
+    _failures: dict[Slot, int] = field(default_factory=dict)
+    _retry_at_s: dict[Slot, float] = field(default_factory=dict)
+
+    def claim(self, slot: Slot) -> int:
+        """The generation of the worker about to start in ``slot`` (never handed out again)."""
+        generation = self._next_generation.get(slot, 0)
+        self._next_generation[slot] = generation + 1
+        return generation
+
+    def seen(self, slot: Slot, generation: int) -> None:
+        """A worker of ``generation`` exists in ``slot`` (e.g. adopted): later claims go above it."""
+        self._next_generation[slot] = max(self._next_generation.get(slot, 0), generation + 1)
+
+    def failed(self, slot: Slot, now_s: float) -> float:
+        """Record a failed start at ``now_s``; returns the wait before the slot may start again."""
+        failures = self._failures.get(slot, 0) + 1
+        self._failures[slot] = failures
+        delay_s = start_backoff_s(failures, self.base_s, self.cap_s)
+        self._retry_at_s[slot] = now_s + delay_s
+        return delay_s
+
+    def succeeded(self, slot: Slot) -> None:
+        """A start in ``slot`` worked: the next failure waits ``base_s`` again."""
+        self._failures.pop(slot, None)
+        self._retry_at_s.pop(slot, None)
+
+    def ready(self, slot: Slot, now_s: float) -> bool:
+        """Whether ``slot`` may start a worker at ``now_s``."""
+        return now_s >= self._retry_at_s.get(slot, -math.inf)
+
+
 @dataclass
 class _Worker:
     slot: Slot
@@ -109,6 +172,15 @@ class _Worker:
     load: InstanceLoad | None = None
 
 
+def _kill(handle: Any) -> None:
+    import ray
+
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # already gone
+        pass
+
+
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("starting a worker failed: %s", task.exception())
@@ -117,9 +189,11 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
 class Controller:
     """Plain controller class; ``builder.start_controller`` makes it a restartable Ray actor."""
 
-    def __init__(self, config: ClusterConfig, namespace: str) -> None:
+    def __init__(self, config: ClusterConfig, namespace: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.namespace = namespace
+        self._clock = clock  # monotonic seconds, for start backoffs
+        self._starts = SlotStarts(config.start_backoff_s, config.max_start_backoff_s)
         self._workers: dict[str, _Worker] = {}
         self._starting: set[Slot] = set()
         self._groups: dict[Slot, tuple[Any, int]] = {}  # slot -> (placement group, bundle index)
@@ -170,7 +244,7 @@ class Controller:
             self._adopted += 1
         have = {w.slot for w in self._workers.values()}
         missing = [slot for plan in groups for slot in plan.slots if slot not in have]
-        await asyncio.gather(*(self._start_in_slot(slot, 0) for slot in missing))
+        await asyncio.gather(*(self._start_in_slot(slot) for slot in missing))
         self._publish()
 
     async def _ensure_group(self, plan: GroupPlan) -> None:
@@ -180,12 +254,11 @@ class Controller:
         for index, slot in enumerate(plan.slots):
             self._groups[slot] = (pg, index)
 
-    async def _start_in_slot(self, slot: Slot, generation: int) -> None:
+    async def _start_in_slot(self, slot: Slot) -> None:
+        """Start a worker of a new generation in ``slot``; a failure is logged, starts its backoff and is raised."""
         from orchestrator.runtime import builder
 
-        if slot not in self._groups:
-            await self._ensure_group(GroupPlan(slot.name, self.config.placement, (slot,)))
-        pg, index = self._groups[slot]
+        generation = self._starts.claim(slot)
         instance_id = instance_id_of(slot, generation)
         spec = WorkerSpec(
             instance_id=instance_id,
@@ -201,16 +274,33 @@ class Controller:
             kv_tcp_congestion=self.config.kv_tcp_congestion,
         )
         self._starting.add(slot)
+        handle = None
         try:
+            if slot not in self._groups:
+                await self._ensure_group(GroupPlan(slot.name, self.config.placement, (slot,)))
+            pg, index = self._groups[slot]
             handle = builder.start_worker(self.config.cluster, self.namespace, spec, self.config.shape, pg, index)
             endpoint = await asyncio.wait_for(handle.endpoint.remote(), self.config.worker_start_timeout_s)
-            self._register(slot, generation, handle, endpoint)
+        except Exception as exc:
+            delay_s = self._starts.failed(slot, self._clock())
+            log.warning("starting worker %s failed (next try in %.1f s): %r", instance_id, delay_s, exc)
+            if handle is not None:  # a half-started actor would hold the bundle the next try needs
+                _kill(handle)
+            raise
         finally:
             self._starting.discard(slot)
+        self._starts.succeeded(slot)
+        self._register(slot, generation, handle, endpoint)
+
+    async def _start_or_back_off(self, slot: Slot) -> None:
+        # A failed start was logged and its backoff set in _start_in_slot; a later round retries it.
+        with contextlib.suppress(Exception):
+            await self._start_in_slot(slot)
 
     def _register(self, slot: Slot, generation: int, handle: Any, endpoint: WorkerEndpoint) -> None:
         from orchestrator.runtime.worker_client import WorkerClient
 
+        self._starts.seen(slot, generation)
         self._workers[endpoint.instance_id] = _Worker(slot, generation, handle, endpoint, WorkerClient(endpoint.grpc_address))
 
     # --- supervision ----------------------------------------------------------------------------
@@ -251,11 +341,16 @@ class Controller:
                 w.load = replace(w.load, health=health.get(w.endpoint.instance_id, InstanceHealth.UNHEALTHY))
         for instance_id in plan.replace:
             self._replace(instance_id)
-        for role in plan.start:
+        now_s = self._clock()
+        for role, count in Counter(plan.start).items():
             used = {w.slot.index for w in self._workers.values() if w.slot.role is role}
             used |= {s.index for s in self._starting if s.role is role}
-            index = next(i for i in range(len(used) + 1) if i not in used)
-            self._spawn(self._start_in_slot(Slot(role, index), 0))
+            # The lowest free slots; one still backing off from a failed start waits for a later round.
+            for index in itertools.islice((i for i in itertools.count() if i not in used), count):
+                slot = Slot(role, index)
+                if self._starts.ready(slot, now_s):
+                    self._starting.add(slot)  # claimed now, so this round does not pick it twice
+                    self._spawn(self._start_or_back_off(slot))
         self._publish()
 
     def _spawn(self, coro: Any) -> None:
@@ -263,19 +358,14 @@ class Controller:
         task.add_done_callback(_log_failure)
 
     def _replace(self, instance_id: str) -> None:
-        import ray
-
         worker = self._workers.pop(instance_id, None)
         if worker is None:
             return
         self.replacements += 1
         log.warning("replacing worker %s (alive=%s, failures=%d)", instance_id, worker.alive, worker.failures)
-        try:
-            ray.kill(worker.handle, no_restart=True)
-        except Exception:
-            pass
+        _kill(worker.handle)
         self._starting.add(worker.slot)  # claimed now, so the next round does not start it again
-        self._spawn(self._start_in_slot(worker.slot, worker.generation + 1))
+        self._spawn(self._start_or_back_off(worker.slot))
 
     def _publish(self) -> None:
         instances = []
