@@ -161,6 +161,13 @@ def _pick_decode(
     return order[0] if order else None
 
 
+def serving_gap(snapshot: ClusterSnapshot) -> str | None:
+    """Why ``snapshot`` can serve no request at all (None: some decode or colocated instance is routable)."""
+    if any(inst.is_routable and inst.role in (Role.DECODE, Role.COLOCATED) for inst in snapshot.instances):
+        return None
+    return "no healthy decode or colocated instance"
+
+
 def route(
     snapshot: ClusterSnapshot, request: RequestInfo, config: RoutingConfig
 ) -> RouteDecision | NoRoute:

@@ -84,3 +84,7 @@ class GenerationBackend(Protocol):
     async def abort(self, request_id: str) -> None:
         """Stop ``request_id`` everywhere it runs and free its resources."""
         ...
+
+    def readiness(self) -> str | None:
+        """Why no request could be served now (``GET /ready`` answers 503 with it); None when one could."""
+        ...

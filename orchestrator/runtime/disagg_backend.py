@@ -34,7 +34,15 @@ from typing import Any, Protocol
 import grpc
 
 from orchestrator.core.admission import AdmissionConfig, AdmissionOutcome, admit
-from orchestrator.core.routing import NoRoute, RouteDecision, RouteMode, RoutingConfig, apply_route, route
+from orchestrator.core.routing import (
+    NoRoute,
+    RouteDecision,
+    RouteMode,
+    RoutingConfig,
+    apply_route,
+    route,
+    serving_gap,
+)
 from orchestrator.core.types import ClusterSnapshot, InstanceHealth, RequestInfo
 from orchestrator.runtime.backend import (
     DeadlineExceeded,
@@ -475,6 +483,10 @@ class DisaggregatedBackend:
     def instances_of(self, request_id: str) -> frozenset[str]:
         """Instance ids ``request_id`` has run on so far (empty once it ended)."""
         return frozenset(self._active.get(request_id, ()))
+
+    def readiness(self) -> str | None:
+        """Why no request could be served now, by the router's current view (suspects excluded); None when one could."""
+        return serving_gap(self._routable_snapshot())
 
     async def abort(self, request_id: str) -> None:
         """Stop ``request_id`` on every worker it touched; it is not handed over to other workers afterwards."""

@@ -174,6 +174,10 @@ class LocalEngineBackend:
                     self._commands.append(_Abort(rid))
                     self._wake.notify()
 
+    def readiness(self) -> str | None:
+        """Why no request could be served now (the backend is closed); else None (its thread starts on demand)."""
+        return "the local engine backend is closed" if self._closed else None
+
     async def abort(self, request_id: str) -> None:
         """Stop ``request_id`` in the engine; its stream (if still read) ends with ``ABORT``."""
         with self._lock:

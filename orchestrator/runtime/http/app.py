@@ -2,7 +2,7 @@
 
 A generation request's life in the front end:
 
-1. auth (``Authorization: Bearer``, every route but ``/health``), then the
+1. auth (``Authorization: Bearer``, every route but ``/health`` and ``/ready``), then the
    JSON body is parsed and validated (400 with the field on failure);
    A body over ``ServerLimits.max_body_bytes`` is answered 413 unread;
 2. model check (404), tokenization / chat template in a worker thread (a
@@ -414,6 +414,15 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        # /health says the front end is up (liveness); this says whether a request could be served now
+        # (readiness): a load balancer should send no traffic while every one would get a 503
+        reason = state.backend.readiness()
+        if reason is None:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
 
     @app.get("/metrics", dependencies=auth)
     async def metrics_route() -> Response:

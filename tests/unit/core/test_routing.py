@@ -11,6 +11,7 @@ from orchestrator.core.routing import (
     RoutingConfig,
     apply_route,
     route,
+    serving_gap,
 )
 from orchestrator.core.types import ClusterSnapshot, InstanceHealth, InstanceLoad, RequestInfo, Role
 
@@ -110,3 +111,16 @@ def test_route_is_deterministic_and_does_not_mutate() -> None:
     before = repr(snap)
     assert route(snap, _req(), CONFIG) == route(snap, _req(), CONFIG)
     assert repr(snap) == before
+
+
+def test_serving_gap_says_why_no_request_could_be_served() -> None:
+    def inst(name: str, role: Role, health: InstanceHealth = InstanceHealth.HEALTHY) -> InstanceLoad:
+        return InstanceLoad(name, role, health=health, free_kv_blocks=8, total_kv_blocks=8)
+
+    assert serving_gap(ClusterSnapshot(0.0, (inst("p0", Role.PREFILL), inst("d0", Role.DECODE)))) is None
+    assert serving_gap(ClusterSnapshot(0.0, (inst("c0", Role.COLOCATED),))) is None
+    no_decode = "no healthy decode or colocated instance"
+    assert serving_gap(ClusterSnapshot(0.0, (inst("p0", Role.PREFILL),))) == no_decode
+    dead = ClusterSnapshot(0.0, (inst("p0", Role.PREFILL), inst("d0", Role.DECODE, InstanceHealth.UNHEALTHY)))
+    assert serving_gap(dead) == no_decode
+    assert serving_gap(ClusterSnapshot(0.0)) == no_decode

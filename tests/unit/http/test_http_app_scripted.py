@@ -31,6 +31,7 @@ class ScriptedBackend:
         self.script = script
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []
+        self.unready: str | None = None  # what readiness() says
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         self.requests.append(request)
@@ -42,6 +43,9 @@ class ScriptedBackend:
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    def readiness(self) -> str | None:
+        return self.unready
 
 
 class CharTokenizer:
@@ -194,6 +198,26 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             ]
 
     assert asyncio.run(go()) == [401, 200, 200]
+
+
+def test_ready_follows_the_backend_while_health_stays_up() -> None:
+    backend = ScriptedBackend(lambda r: _tokens("x"))
+    app = create_app(backend, CharTokenizer(), "m", api_key="k")
+
+    async def probe() -> list[tuple[int, dict[str, str]]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            answers = []
+            for path in ("/ready", "/health"):
+                resp = await client.get(path)  # no key: probes need none
+                answers.append((resp.status_code, resp.json()))
+            return answers
+
+    assert asyncio.run(probe()) == [(200, {"status": "ready"}), (200, {"status": "ok"})]
+    backend.unready = "no healthy decode or colocated instance"
+    assert asyncio.run(probe()) == [
+        (503, {"status": "unavailable", "reason": "no healthy decode or colocated instance"}),
+        (200, {"status": "ok"}),
+    ]
 
 
 class StuckInPrefill(ScriptedBackend):

@@ -367,3 +367,11 @@ def test_an_aborted_request_ends_as_an_abort_and_is_not_handed_over(cluster: Clu
     assert events[-1].finish_reason is FinishReason.ABORT
     assert _tokens(events) == ()
     assert backend.handovers == 0  # not re-prefilled on prefill-0
+
+
+def test_readiness_follows_the_routers_view(cluster: Cluster, tiny_model_dir: Path) -> None:
+    views = StaticViews(cluster.view(["prefill-0-g0"]))
+    backend = DisaggregatedBackend(views, load_tokenizer(tiny_model_dir), initial_view=views.view)
+    assert backend.readiness() == "no healthy decode or colocated instance"
+    ready = StaticViews(cluster.view(["prefill-0-g0", "decode-0-g0"]))
+    assert DisaggregatedBackend(ready, load_tokenizer(tiny_model_dir), initial_view=ready.view).readiness() is None
