@@ -99,11 +99,19 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self.worker = worker
 
     async def ReserveKV(self, request: pb.ReserveKVRequest, context: grpc.aio.ServicerContext) -> pb.ReserveKVResponse:
+        rid = request.request_id
+        reserving = asyncio.ensure_future(asyncio.to_thread(
+            self.worker.reserve, rid, tuple(request.prompt_token_ids), request.timeout_s or 30.0,
+            request.max_tokens or None,
+        ))
         try:
-            res = await asyncio.to_thread(
-                self.worker.reserve, request.request_id, tuple(request.prompt_token_ids), request.timeout_s or 30.0,
-                request.max_tokens or None,
-            )
+            res = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            # the router gave up on this call (it left, or its deadline passed) while the thread still
+            # reserves: nobody will use what it reserves, so give it back as soon as it exists instead of
+            # holding the blocks until the reservation expires
+            reserving.add_done_callback(lambda done: done.cancelled() or done.exception() or self.worker.abort(rid))
+            raise
         except Exception as exc:
             await _fail(context, exc)
             raise

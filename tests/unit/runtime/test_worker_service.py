@@ -155,3 +155,32 @@ def test_a_reservation_keeps_room_for_the_output_budget_the_router_sends(
         await d.close()
 
     asyncio.run(run())
+
+
+def test_a_reservation_whose_call_was_cancelled_gives_its_blocks_back(hosts: tuple[WorkerHost, WorkerHost]) -> None:
+    # the router's ReserveKV call goes away while the decode worker still reserves (its engine thread is
+    # busy): the reservation made afterwards must be released, not held until it expires a minute later
+    import threading
+
+    _, decode = hosts
+    gate = threading.Event()
+
+    async def run() -> None:
+        d = WorkerClient(decode.endpoint().grpc_address)
+        decode.worker.loop.submit(lambda engine: gate.wait(10.0))
+        call = asyncio.create_task(d.reserve("r-left", PROMPT, timeout_s=60))
+        await asyncio.sleep(0.3)
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+        await asyncio.sleep(0.2)  # the server sees the cancellation
+        gate.set()
+        for _ in range(50):  # the reservation is made, then given back
+            load = await d.load(reported_at_s=1.0)
+            if load.free_kv_blocks == load.total_kv_blocks and "r-left" not in decode.worker._pending:
+                break
+            await asyncio.sleep(0.05)
+        assert load.free_kv_blocks == load.total_kv_blocks
+        assert "r-left" not in decode.worker._pending
+        await d.close()
+
+    asyncio.run(run())
