@@ -79,7 +79,7 @@ class _Checkpoint:
 
     tensors: dict[str, torch.Tensor]
     files: dict[str, Path]
-    pattern: str  # every weight file, named where no file is known for a tensor
+    pattern: str  # the weight file, or all of them, named where no file is known for a tensor
 
     def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Tensor ``name``; CheckpointError naming its file if it is missing or not of ``shape``."""
@@ -106,7 +106,7 @@ def _load_checkpoint(root: Path) -> _Checkpoint:
             raise CheckpointError(f"{path}: malformed safetensors file ({exc})") from exc
         tensors.update(loaded)
         files.update(dict.fromkeys(loaded, path))
-    return _Checkpoint(tensors, files, str(root / "*.safetensors"))
+    return _Checkpoint(tensors, files, str(paths[0]) if len(paths) == 1 else str(root / "*.safetensors"))
 
 
 def load_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -69,7 +69,7 @@ def test_missing_tensor_is_named(model_copy: Path) -> None:
     tensors = load_state_dict(model_copy)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(model_copy / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
         load_model(model_copy)
 
 
