@@ -266,27 +266,42 @@ def _progress(total: int, enabled: bool) -> tuple[Callable[[int], None], Callabl
     return bar.update, bar.close
 
 
-def main(args: argparse.Namespace) -> int:
-    """Profile the engine and write the profile file."""
+def _check_args(args: argparse.Namespace) -> None:
+    """Raise ValueError for options that would fail only after the engine is built or measured."""
+    import os
+
     import torch
 
-    from simulations.latency.profile import LatencyProfile, write_profile
-    from simulations.latency.regression import fit_regression
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    out = Path(args.output)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"-o {out}: folder {parent} does not exist")
+    if out.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"-o {out}: cannot write a file there")
+    if args.model_dir is not None and not Path(args.model_dir).is_dir():
+        raise ValueError(f"--model-dir {args.model_dir}: no such folder")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {args.device}: CUDA is not available here")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {args.device}: only {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+
+
+def _build_engine(args: argparse.Namespace, grid: ProfileGrid) -> tuple[Path, Any]:
+    """The model folder and the engine to profile: sized for ``grid``, on the tiny model unless --model-dir."""
     from workers.engine.config import EngineConfig
     from workers.engine.engine import LLMEngine
-    from workers.engine.sampling_params import SamplingParams
     from workers.engine.tiny import ensure_tiny_model
 
-    grid = ProfileGrid(
-        prefill_lengths=tuple(args.prefill_lengths),
-        decode_batches=tuple(args.decode_batches),
-        decode_contexts=tuple(args.decode_contexts),
-        repeats=args.repeats,
-        warmup_steps=args.warmup_steps,
-        decode_steps=args.decode_steps,
-        seed=args.seed,
-        statistic=args.statistic,
-    )
     model_dir = args.model_dir or ensure_tiny_model(args.cache_dir)
     block_size = 16
     max_batch = max(grid.decode_batches)
@@ -301,7 +316,39 @@ def main(args: argparse.Namespace) -> int:
         max_model_len=grid.max_context + block_size,
         num_threads=args.threads,
     )
-    engine = LLMEngine(model_dir, config)
+    return model_dir, LLMEngine(model_dir, config)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Profile the engine and write the profile file; 2 with a message for bad options or models."""
+    import sys
+
+    import torch
+
+    from simulations.latency.profile import LatencyProfile, write_profile
+    from simulations.latency.regression import fit_regression
+    from workers.engine.sampling_params import SamplingParams
+
+    try:
+        grid = ProfileGrid(
+            prefill_lengths=tuple(args.prefill_lengths),
+            decode_batches=tuple(args.decode_batches),
+            decode_contexts=tuple(args.decode_contexts),
+            repeats=args.repeats,
+            warmup_steps=args.warmup_steps,
+            decode_steps=args.decode_steps,
+            seed=args.seed,
+            statistic=args.statistic,
+        )
+        _check_args(args)
+    except ValueError as exc:
+        print(f"pdserve profile: {exc}", file=sys.stderr)
+        return 2
+    try:
+        model_dir, engine = _build_engine(args, grid)
+    except (OSError, ValueError, RuntimeError) as exc:  # CheckpointError is a ValueError; torch raises RuntimeError
+        print(f"pdserve profile: cannot load the model: {exc}", file=sys.stderr)
+        return 2
     advance, close = _progress(grid.num_measurements, not args.no_progress)
     try:
         prefill, decode = measure_profile(
@@ -325,7 +372,11 @@ def main(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "statistic": grid.statistic,
     }
-    write_profile(args.output, LatencyProfile(metadata, tuple(prefill), tuple(decode), fit))
+    try:
+        write_profile(args.output, LatencyProfile(metadata, tuple(prefill), tuple(decode), fit))
+    except OSError as exc:  # checked up front, but the folder may change while measuring
+        print(f"pdserve profile: cannot write {args.output}: {exc}", file=sys.stderr)
+        return 1
     m = fit.model
     print(f"wrote {args.output}: {len(prefill)} prefill + {len(decode)} decode samples")
     print(

@@ -15,16 +15,18 @@ import sys
 
 from simulations.commands.common import add_cluster_arguments, add_workload_arguments
 
+# Rows a search replays when neither --limit nor --sample says: every probe re-runs the trace.
+DEFAULT_LIMIT = 2000
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `pdserve goodput`."""
-    add_workload_arguments(parser)
+    add_workload_arguments(parser, default_limit=DEFAULT_LIMIT)
     parser.add_argument("--gpus", type=int, default=4, help="GPU budget of the placement search")
     parser.add_argument("--tp", default="1,2", help="comma-separated TP degrees to consider")
     parser.add_argument("--setups", default="colocated,disagg", help="comma-separated: colocated, disagg")
     parser.add_argument("--tolerance", type=float, default=0.04, help="relative precision of the rate bisection")
     parser.add_argument("--out", default="runs/goodput", help="output directory")
-    parser.set_defaults(limit=2000)
     add_cluster_arguments(parser)
 
 
@@ -42,21 +44,29 @@ def main(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from simulations.commands.common import knobs_from_args, latency_from_args
-    from simulations.experiments.goodput import placement_goodput, placements, run_at_rate
+    from simulations.commands.common import knobs_from_args, latency_from_args, workload_limit
+    from simulations.experiments.goodput import placement_goodput, placements, run_at_rate, trace_rate_rps
     from simulations.experiments.plots import plot_attainment_vs_rate, plot_goodput_bars, plot_latency_cdfs
     from simulations.experiments.specs import load_workload, slo_target
 
     try:
         slo = slo_target(args.ttft_slo, args.tpot_slo, args.attainment)
         latency = latency_from_args(args)
-        trace = load_workload(args.trace, args.limit, 1.0, args.sample, args.seed)
+        trace = load_workload(args.trace, workload_limit(args, DEFAULT_LIMIT), 1.0, args.sample, args.seed)
         setups = {s.strip() for s in args.setups.split(",") if s.strip()}
         if not setups <= {"colocated", "disagg"} or not setups:
             raise ValueError(f"--setups must list colocated and/or disagg, got {args.setups!r}")
-        tps = [int(t) for t in args.tp.split(",") if t.strip()]
+        try:
+            tps = [int(t) for t in args.tp.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--tp must be comma-separated integers, got {args.tp!r}") from None
         if args.gpus < 1:
             raise ValueError("--gpus must be >= 1")
+        if not 0 < args.tolerance < 1:
+            raise ValueError(f"--tolerance must be in (0, 1), got {args.tolerance:g}")
+        if not tps or any(tp < 1 for tp in tps):
+            raise ValueError(f"--tp degrees must be >= 1, got {args.tp!r}")
+        trace_rate_rps(trace)  # the search scales the trace's own rate, so it must have one
         knobs = knobs_from_args(args)
         candidates = placements(args.gpus, tps, latency, "colocated" in setups, "disagg" in setups)
         if not candidates:

@@ -36,13 +36,19 @@ def main(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from simulations.commands.common import knobs_from_args, latency_from_args
+    from simulations.commands.common import at_least, knobs_from_args, latency_from_args
     from simulations.experiments.specs import Placement, build_cluster, load_workload, slo_target
     from simulations.sim.cluster import ClusterSim
-    from simulations.sim.results import collect
+    from simulations.sim.results import collect, format_s
 
     try:
         slo = slo_target(args.ttft_slo, args.tpot_slo, args.attainment)
+        knobs = knobs_from_args(args)
+        counts = ((("--colocated", args.colocated),) if args.setup == "colocated"
+                  else (("--prefill", args.prefill), ("--decode", args.decode)))
+        for flag, value in (("--tp", args.tp), ("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp),
+                            *counts):
+            at_least(flag, value, 1)
         latency = latency_from_args(args)
         trace = load_workload(args.trace, args.limit, args.rate_scale, args.sample, args.seed)
         if args.setup == "colocated":
@@ -51,11 +57,11 @@ def main(args: argparse.Namespace) -> int:
             placement = Placement(prefill=args.prefill, prefill_tp=args.prefill_tp or args.tp,
                                   decode=args.decode, decode_tp=args.decode_tp or args.tp)
         bucket_s = max(1e-3, trace.duration_s / 200)
-        config = build_cluster(placement, latency, knobs_from_args(args), timeline_bucket_s=bucket_s)
+        config = build_cluster(placement, latency, knobs, timeline_bucket_s=bucket_s)
+        sim = ClusterSim(trace, latency.model, config)  # validates every instance's spec
     except (ValueError, FileNotFoundError) as exc:
         print(f"pdserve simulate: {exc}", file=sys.stderr)
         return 2
-    sim = ClusterSim(trace, latency.model, config)
     t0 = time.perf_counter()
     sim.run()
     wall_s = time.perf_counter() - t0
@@ -79,9 +85,10 @@ def main(args: argparse.Namespace) -> int:
     s = result.summary
     print(f"{config.label} on {trace.name} ({len(trace)} requests, {latency.spec}): "
           f"{s['finished']} finished, {s['rejected']} rejected, {s['preemptions']} preemptions")
-    print(f"TTFT p50/p90/p99 {s['ttft_s']['p50']:.3f}/{s['ttft_s']['p90']:.3f}/{s['ttft_s']['p99']:.3f} s; "
-          f"TPOT p50/p90/p99 {s['tpot_s']['p50']:.4f}/{s['tpot_s']['p90']:.4f}/{s['tpot_s']['p99']:.4f} s; "
-          f"TBT worst-10% mean {s['tbt_s']['worst10_mean']:.4f} s")
+    ttft, tpot = s["ttft_s"], s["tpot_s"]
+    print(f"TTFT p50/p90/p99 {'/'.join(format_s(ttft[q]) for q in ('p50', 'p90', 'p99'))} s; "
+          f"TPOT p50/p90/p99 {'/'.join(format_s(tpot[q], 4) for q in ('p50', 'p90', 'p99'))} s; "
+          f"TBT worst-10% mean {format_s(s['tbt_s']['worst10_mean'], 4)} s")
     print(f"SLO attainment (TTFT<={slo.ttft_s:g}s, TPOT<={slo.tpot_s:g}s): {s['slo']['attainment']:.3f}")
     print(f"simulated {len(trace)} requests in {wall_s:.2f} s ({len(trace) / max(wall_s, 1e-9):,.0f} req/s); "
           f"outputs in {args.out}")

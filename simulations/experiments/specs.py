@@ -107,16 +107,27 @@ def load_latency(spec: str, kv_bytes_per_token: float | None = None) -> LatencyS
 
 def load_workload(name: str, limit: int | None = None, rate_scale: float = 1.0,
                   sample: int | None = None, seed: int = 0) -> Trace:
-    """Load a trace by name or path, optionally subsample (seeded), cut to ``limit`` rows and rate-scale."""
-    from simulations.traces import head, load_trace, sample_rows, scale_rate
+    """Load a trace by name or path, optionally subsample (seeded), cut to ``limit`` rows and rate-scale.
 
+    Raises ValueError for a bad count or when no request is left to simulate.
+    """
+    from simulations.traces import head, load_trace, sample_rows, scale_rate
+    from simulations.traces.transforms import take_rows
+
+    if sample is not None and sample < 1:
+        raise ValueError(f"--sample must be >= 1, got {sample}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
     trace = load_trace(name)
+    source = trace.name
     if sample is not None:
         trace = sample_rows(trace, num_requests=min(sample, len(trace)), seed=seed)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
+    if limit is not None and limit < len(trace):
         trace = head(trace, limit)
+        if sample is not None:  # the name says how many sampled rows are simulated, not how many were drawn
+            trace = take_rows(trace, slice(None), name=f"{source}~{len(trace)}")
+    if len(trace) == 0:
+        raise ValueError(f"trace {name!r} has no requests to simulate")
     if rate_scale != 1.0:
         trace = scale_rate(trace, rate_scale)
     return trace

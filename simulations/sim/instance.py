@@ -271,6 +271,10 @@ class Instance:
         """Recompute-preempt the most recently joined running request."""
         req = self.running[next(reversed(self.running))]
         ctx = self._leave(req)
+        if ctx > req.prompt_tokens + req.generated:
+            # It decoded since joining (``generated`` is not kept per step), and every run since
+            # took all running requests, so its last token came at the end of the last run.
+            req.last_token_s = self.last_decode_end_s
         req.generated = ctx - req.prompt_tokens
         req.prefill_target = ctx
         req.prefill_done = 0
@@ -479,6 +483,8 @@ class Instance:
             req.generated += 1
             if req.generated == 1:
                 recorder.first_token(req.idx, now_s - req.arrival_s)
+            else:  # a recompute after preemption: the stall is this token's gap
+                recorder.gaps.add(now_s - req.last_token_s, 1)
             req.last_token_s = now_s
             if req.generated >= req.output_tokens:
                 self.used_blocks -= req.reserved_blocks

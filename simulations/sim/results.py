@@ -9,6 +9,8 @@ Definitions:
 - ``tbt_worst10_mean_s``: Mooncake's tail metric taken over the whole run —
   the mean of the largest 10% of all token gaps (from the gap histogram, so
   at ~2.3% bin resolution).
+- Latency statistics over no finished request (or TBT with no gap) are
+  ``None`` (JSON null), never 0.
 - attainment: fraction of *all* requests (rejected ones count as misses)
   meeting both TTFT and TPOT targets, via ``orchestrator.core.slo.attainment``.
 """
@@ -28,12 +30,26 @@ from simulations.sim.cluster import ClusterSim
 from simulations.sim.recorder import GapHistogram, RequestStatus
 
 
-def _stats(values: npt.NDArray[np.float64]) -> dict[str, float]:
-    if len(values) == 0:
-        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+def _stats(values: npt.NDArray[np.float64]) -> dict[str, float | None]:
+    if len(values) == 0:  # nothing finished: absent, not 0 (which would read as instant)
+        return {"mean": None, "p50": None, "p90": None, "p99": None, "max": None}
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
     return {"mean": float(values.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99),
             "max": float(values.max())}
+
+
+def _gap_stats(gaps: GapHistogram) -> dict[str, float | None]:
+    if gaps.total_weight <= 0:  # no second token anywhere: no gap to report
+        return {"mean": None, "p50": None, "p90": None, "p99": None, "max": None, "worst10_mean": None,
+                "count": 0.0}
+    return {"mean": gaps.weighted_sum_s / gaps.total_weight, "p50": gaps.quantile_s(0.5),
+            "p90": gaps.quantile_s(0.9), "p99": gaps.quantile_s(0.99), "max": gaps.max_s,
+            "worst10_mean": gaps.worst_mean_s(0.1), "count": gaps.total_weight}
+
+
+def format_s(value: float | None, digits: int = 3) -> str:
+    """A latency for a text report; "-" when absent (nothing finished)."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 @dataclass
@@ -126,9 +142,7 @@ def collect(sim: ClusterSim, slo: SLOTarget | None = None) -> RunResult:
         "ttft_s": _stats(ttft_s[finished]),
         "tpot_s": _stats(result.tpot_s[finished]),
         "e2e_s": _stats(e2e_s[finished]),
-        "tbt_s": {"mean": gaps.weighted_sum_s / gaps.total_weight if gaps.total_weight else 0.0,
-                  "p50": gaps.quantile_s(0.5), "p90": gaps.quantile_s(0.9), "p99": gaps.quantile_s(0.99),
-                  "max": gaps.max_s, "worst10_mean": gaps.worst_mean_s(0.1), "count": gaps.total_weight},
+        "tbt_s": _gap_stats(gaps),
         "kv_bytes_moved": sim.network.bytes_moved,
         "events": sim.loop.events_run,
         "instances": [

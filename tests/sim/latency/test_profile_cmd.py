@@ -60,3 +60,34 @@ def test_tiny_profile_run_fits_its_own_samples(tmp_path: Path, tiny_model_dir: P
     assert profile.prefill[-1].seconds > 3 * profile.prefill[0].seconds
     table = load_table(out)
     assert table.prefill_time_s(768) == pytest.approx(profile.prefill[-1].seconds)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--repeats", "0"), "repeats and decode_steps must be >= 1"),
+        (("--threads", "0"), "--threads must be >= 1"),
+        (("-o", "{tmp}/missing/p.json"), "does not exist"),
+        (("-o", "{tmp}"), "cannot write a file there"),
+        (("--model-dir", "{tmp}/nope"), "no such folder"),
+        (("--model-dir", "{tmp}"), "cannot load the model: "),  # a folder without a checkpoint
+        (("--device", "bogus"), "expected cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_options_fail_cleanly_before_measuring(
+    extra: tuple[str, ...], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = tuple(arg.replace("{tmp}", str(tmp_path)) for arg in extra)
+    argv = ["--no-progress", "-o", str(tmp_path / "p.json"), "--cache-dir", str(tmp_path / "cache"), *extra]
+    assert run(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists() and not (tmp_path / "cache").exists()  # nothing was built
+
+
+def test_cuda_without_cuda_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert run(["--no-progress", "-o", str(tmp_path / "p.json"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
