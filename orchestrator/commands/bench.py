@@ -52,12 +52,13 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from orchestrator.runtime.bench.plot import plot_cdfs
-    from orchestrator.runtime.bench.report import format_report, report_json, summarize
+    from orchestrator.runtime.bench.report import format_report, report_json, slo_target, summarize
     from orchestrator.runtime.bench.runner import Endpoint, discover_model, run_requests
     from orchestrator.runtime.bench.workload import WorkloadOptions, plan_requests
     from simulations.traces import load_trace
 
     try:
+        slo_target(args.ttft_slo, args.tpot_slo)  # checked before the run, which may take hours
         trace = load_trace(args.trace)
         model, context_tokens = discover_model(args.url, args.api_key)
         options = WorkloadOptions(

@@ -75,14 +75,24 @@ def error_key(result: RequestResult) -> str:
     return result.outcome.value
 
 
-def slo_attainment(results: Sequence[RequestResult], ttft_slo_s: float | None, tpot_slo_s: float | None) -> float | None:
-    """Fraction of all requests that succeeded within both targets (``None`` without targets or requests)."""
-    if (ttft_slo_s is None and tpot_slo_s is None) or not results:
+def slo_target(ttft_slo_s: float | None, tpot_slo_s: float | None) -> SLOTarget | None:
+    """The target attainment is checked against (a missing one never misses); ValueError unless positive."""
+    for flag, value in (("--ttft-slo", ttft_slo_s), ("--tpot-slo", tpot_slo_s)):
+        if value is not None and not value > 0:  # `not >` also rejects NaN
+            raise ValueError(f"{flag} must be a positive number of seconds, got {value:g}")
+    if ttft_slo_s is None and tpot_slo_s is None:
         return None
-    target = SLOTarget(
+    return SLOTarget(
         ttft_s=ttft_slo_s if ttft_slo_s is not None else math.inf,
         tpot_s=tpot_slo_s if tpot_slo_s is not None else math.inf,
     )
+
+
+def slo_attainment(results: Sequence[RequestResult], ttft_slo_s: float | None, tpot_slo_s: float | None) -> float | None:
+    """Fraction of all requests that succeeded within both targets (``None`` without targets or requests)."""
+    target = slo_target(ttft_slo_s, tpot_slo_s)
+    if target is None or not results:
+        return None
     good = 0
     for result in results:
         latency = latency_of(result)

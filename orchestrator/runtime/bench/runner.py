@@ -187,7 +187,12 @@ async def run_requests(
 def discover_model(base_url: str, api_key: str | None, timeout_s: float = 30.0) -> tuple[str, int | None]:
     """The first model ``GET /v1/models`` lists and its context window (``max_model_len``) if given."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    resp = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout_s)
+    try:
+        resp = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:  # refused, DNS, timeout, bad URL: the endpoint is unusable
+        raise RuntimeError(f"cannot reach {base_url}: {exc or type(exc).__name__}") from None
+    except httpx.InvalidURL as exc:
+        raise RuntimeError(f"cannot reach {base_url}: invalid URL ({exc})") from None
     if resp.status_code != 200:
         raise RuntimeError(f"GET /v1/models answered {resp.status_code}: {_error_message(resp.content)}")
     data = resp.json().get("data") or []
