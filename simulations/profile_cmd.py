@@ -371,6 +371,8 @@ def main(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "statistic": grid.statistic,
+        # what a request's KV weighs when it moves: the simulator prices transfers with it
+        "kv_bytes_per_token": engine.kv_layout.bytes_per_block / engine.kv_layout.block_size,
     }
     try:
         write_profile(args.output, LatencyProfile(metadata, tuple(prefill), tuple(decode), fit))

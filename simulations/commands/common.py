@@ -43,7 +43,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV blocks per instance (default: from the GPU and model, else 4096)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--kv-bytes-per-token", type=float, default=None,
-                        help="KV bytes per token for transfers (default: from the model; 0 = instant)")
+                        help="KV bytes per token for transfers (default: the model's for roofline latency, the "
+                             "profile's for profile/table files that record it, else 0; 0 = instant)")
     parser.add_argument("--inter-node-gbps", type=float, default=25.0, help="NIC bandwidth per direction (GB/s)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node for placement")
     parser.add_argument("--short-prompt-tokens", type=int, default=32,

@@ -61,6 +61,14 @@ class LatencySetup:
         return True
 
 
+def _profiled_kv_bytes_per_token(path: str) -> float:
+    """The KV bytes per token a profile file records (``pdserve profile`` writes it); 0 (free transfers) if none."""
+    from simulations.latency.profile import read_profile
+
+    value = read_profile(path).metadata.get("kv_bytes_per_token")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0.0
+
+
 def load_latency(spec: str, kv_bytes_per_token: float | None = None) -> LatencySetup:
     """Parse a ``--latency`` spec (see the module docstring); raises ValueError with the grammar."""
     kind, _, rest = spec.partition(":")
@@ -86,8 +94,9 @@ def load_latency(spec: str, kv_bytes_per_token: float | None = None) -> LatencyS
             raise ValueError(f"latency spec {spec!r}: expected {kind}:FILE")
         model_p: LatencyModel = load_profile(rest) if kind == "profile" else load_table(rest)
         overheads = load_overheads(rest)
-        return LatencySetup(spec, with_step_overheads(model_p, overheads), kv_bytes_per_token or 0.0,
-                            overheads=overheads)
+        if kv_bytes_per_token is None:
+            kv_bytes_per_token = _profiled_kv_bytes_per_token(rest)
+        return LatencySetup(spec, with_step_overheads(model_p, overheads), kv_bytes_per_token, overheads=overheads)
     if kind == "fixed":
         from simulations.latency.trivial import FixedLatency
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from simulations.experiments.specs import load_latency
 from simulations.latency import BatchShape, load_profile, load_table, read_profile
 from simulations.latency.regression import r_squared
 from simulations.profile_cmd import ProfileGrid, add_arguments, run
+from workers.engine.loader import load_model_config
 
 
 def test_arguments_parse_and_validate() -> None:
@@ -45,6 +47,12 @@ def test_tiny_profile_run_fits_its_own_samples(tmp_path: Path, tiny_model_dir: P
     assert rc == 0
     profile = read_profile(out)
     assert profile.metadata["device"] == "cpu" and profile.metadata["dtype"] == "float32"
+    # the KV a token carries (K and V, every layer, float32), which the simulator prices transfers with
+    kv_bytes = profile.metadata["kv_bytes_per_token"]
+    config = load_model_config(tiny_model_dir)
+    assert kv_bytes == 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+    assert load_latency(f"profile:{out}").kv_bytes_per_token == kv_bytes
+    assert load_latency(f"profile:{out}", kv_bytes_per_token=0.0).kv_bytes_per_token == 0.0  # the flag wins
     assert len(profile.prefill) == 4 and len(profile.decode) == 6
     model = load_profile(out)
     shapes = [
