@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from orchestrator.core.slo import SLOTarget
 from simulations.latency.base import LatencyModel
 from simulations.latency.overhead import Overheads, with_step_overheads
@@ -118,16 +120,26 @@ def load_workload(name: str, limit: int | None = None, rate_scale: float = 1.0,
                   sample: int | None = None, seed: int = 0) -> Trace:
     """Load a trace by name or path, optionally subsample (seeded), cut to ``limit`` rows and rate-scale.
 
-    Raises ValueError for a bad count or when no request is left to simulate.
+    Rows that never ran are left out: those the source marks failed (BurstGPT's zero-response rows)
+    and prompts of zero tokens; simulated, they would count as fast successes. ``seed`` also seeds
+    the generation of ServeGen traces. Raises ValueError for a bad count or when no request is left.
     """
     from simulations.traces import head, load_trace, sample_rows, scale_rate
+    from simulations.traces.registry import TraceFormat, detect_format, resolve_trace_path
     from simulations.traces.transforms import take_rows
 
     if sample is not None and sample < 1:
         raise ValueError(f"--sample must be >= 1, got {sample}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    trace = load_trace(name)
+    path = resolve_trace_path(name)
+    generated = path.exists() and detect_format(path) is TraceFormat.SERVEGEN
+    trace = load_trace(name, seed=seed) if generated else load_trace(name)
+    ran = trace.prompt_tokens > 0
+    if trace.failed is not None:
+        ran &= ~trace.failed
+    if not ran.all():
+        trace = take_rows(trace, np.flatnonzero(ran))
     source = trace.name
     if sample is not None:
         trace = sample_rows(trace, num_requests=min(sample, len(trace)), seed=seed)

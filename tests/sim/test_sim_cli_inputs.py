@@ -108,3 +108,25 @@ def test_nothing_finished_reports_latencies_as_absent(tmp_path: Path, capsys: py
         assert summary[key]["p50"] is None and summary[key]["max"] is None
     assert summary["tbt_s"]["count"] == 0
     assert "TTFT p50/p90/p99 -/-/- s" in capsys.readouterr().out
+
+
+def test_rows_that_never_ran_are_not_simulated(tmp_path: Path) -> None:
+    # BurstGPT marks failed requests with zero response tokens; a zero-token prompt is no request either:
+    # simulated, each would count as a fast success
+    burst = DATA / "burstgpt_v1_synthetic.csv"
+    lines = burst.read_text().splitlines()
+    failed = sum(1 for line in lines[1:] if line.split(",")[3] == "0")
+    assert failed > 0
+    trace = load_workload(str(burst))
+    assert len(trace) == len(lines) - 1 - failed
+    assert (trace.prompt_tokens > 0).all() and (trace.output_tokens > 0).all()
+    empty_prompt = tmp_path / "burst.csv"
+    empty_prompt.write_text("\n".join([lines[0], "1,ChatGPT,0,12,12,Conversation log", *lines[1:]]) + "\n")
+    assert len(load_workload(str(empty_prompt))) == len(trace)
+
+
+def test_servegen_generation_follows_the_seed() -> None:
+    sample = str(DATA / "servegen_sample")
+    first, again, other = (load_workload(sample, limit=200, seed=s) for s in (0, 0, 7))
+    assert (first.arrival_s == again.arrival_s).all()
+    assert len(first) == len(other) == 200 and not (first.arrival_s == other.arrival_s).all()
