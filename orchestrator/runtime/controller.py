@@ -321,11 +321,14 @@ class Controller:
         except Exception:
             worker.failures += 1
         try:
-            await asyncio.wait_for(worker.handle.ping.remote(), self.config.probe_timeout_s)
+            engine_runs = await asyncio.wait_for(worker.handle.ping.remote(), self.config.probe_timeout_s)
         except asyncio.TimeoutError:
             pass  # alive but unresponsive: the failure count decides
         except Exception:  # RayActorError and friends: the process is gone
             worker.alive = False
+        else:
+            if engine_runs is False:  # the process answers but its engine loop has stopped: it never recovers
+                worker.alive = False
 
     async def supervise_once(self) -> None:
         """One round: probe, decide (core ``supervise``), act, publish."""
