@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-from pathlib import Path
-
-# What the kernel lets an unprivileged socket use, and what it has loaded (a CAP_NET_ADMIN process may use those).
-TCP_ALLOWED = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
-TCP_AVAILABLE = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
 
 
 def add_kv_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,35 +26,9 @@ def _nixl_installed() -> bool:
         return False
 
 
-def _names(path: Path) -> tuple[str, ...] | None:
-    try:
-        return tuple(path.read_text().split())
-    except OSError:  # not Linux, or /proc hidden: nothing to check against
-        return None
-
-
-def congestion_problem(
-    name: str, allowed: tuple[str, ...] | None, available: tuple[str, ...] | None, privileged: bool
-) -> str | None:
-    """Why the named algorithm cannot be set on this host's sockets (None: it can, or the host cannot tell)."""
-    if allowed is None:
-        return None
-    usable = set(allowed) | (set(available or ()) if privileged else set())
-    if name in usable:
-        return None
-    return (f"--kv-tcp-congestion {name!r} is not allowed on this host; use auto, system or one of: "
-            f"{', '.join(sorted(usable))} (net.ipv4.tcp_allowed_congestion_control)")
-
-
-def host_congestion_problem(name: str) -> str | None:
-    """``congestion_problem`` against this host's /proc lists and privileges."""
-    privileged = hasattr(os, "geteuid") and os.geteuid() == 0
-    return congestion_problem(name, _names(TCP_ALLOWED), _names(TCP_AVAILABLE), privileged)
-
-
 def kv_flags_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the KV flags, before anything starts (None: nothing)."""
-    from workers.kv.congestion import AUTO, SYSTEM, validate_choice
+    from workers.kv.congestion import AUTO, SYSTEM, host_refusal, validate_choice
     from workers.kv.errors import NIXL_INSTALL
     from workers.kv.interface import EndpointOptions
 
@@ -78,5 +46,7 @@ def kv_flags_problem(args: argparse.Namespace) -> str | None:
             return f"--kv-tcp-congestion: {exc}"
         if args.kv_tcp_congestion not in (AUTO, SYSTEM):
             # Only this host's lists are readable here; a remote worker still refuses a name its kernel lacks.
-            return host_congestion_problem(args.kv_tcp_congestion)
+            refused = host_refusal(args.kv_tcp_congestion)
+            if refused is not None:
+                return f"--kv-tcp-congestion {refused}"
     return None

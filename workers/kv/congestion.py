@@ -16,6 +16,7 @@ Any other connection keeps the host's setting.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from workers.kv.host import local_host_id
 AUTO = "auto"  # reno on same-host connections, the host's default elsewhere
 SYSTEM = "system"  # always the host's default (net.ipv4.tcp_congestion_control)
 SAME_HOST_ALGORITHM = "reno"
-_ALLOWED = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
-_AVAILABLE = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
+# what the kernel lets an unprivileged socket use, and what it has loaded (a CAP_NET_ADMIN process may use those)
+ALLOWED = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+AVAILABLE = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
 
 
 def same_host(sock: socket.socket, peer_host_id: str = "") -> bool:
@@ -70,7 +72,7 @@ def apply_congestion_control(sock: socket.socket, choice: str, peer_host_id: str
             return None
         raise KVTransferError(
             f"tcp_congestion={name!r} refused ({exc.strerror or exc}); this host allows "
-            f"{_read(_ALLOWED)!r} to every user and has {_read(_AVAILABLE)!r} loaded"
+            f"{_read(ALLOWED)!r} to every user and has {_read(AVAILABLE)!r} loaded"
         ) from None
     return name
 
@@ -89,3 +91,27 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return "unknown"
+
+
+def refusal(name: str, allowed: tuple[str, ...] | None, available: tuple[str, ...] | None, privileged: bool) -> str | None:
+    """Why algorithm ``name`` cannot be set on sockets given the host's lists (None: it can, or they are unknown)."""
+    if allowed is None:
+        return None
+    usable = set(allowed) | (set(available or ()) if privileged else set())
+    if name in usable:
+        return None
+    return (f"{name!r} is not allowed on this host; use {AUTO}, {SYSTEM} or one of: "
+            f"{', '.join(sorted(usable))} (net.ipv4.tcp_allowed_congestion_control)")
+
+
+def host_refusal(name: str) -> str | None:
+    """``refusal`` against this host's /proc lists and this process's privileges."""
+    privileged = hasattr(os, "geteuid") and os.geteuid() == 0
+    return refusal(name, _names(ALLOWED), _names(AVAILABLE), privileged)
+
+
+def _names(path: Path) -> tuple[str, ...] | None:
+    try:
+        return tuple(path.read_text().split())
+    except OSError:  # not Linux, or /proc hidden: nothing to check against
+        return None

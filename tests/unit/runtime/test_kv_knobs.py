@@ -10,8 +10,8 @@ from types import ModuleType
 import pytest
 
 from orchestrator.commands import quickstart, up
-from orchestrator.commands.kv_flags import TCP_ALLOWED, congestion_problem
 from orchestrator.core.types import Role
+from workers.kv.congestion import ALLOWED, refusal
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.service.host import WorkerSpec, kv_options
 
@@ -48,12 +48,12 @@ def test_bad_kv_flags_are_refused_before_anything_starts(command: ModuleType) ->
     assert problem is not None and problem.startswith("--kv-tcp-congestion: tcp_congestion must be")
 
 
-@pytest.mark.skipif(not TCP_ALLOWED.is_file(), reason="needs Linux's tcp_allowed_congestion_control")
+@pytest.mark.skipif(not ALLOWED.is_file(), reason="needs Linux's tcp_allowed_congestion_control")
 @pytest.mark.parametrize("command", [up, quickstart])
 def test_a_congestion_algorithm_this_host_does_not_allow_is_refused_before_anything_starts(
     command: ModuleType,
 ) -> None:
-    allowed = TCP_ALLOWED.read_text().split()
+    allowed = ALLOWED.read_text().split()
     problem = command._validate(_args(command, "--kv-tcp-congestion", "bogus"))
     assert problem is not None and "'bogus' is not allowed on this host" in problem
     assert all(name in problem for name in allowed)
@@ -63,18 +63,18 @@ def test_a_congestion_algorithm_this_host_does_not_allow_is_refused_before_anyth
 
 def test_congestion_problem_lists_what_may_be_used() -> None:
     allowed, available = ("reno", "bbr"), ("reno", "bbr", "cubic")
-    assert congestion_problem("bbr", allowed, available, privileged=False) is None
-    problem = congestion_problem("cubic", allowed, available, privileged=False)
+    assert refusal("bbr", allowed, available, privileged=False) is None
+    problem = refusal("cubic", allowed, available, privileged=False)
     assert problem is not None and problem.endswith("one of: bbr, reno (net.ipv4.tcp_allowed_congestion_control)")
-    assert congestion_problem("cubic", allowed, available, privileged=True) is None  # CAP_NET_ADMIN may
-    assert congestion_problem("vegas", allowed, available, privileged=True) is not None
-    assert congestion_problem("anything", None, None, privileged=False) is None  # no /proc: cannot tell
+    assert refusal("cubic", allowed, available, privileged=True) is None  # CAP_NET_ADMIN may
+    assert refusal("vegas", allowed, available, privileged=True) is not None
+    assert refusal("anything", None, None, privileged=False) is None  # no /proc: cannot tell
 
 
 def test_quickstart_refuses_a_bogus_congestion_algorithm_without_starting_ray(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    if not TCP_ALLOWED.is_file():
+    if not ALLOWED.is_file():
         pytest.skip("needs Linux's tcp_allowed_congestion_control")
     assert quickstart.main(_args(quickstart, "--kv-tcp-congestion", "bogus")) == 2
     assert "pdserve quickstart: --kv-tcp-congestion 'bogus' is not allowed" in capsys.readouterr().err
