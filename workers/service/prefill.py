@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import Future
 from typing import Any
 
 from orchestrator.core.types import InstanceLoad, Role
@@ -21,6 +20,7 @@ from workers.engine.sampling_params import SamplingParams
 from workers.kv.descriptor import TransferDescriptor
 from workers.kv.interface import KVSender
 from workers.kv.registry import KVClient
+from workers.service.abandon import outlive_caller
 from workers.service.decode import WorkerError, engine_load
 from workers.service.engine_loop import EngineLoop
 from workers.service.types import PrefillResult
@@ -75,13 +75,11 @@ class PrefillWorker:
             self._queued_tokens += len(prompt)
             self._queued.add(request_id)
         job = self.loop.submit(lambda e: self._run(e, request_id, prompt, sampling, descriptor))
-        waiting = asyncio.wrap_future(job)
         try:
-            # shielded: a cancelled job would never run _run, leaving its tokens counted as queued for good
-            first, sender = await asyncio.shield(waiting)
-        except asyncio.CancelledError:  # the caller left (a client disconnect): the job still runs or is skipped
-            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits its outcome now
-            self._settle_abandoned(request_id, job)
+            # not cancelled with the call: a job that never ran would leave its tokens counted as queued
+            first, sender = await outlive_caller(job, lambda done: self._abort_sender(done[1]))
+        except asyncio.CancelledError:  # the caller left (a client disconnect)
+            self.abort(request_id)  # skipped if it has not started; its sender aborted once it returns if it has
             raise
         # Waiting for the receiver's verdict happens off the engine thread: the next prompt can run.
         try:
@@ -91,17 +89,10 @@ class PrefillWorker:
             raise
         return PrefillResult(first_token_id=first, first_text="", transfer=stats)
 
-    def _settle_abandoned(self, request_id: str, job: Future[tuple[int, KVSender]]) -> None:
-        """Skip the abandoned job if it has not started; abort the sender it opens if it has."""
-        self.abort(request_id)
-
-        def abort_sender(done: Future[tuple[int, KVSender]]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                _, sender = done.result()
-                # off the engine thread, which completes the job: abort() waits for the sending thread
-                threading.Thread(target=sender.abort, name=f"kv-abort-{request_id}", daemon=True).start()
-
-        job.add_done_callback(abort_sender)
+    @staticmethod
+    def _abort_sender(sender: KVSender) -> None:
+        """Abort an abandoned prefill's sender off the engine thread, which completes the job: abort() waits for the sending thread."""
+        threading.Thread(target=sender.abort, name="kv-abort-abandoned", daemon=True).start()
 
     def abort(self, request_id: str) -> bool:
         """Skip ``request_id`` if its prefill has not started yet."""

@@ -24,6 +24,7 @@ from workers.engine.outputs import DuplicateRequest, InvalidRequest, WrongRole
 from workers.engine.sampling_params import InvalidSamplingParams
 from workers.kv.errors import KVTransferError
 from workers.service import convert
+from workers.service.abandon import outlive_caller
 from workers.service.decode import DecodeWorker, NoRoom, UnknownRequest, WorkerError
 from workers.service.prefill import PrefillWorker
 from workers.service.types import GenerateMode
@@ -105,13 +106,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             request.max_tokens or None,
         ))
         try:
-            res = await asyncio.shield(reserving)
-        except asyncio.CancelledError:
-            # the router gave up on this call (it left, or its deadline passed) while the thread still
-            # reserves: nobody will use what it reserves, so give it back as soon as it exists instead of
-            # holding the blocks until the reservation expires
-            reserving.add_done_callback(lambda done: done.cancelled() or done.exception() or self.worker.abort(rid))
-            raise
+            # a reservation the router gave up on (it left, or its deadline passed) is given back as soon as
+            # it exists, instead of holding its blocks until it expires
+            res = await outlive_caller(reserving, lambda _: self.worker.abort(rid))
         except Exception as exc:
             await _fail(context, exc)
             raise
