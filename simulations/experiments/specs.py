@@ -133,8 +133,8 @@ def load_workload(name: str, limit: int | None = None, rate_scale: float = 1.0,
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     path = resolve_trace_path(name)
-    generated = path.exists() and detect_format(path) is TraceFormat.SERVEGEN
-    trace = load_trace(name, seed=seed) if generated else load_trace(name)
+    fmt = detect_format(path) if path.exists() else None  # a missing path: load_trace says so
+    trace = load_trace(name, format=fmt, **({"seed": seed} if fmt is TraceFormat.SERVEGEN else {}))
     ran = trace.prompt_tokens > 0
     if trace.failed is not None:
         ran &= ~trace.failed
