@@ -23,7 +23,6 @@ the whole token stream, so it stays consistent across those hand-overs.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -64,6 +63,7 @@ from orchestrator.runtime.worker_client import (
     WorkerUnavailable,
 )
 from workers.engine.detokenizer import Decoder, IncrementalDetokenizer
+from workers.kv.errors import TransferFault
 from workers.service.types import GenerateMode, StreamFinish, TokenChunk
 
 log = logging.getLogger(__name__)
@@ -126,41 +126,6 @@ def warm_up(snapshot: ClusterSnapshot, routing: RoutingConfig, admission: Admiss
     probe = RequestInfo("warm-up", prompt_tokens=routing.short_prompt_tokens + 1, max_output_tokens=1, arrival_s=0.0)
     admit(snapshot, probe, admission)
     route(snapshot, probe, routing)
-
-
-class TransferFault(enum.Enum):
-    """Which side of a failed KV transfer the prefill worker's error points at."""
-
-    SENDER = "sender"  # the bytes went bad on the prefill side (checksum mismatch): try another P
-    RECEIVER = "receiver"  # the decode worker refused, went silent or vanished: the prefill worker is fine
-    UNKNOWN = "unknown"  # e.g. the sender gave up on its own timer: blame neither
-
-
-# Phrases of the KV transports' errors (workers/kv/framing.py, sending.py, memory.py) that mean the
-# receiving side failed. They arrive as text: the gRPC status detail is all the router sees.
-_RECEIVER_FAULTS = (
-    "connect to ",  # "cannot connect to ...", "connect to ... timed out"
-    "connection lost while",
-    "peer closed the connection",
-    "peer silent",
-    "peer stopped reading",
-    "receiver rejected",
-    "receiver's verdict",
-    "receiver too slow",
-    "expected ack",
-    "no in-process endpoint",
-)
-
-
-def transfer_fault(detail: str) -> TransferFault:
-    """The side a prefill worker's KV transfer error (its gRPC detail) points at."""
-    text = detail.lower()
-    # A checksum error is "reported by receiver" but is about the bytes the sender put out.
-    if "checksum" in text:
-        return TransferFault.SENDER
-    if any(phrase in text for phrase in _RECEIVER_FAULTS):
-        return TransferFault.RECEIVER
-    return TransferFault.UNKNOWN
 
 
 class _Attempt(Exception):
@@ -422,7 +387,7 @@ class DisaggregatedBackend:
         """The worker to avoid after P's prefill call failed: P itself, unless its KV transfer did."""
         if not isinstance(exc, TransferFailed):
             return p_id
-        fault = transfer_fault(exc.detail)
+        fault = exc.fault
         if fault is TransferFault.SENDER:
             return p_id
         # The receiver vanished or refused: the transfer's target D, so the retry reserves elsewhere.

@@ -16,6 +16,7 @@ from protos.pdserve.v1 import worker_pb2 as pb
 from protos.pdserve.v1 import worker_pb2_grpc as pb_grpc
 from workers.engine.sampling_params import SamplingParams
 from workers.kv.descriptor import TransferDescriptor
+from workers.kv.errors import TransferFault
 from workers.service import convert
 from workers.service.server import GRPC_OPTIONS
 from workers.service.types import GenerateMode, PrefillResult, Reservation, TokenChunk
@@ -38,7 +39,15 @@ class WorkerUnavailable(WorkerCallError):
 
 
 class TransferFailed(WorkerUnavailable):
-    """The KV transfer of this request failed (timeout, checksum, peer gone); the workers may be fine."""
+    """The KV transfer of this request failed (timeout, checksum, peer gone); the workers may be fine.
+
+    ``fault``: the side the sending worker says failed (UNKNOWN where it did not say).
+    """
+
+    def __init__(self, address: str, method: str, code: grpc.StatusCode | None, detail: str,
+                 fault: TransferFault = TransferFault.UNKNOWN) -> None:
+        super().__init__(address, method, code, detail)
+        self.fault = fault
 
 
 class WorkerBusy(WorkerCallError):
@@ -54,7 +63,8 @@ def _wrap(address: str, method: str, exc: grpc.RpcError) -> WorkerCallError:
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     cls: type[WorkerCallError]
     if code is grpc.StatusCode.ABORTED:
-        cls = TransferFailed
+        metadata = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+        return TransferFailed(address, method, code, detail or "", convert.fault_from_metadata(metadata))
     elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         cls = WorkerBusy
     elif code in _UNREACHABLE or code is None:

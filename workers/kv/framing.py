@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
+from workers.kv.errors import KVChecksumError, KVPeerError, KVPeerTimeout, KVTransferError, KVTransferTimeout
 
 MAGIC = b"PDKV"
 _HEADER = struct.Struct("<4sB3xIIQQQ")
@@ -108,9 +108,9 @@ def connect(address: str, timeout_s: float, buffer_nbytes: int) -> socket.socket
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
     except TimeoutError:
-        raise KVTransferTimeout(f"connect to {address} timed out after {timeout_s}s") from None
+        raise KVPeerTimeout(f"connect to {address} timed out after {timeout_s}s") from None
     except OSError as exc:
-        raise KVTransferError(f"cannot connect to {address}: {exc}") from None
+        raise KVPeerError(f"cannot connect to {address}: {exc}") from None
     tune_socket(sock, buffer_nbytes)
     sock.settimeout(timeout_s)
     return sock
@@ -168,8 +168,8 @@ def send_vectored(sock: socket.socket, parts: Sequence[memoryview | bytes]) -> N
 def send_failure(sock: socket.socket, exc: OSError) -> KVTransferError:
     """The transfer error a failed send on ``sock`` means: a stalled peer (timeout) or a lost connection."""
     if isinstance(exc, (TimeoutError, BlockingIOError)):  # BlockingIOError: SO_SNDTIMEO expired
-        return KVTransferTimeout(f"peer stopped reading (send stalled for {_stall_timeout(sock)}s)")
-    return KVTransferError(f"connection lost while sending: {exc}")
+        return KVPeerTimeout(f"peer stopped reading (send stalled for {_stall_timeout(sock)}s)")
+    return KVPeerError(f"connection lost while sending: {exc}")
 
 
 def recv_vectored(sock: socket.socket, views: Sequence[memoryview], what: str) -> None:
@@ -177,11 +177,11 @@ def recv_vectored(sock: socket.socket, views: Sequence[memoryview], what: str) -
     try:
         got = sock.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
     except (TimeoutError, BlockingIOError):
-        raise KVTransferTimeout(f"peer silent for {_stall_timeout(sock)}s while reading {what}") from None
+        raise KVPeerTimeout(f"peer silent for {_stall_timeout(sock)}s while reading {what}") from None
     except OSError as exc:
-        raise KVTransferError(f"connection lost while reading {what}: {exc}") from None
+        raise KVPeerError(f"connection lost while reading {what}: {exc}") from None
     if got == 0 and any(len(v) for v in views):
-        raise KVTransferError(f"peer closed the connection while reading {what}")
+        raise KVPeerError(f"peer closed the connection while reading {what}")
     for view in views:  # a short read (a signal, a timeout after partial progress): fill the rest
         size = len(view)
         if got >= size:
@@ -198,11 +198,11 @@ def recv_into(sock: socket.socket, view: memoryview, what: str) -> None:
         try:
             n = sock.recv_into(view[got:], total - got, socket.MSG_WAITALL)  # one call, on a blocking socket
         except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
-            raise KVTransferTimeout(f"peer silent for {_stall_timeout(sock)}s while reading {what}") from None
+            raise KVPeerTimeout(f"peer silent for {_stall_timeout(sock)}s while reading {what}") from None
         except OSError as exc:
-            raise KVTransferError(f"connection lost while reading {what}: {exc}") from None
+            raise KVPeerError(f"connection lost while reading {what}: {exc}") from None
         if n == 0:
-            raise KVTransferError(f"peer closed the connection while reading {what} ({got}/{total} bytes)")
+            raise KVPeerError(f"peer closed the connection while reading {what} ({got}/{total} bytes)")
         got += n
 
 
@@ -237,9 +237,9 @@ def recv_polling(sock: socket.socket, views: Sequence[memoryview], what: str, po
             os.sched_yield()  # a thread of the sender waiting for this CPU gets it
             continue
         except OSError as exc:
-            raise KVTransferError(f"connection lost while reading {what}: {exc}") from None
+            raise KVPeerError(f"connection lost while reading {what}: {exc}") from None
         if n == 0:
-            raise KVTransferError(f"peer closed the connection while reading {what}")
+            raise KVPeerError(f"peer closed the connection while reading {what}")
         pending = _after(pending, n)
         deadline = time.perf_counter() + poll_s
 
@@ -263,18 +263,18 @@ def _decode(scratch: bytearray) -> Frame:
     """Decode the header held in ``scratch``; KVTransferError if it is not one."""
     magic, kind, layer_idx, slot, nbytes, checksum, tag = _HEADER.unpack(scratch)
     if magic != MAGIC:
-        raise KVTransferError(f"bad frame magic {magic!r} (not a pdserve KV stream)")
+        raise KVPeerError(f"bad frame magic {magic!r} (not a pdserve KV stream)")
     try:
         frame_kind = FrameKind(kind)
     except ValueError:
-        raise KVTransferError(f"unknown frame kind {kind}") from None
+        raise KVPeerError(f"unknown frame kind {kind}") from None
     return Frame(frame_kind, layer_idx, slot, nbytes, checksum, tag)
 
 
 def recv_control_payload(sock: socket.socket, frame: Frame) -> bytes:
     """Read a small control payload (JSON, messages) of ``frame.nbytes``."""
     if frame.nbytes > MAX_CONTROL_PAYLOAD_NBYTES:
-        raise KVTransferError(f"control payload of {frame.nbytes} bytes is too large")
+        raise KVPeerError(f"control payload of {frame.nbytes} bytes is too large")
     buffer = bytearray(frame.nbytes)
     recv_into(sock, memoryview(buffer), f"a {frame.kind.name} payload")
     return bytes(buffer)
@@ -317,7 +317,7 @@ def next_layer_frame(
         and frame.nbytes == frame.layer_idx * layer_nbytes
     ):
         return frame
-    raise KVTransferError(f"unexpected frame {frame} (want LAYER of {layer_nbytes} bytes)")
+    raise KVPeerError(f"unexpected frame {frame} (want LAYER of {layer_nbytes} bytes)")
 
 
 def await_verdict(sock: socket.socket, request_id: str, scratch: bytearray) -> None:
@@ -330,7 +330,7 @@ def await_verdict(sock: socket.socket, request_id: str, scratch: bytearray) -> N
         raise with_context(exc, request_id, "awaiting the receiver's verdict") from None
     raise_if_error(sock, frame, request_id)
     if frame.kind != FrameKind.ACK:
-        raise KVTransferError(f"request {request_id!r}: expected ACK, got {frame.kind.name}")
+        raise KVPeerError(f"request {request_id!r}: expected ACK, got {frame.kind.name}")
 
 
 def raise_if_error(sock: socket.socket, frame: Frame, request_id: str) -> None:
@@ -340,7 +340,7 @@ def raise_if_error(sock: socket.socket, frame: Frame, request_id: str) -> None:
     message = recv_control_payload(sock, frame).decode(errors="replace")
     if frame.layer_idx == ErrorCode.CHECKSUM:
         raise KVChecksumError(request_id, frame.slot, f"reported by receiver: {message}")
-    raise KVTransferError(f"receiver rejected request {request_id!r}: {message}")
+    raise KVPeerError(f"receiver rejected request {request_id!r}: {message}")
 
 
 LINGER_S = 2.0  # how long a rejecting receiver keeps reading so its ERROR frame is not reset away
@@ -393,7 +393,11 @@ def with_context(exc: BaseException, request_id: str, detail: str) -> KVTransfer
     """``exc`` as a KVTransferError (same subclass) whose message names the request."""
     if isinstance(exc, KVChecksumError):
         return exc
-    cls = KVTransferTimeout if isinstance(exc, KVTransferTimeout | TimeoutError) else KVTransferError
+    cls: type[KVTransferError]
+    if isinstance(exc, KVTransferError):
+        cls = type(exc)  # a peer error stays one: it says which side failed
+    else:
+        cls = KVTransferTimeout if isinstance(exc, TimeoutError) else KVTransferError
     return cls(f"request {request_id!r} {detail}: {exc}")
 
 

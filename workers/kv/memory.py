@@ -14,7 +14,7 @@ import torch
 
 from workers.kv.checksum import checksum_parts
 from workers.kv.descriptor import TransferDescriptor, TransportKind
-from workers.kv.errors import KVTransferError
+from workers.kv.errors import KVChecksumError, KVPeerError, KVPeerTimeout, KVTransferError, KVTransferTimeout
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
 from workers.kv.pipeline import HostStager, PendingTable, PendingTransfer, StagingPool
 from workers.kv.sending import PipelinedSender
@@ -57,9 +57,12 @@ class MemoryWire:
         with _LOCK:
             endpoint = _ENDPOINTS.get(descriptor.address)
         if endpoint is None:
-            raise KVTransferError(f"no in-process endpoint {descriptor.address!r} (closed, or another process)")
+            raise KVPeerError(f"no in-process endpoint {descriptor.address!r} (closed, or another process)")
         self._endpoint = endpoint
-        self._pending = endpoint.table.claim(descriptor)
+        try:
+            self._pending = endpoint.table.claim(descriptor)
+        except KVTransferError as exc:
+            raise _verdict(exc) from None
         self._buffer: torch.Tensor | None = endpoint.staging.acquire(descriptor.layer_nbytes)
         self._stager = HostStager()
         self._finished = False
@@ -81,11 +84,17 @@ class MemoryWire:
         staging[half : 2 * half] = v_bytes
         if corrupt:
             staging[0] ^= 0xFF
-        self._pending.deliver(layer_idx, self._buffer[: 2 * half], checksum)
+        try:
+            self._pending.deliver(layer_idx, self._buffer[: 2 * half], checksum)
+        except KVTransferError as exc:
+            raise _verdict(exc) from None
 
     def finish(self) -> None:
         """Complete the transfer (raises if a layer is missing)."""
-        self._pending.complete()
+        try:
+            self._pending.complete()
+        except KVTransferError as exc:
+            raise _verdict(exc) from None
         self._finished = True
 
     def close(self) -> None:
@@ -108,3 +117,14 @@ class MemoryConnector:
 
     def close(self) -> None:
         """Nothing cached."""
+
+
+def _verdict(exc: KVTransferError) -> KVTransferError:
+    """The receiver's failure as its sender hears it: a peer error, as a network sender would get it.
+
+    A checksum error stays one (it is about the sender's bytes).
+    """
+    if isinstance(exc, KVChecksumError | KVPeerError):
+        return exc
+    cls = KVPeerTimeout if isinstance(exc, KVTransferTimeout) else KVPeerError  # e.g. its wait() gave up
+    return cls(f"receiver rejected the transfer: {exc}")

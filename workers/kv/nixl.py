@@ -42,7 +42,13 @@ import torch
 
 from workers.kv.checksum import copy_and_checksum, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
-from workers.kv.errors import NIXL_INSTALL, KVBackendUnavailable, KVTransferError, KVTransferTimeout
+from workers.kv.errors import (
+    NIXL_INSTALL,
+    KVBackendUnavailable,
+    KVPeerError,
+    KVTransferError,
+    KVTransferTimeout,
+)
 from workers.kv.framing import (
     HEADER_NBYTES,
     Frame,
@@ -70,9 +76,15 @@ os.environ.setdefault("UCX_MEM_EVENTS", "no")
 os.environ.setdefault("UCX_MEM_MALLOC_HOOKS", "no")
 
 try:
+    from nixl import _bindings as nixl_bindings
     from nixl._api import nixl_agent, nixl_agent_config
 except ImportError as exc:  # optional dependency
     raise KVBackendUnavailable(f"KV transport 'nixl' needs NIXL: {NIXL_INSTALL}") from exc
+
+# NIXL's error for "the other agent went away" (a receiver that closed): a peer error, as on a socket
+_PEER_GONE: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(nixl_bindings, "nixlRemoteDisconnectError", None),) if isinstance(cls, type)
+)
 
 # How often the receiving agent's worker is progressed. A sender's first WRITE waits for connection set-up,
 # a few round trips each answered within this; a poll costs microseconds, so the thread stays below a
@@ -90,7 +102,8 @@ def _as_transfer_error(what: str) -> Iterator[None]:
     except Exception as exc:
         if not type(exc).__module__.startswith("nixl"):
             raise
-        raise KVTransferError(f"NIXL {what}: {exc!r}") from exc
+        cls = KVPeerError if isinstance(exc, _PEER_GONE) else KVTransferError
+        raise cls(f"NIXL {what}: {exc!r}") from exc
 
 
 class NixlAgent:
@@ -159,8 +172,8 @@ class NixlAgent:
                 state = self._agent.transfer(handle)
                 deadline = time.monotonic() + timeout_s
                 while state != "DONE":
-                    if state == "ERR":
-                        raise KVTransferError("NIXL WRITE failed")
+                    if state == "ERR":  # what a WRITE to an agent that went away mid-transfer ends in
+                        raise KVPeerError("NIXL WRITE failed")
                     if time.monotonic() > deadline:
                         raise KVTransferTimeout(f"NIXL WRITE not done after {timeout_s}s")
                     state = self._agent.check_xfer_state(handle)

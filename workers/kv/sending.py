@@ -20,7 +20,7 @@ from typing import NoReturn, Protocol, cast
 import torch
 
 from workers.kv.descriptor import TransferDescriptor, TransferStats
-from workers.kv.errors import KVTransferError, KVTransferTimeout
+from workers.kv.errors import KVPeerTimeout, KVTransferError, KVTransferTimeout
 from workers.kv.interface import SenderOptions
 from workers.kv.pipeline import dtype_name, torch_dtype
 
@@ -192,7 +192,7 @@ class PipelinedSender:
             ready = torch.cuda.Event()
             ready.record()
         if not self._queue.put((layer_idx, k.contiguous(), v.contiguous(), ready), self._options.timeout_s):
-            raise KVTransferTimeout(
+            raise KVPeerTimeout(
                 f"request {self._desc.request_id!r}: layer {layer_idx} not accepted within "
                 f"{self._options.timeout_s}s (receiver too slow or stalled)"
             )

@@ -46,7 +46,7 @@ import torch
 
 from workers.kv.checksum import BLOCK_NBYTES, COPY_KERNEL, copy_and_checksum
 from workers.kv.descriptor import TransferDescriptor, TransportKind
-from workers.kv.errors import KVTransferError
+from workers.kv.errors import KVPeerError, KVTransferError
 from workers.kv.framing import (
     HEADER_CHECKSUM_OFFSET,
     HEADER_NBYTES,
@@ -297,7 +297,7 @@ class ShmWire(PooledWire):
         frame = recv_frame(self._sock, self._scratch, "the RING reply")
         raise_if_error(self._sock, frame, self._desc.request_id)
         if frame.kind != FrameKind.RING:
-            raise KVTransferError(f"expected RING, got {frame.kind.name}")
+            raise KVPeerError(f"expected RING, got {frame.kind.name}")
         info = json.loads(recv_control_payload(self._sock, frame))
         return connector.attach(str(info["id"]), str(info["path"]), int(info["num_slots"]), int(info["slot_nbytes"]))
 
@@ -351,7 +351,7 @@ class ShmWire(PooledWire):
             frame = recv_frame(self._sock, self._scratch, "a free slot")
             raise_if_error(self._sock, frame, self._desc.request_id)
             if frame.kind != FrameKind.FREE:
-                raise KVTransferError(f"expected FREE, got {frame.kind.name}")
+                raise KVPeerError(f"expected FREE, got {frame.kind.name}")
             self._free_slots.append(frame.slot)
 
 

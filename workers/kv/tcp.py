@@ -60,7 +60,7 @@ from workers.kv.checksum import (
 )
 from workers.kv.congestion import apply_congestion_control
 from workers.kv.descriptor import TransferDescriptor, TransportKind
-from workers.kv.errors import KVTransferError
+from workers.kv.errors import KVPeerError, KVTransferError
 from workers.kv.framing import (
     HEADER_NBYTES,
     TRAILER,
@@ -101,11 +101,11 @@ def read_hello(sock: socket.socket, scratch: bytearray, table: PendingTable) -> 
     """Receiver side: read the HELLO frame and claim the transfer it names."""
     hello = recv_frame(sock, scratch, "HELLO")
     if hello.kind != FrameKind.HELLO:
-        raise KVTransferError(f"expected HELLO, got {hello.kind.name}")
+        raise KVPeerError(f"expected HELLO, got {hello.kind.name}")
     try:
         descriptor = TransferDescriptor.from_json(recv_control_payload(sock, hello))
     except ValueError as exc:
-        raise KVTransferError(str(exc)) from None
+        raise KVPeerError(str(exc)) from None
     return table.claim(descriptor)
 
 

@@ -64,7 +64,7 @@ import torch.distributed as dist
 
 from workers.kv.checksum import checksum_parts, copy_and_checksum, device_checksum, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
-from workers.kv.errors import KVTransferError, KVTransferTimeout
+from workers.kv.errors import KVPeerError, KVPeerTimeout, KVTransferError, KVTransferTimeout
 from workers.kv.framing import (
     HEADER_NBYTES,
     RUN_ENTRY,
@@ -107,8 +107,12 @@ def _make_group(store: Any, pair_id: str, rank: int, device: str, timeout_s: flo
 
 
 def _group_error(exc: RuntimeError, what: str) -> KVTransferError:
-    """A gloo/NCCL RuntimeError (peer loss, timeout) as a KVTransferError, or KVTransferTimeout, naming ``what``."""
-    cls = KVTransferTimeout if _TIMED_OUT.search(str(exc)) else KVTransferError  # gloo: "Timed out waiting 1000ms"
+    """A gloo/NCCL RuntimeError as a KVPeerError, or KVPeerTimeout, naming ``what``.
+
+    A pair's group has one other rank, so its errors (the peer's connection lost, its ops never
+    posted) are about the peer.
+    """
+    cls = KVPeerTimeout if _TIMED_OUT.search(str(exc)) else KVPeerError  # gloo: "Timed out waiting 1000ms"
     return cls(f"{what}: {exc}")
 
 
@@ -169,7 +173,7 @@ class TorchDistEndpoint(SideEndpoint):
         try:
             frame = recv_frame(sock, scratch, "PAIR")
             if frame.kind != FrameKind.PAIR:
-                raise KVTransferError(f"expected PAIR, got {frame.kind.name}")
+                raise KVPeerError(f"expected PAIR, got {frame.kind.name}")
             pair_id = recv_control_payload(sock, frame).decode()
             send_frame(sock, Frame(FrameKind.PAIR, slot=self._store.port))
             group = _make_group(self._store, pair_id, _RECEIVER_RANK, self._options.device, self._options.stall_timeout_s)
@@ -411,7 +415,7 @@ class TorchDistConnector:
                 send_frame(sock, Frame(FrameKind.PAIR, nbytes=len(pair_id)), [pair_id.encode()])
                 reply = recv_frame(sock, bytearray(HEADER_NBYTES), "the PAIR reply")
                 if reply.kind != FrameKind.PAIR:
-                    raise KVTransferError(f"expected PAIR reply, got {reply.kind.name}")
+                    raise KVPeerError(f"expected PAIR reply, got {reply.kind.name}")
                 host, _ = split_address(descriptor.address)
                 store = dist.TCPStore(
                     host, reply.slot, is_master=False, timeout=datetime.timedelta(seconds=options.timeout_s)

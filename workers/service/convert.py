@@ -7,10 +7,13 @@ and friends; generated ``*_pb2`` types never cross it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from orchestrator.core.types import InstanceHealth, InstanceLoad, Role
 from protos.pdserve.v1 import worker_pb2 as pb
 from workers.engine.sampling_params import SamplingParams
 from workers.kv.descriptor import TransferDescriptor, TransferStats, TransportKind
+from workers.kv.errors import TransferFault
 from workers.service.types import GenerateMode, PrefillResult, Reservation, StreamFinish, TokenChunk
 
 _FINISH_TO_PB = {
@@ -35,6 +38,28 @@ _MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
 
 class ProtocolError(ValueError):
     """A message is missing a field or holds a value this version does not know."""
+
+
+# Trailing metadata of a failed Prefill call: which side its KV transfer's error points at. A
+# status detail is text for people; the router decides whom to avoid from this key alone.
+KV_FAULT_KEY = "pdserve-kv-fault"
+
+
+def fault_to_metadata(fault: TransferFault) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata that carries ``fault``."""
+    return ((KV_FAULT_KEY, fault.value),)
+
+
+def fault_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> TransferFault:
+    """The fault a call's trailing metadata names; UNKNOWN when it names none (or one this version lacks)."""
+    for key, value in metadata or ():
+        if key == KV_FAULT_KEY:
+            text = value.decode() if isinstance(value, bytes) else value
+            try:
+                return TransferFault(text)
+            except ValueError:
+                return TransferFault.UNKNOWN
+    return TransferFault.UNKNOWN
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.SamplingParams:

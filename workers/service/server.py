@@ -22,7 +22,7 @@ from protos.pdserve.v1 import worker_pb2 as pb
 from protos.pdserve.v1 import worker_pb2_grpc as pb_grpc
 from workers.engine.outputs import DuplicateRequest, InvalidRequest, WrongRole
 from workers.engine.sampling_params import InvalidSamplingParams
-from workers.kv.errors import KVTransferError
+from workers.kv.errors import KVTransferError, sending_side_fault
 from workers.service import convert
 from workers.service.abandon import outlive_caller
 from workers.service.decode import DecodeWorker, NoRoom, UnknownRequest, WorkerError
@@ -36,20 +36,25 @@ GRPC_OPTIONS = [
 ]
 
 
-async def _fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, *, sending_kv: bool = False) -> None:
+    """Abort the call with the status ``exc`` maps to; ``sending_kv``: the call sent a KV transfer, so a
+    transfer error also says which side failed (trailing metadata, see ``convert.fault_to_metadata``)."""
+    metadata: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, UnknownRequest):
         code = grpc.StatusCode.NOT_FOUND
     elif isinstance(exc, NoRoom):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
     elif isinstance(exc, KVTransferError):
         code = grpc.StatusCode.ABORTED
+        if sending_kv:
+            metadata = convert.fault_to_metadata(sending_side_fault(exc))
     elif isinstance(exc, (InvalidRequest, InvalidSamplingParams)) and not isinstance(exc, (DuplicateRequest, WrongRole)):
         code = grpc.StatusCode.INVALID_ARGUMENT  # the client's input: no worker could serve it
     elif isinstance(exc, (WorkerError, ValueError)):
         code = grpc.StatusCode.FAILED_PRECONDITION
     else:
         code = grpc.StatusCode.INTERNAL
-    await context.abort(code, f"{type(exc).__name__}: {exc}")
+    await context.abort(code, f"{type(exc).__name__}: {exc}", trailing_metadata=metadata)
 
 
 class ControlServicer(pb_grpc.WorkerControlServicer):
@@ -88,7 +93,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 convert.descriptor_from_pb(request.descriptor),
             )
         except Exception as exc:
-            await _fail(context, exc)
+            await _fail(context, exc, sending_kv=True)
             raise
         return convert.prefill_result_to_pb(result)
 

@@ -9,7 +9,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
+from workers.kv.errors import (
+    KVChecksumError,
+    KVTransferError,
+    KVTransferTimeout,
+    TransferFault,
+    sending_side_fault,
+)
 from workers.kv.interface import EndpointOptions, FaultInjection, KVEndpoint, KVSpec, SenderOptions
 from workers.kv.registry import KVClient, open_endpoint
 
@@ -139,12 +145,13 @@ def test_corrupted_layer_raises_checksum_error_on_both_sides(endpoint: KVEndpoin
     client = KVClient(SenderOptions(timeout_s=5.0, fault=FaultInjection(corrupt_layer_idx=1)))
     try:
         tx = client.open(rx.descriptor)
-        with pytest.raises(KVChecksumError, match="'corrupt-me' layer 1"):
+        with pytest.raises(KVChecksumError, match="'corrupt-me' layer 1") as sent:
             for i, (k, v) in enumerate(_random_layers(spec, 20, 0)):
                 tx.send_layer(i, k, v)
             tx.finish()
     finally:
         client.close()
+    assert sending_side_fault(sent.value) is TransferFault.SENDER  # the bytes the sender put out went bad
     with pytest.raises(KVChecksumError, match="'corrupt-me' layer 1"):
         rx.wait(5)
     assert sorted(got.layers) == [0]  # nothing from the bad layer on was handed to the engine
@@ -171,12 +178,26 @@ def test_unknown_request_is_rejected(endpoint: KVEndpoint, client: KVClient) -> 
     spec = KVSpec(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32")
     rx = endpoint.expect("known", 4, spec, _Collector())
     stranger = dataclasses.replace(rx.descriptor, request_id="stranger")
-    with pytest.raises(KVTransferError, match="no transfer expected"):
+    with pytest.raises(KVTransferError, match="no transfer expected") as sent:
         tx = client.open(stranger)
         for i, (k, v) in enumerate(_random_layers(spec, 4, 0)):
             tx.send_layer(i, k, v)
         tx.finish()
     rx.cancel()
+    assert sending_side_fault(sent.value) is TransferFault.RECEIVER
+
+
+def test_a_receiver_that_is_gone_is_the_receivers_fault(endpoint: KVEndpoint, client: KVClient) -> None:
+    spec = KVSpec(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32")
+    gone = open_endpoint(endpoint.kind.value, EndpointOptions(stall_timeout_s=2.0))
+    descriptor = gone.expect("too-late", 4, spec, _Collector()).descriptor
+    gone.close()  # nothing listens at its address any more
+    with pytest.raises(KVTransferError) as sent:
+        tx = client.open(descriptor)
+        for i, (k, v) in enumerate(_random_layers(spec, 4, 0)):
+            tx.send_layer(i, k, v)
+        tx.finish()
+    assert sending_side_fault(sent.value) is TransferFault.RECEIVER, repr(sent.value)
 
 
 def test_bad_sender_input(endpoint: KVEndpoint, client: KVClient) -> None:
@@ -193,8 +214,9 @@ def test_bad_sender_input(endpoint: KVEndpoint, client: KVClient) -> None:
     tx.send_layer(0, k, v)
     with pytest.raises(ValueError, match="sent twice"):
         tx.send_layer(0, k, v)
-    with pytest.raises(KVTransferError, match=r"layers \[1\] never sent"):
+    with pytest.raises(KVTransferError, match=r"layers \[1\] never sent") as sent:
         tx.finish()
+    assert sending_side_fault(sent.value) is TransferFault.UNKNOWN  # the sender's own mistake: no peer to blame
     with pytest.raises(KVTransferError):
         rx.wait(5)
 
@@ -207,10 +229,11 @@ def test_callback_failure_fails_the_transfer(endpoint: KVEndpoint, client: KVCli
 
     rx = endpoint.expect("cb-fails", 4, spec, explode)
     tx = client.open(rx.descriptor)
-    with pytest.raises(KVTransferError):
+    with pytest.raises(KVTransferError) as sent:
         for i, (k, v) in enumerate(_random_layers(spec, 4, 0)):
             tx.send_layer(i, k, v)
         tx.finish()
+    assert sending_side_fault(sent.value) is TransferFault.RECEIVER, repr(sent.value)
     with pytest.raises(KVTransferError, match=r"on_layer\(0\) failed.*no room"):
         rx.wait(5)
 
@@ -233,11 +256,12 @@ def test_a_caller_that_only_catches_the_error_leaks_no_sender(endpoint: KVEndpoi
         tx.send_layer(0, *layers[0])
         time.sleep(0.05)
         doomed.close()
-        with pytest.raises(KVTransferError):
+        with pytest.raises(KVTransferError) as sent:
             for i, (k, v) in enumerate(layers[1:], start=1):
                 time.sleep(0.02)
                 tx.send_layer(i, k, v)
             tx.finish()
+        assert sending_side_fault(sent.value) is TransferFault.RECEIVER, repr(sent.value)
     assert _sending_threads() <= max(rounds - 3, 1) + 1
     _, got, _, _ = _transfer(endpoint, client, "after-failures", spec, 4)
     assert sorted(got.layers) == [0, 1, 2]
