@@ -3,9 +3,19 @@
 No global world: the receiver hosts a TCPStore; a sender process connects
 once to the receiver's control socket, sends PAIR(pair id), and both sides
 build a 2-rank group (sender rank 0, receiver rank 1) over a PrefixStore
-named by the pair id: gloo for CPU staging, NCCL when the receiver's
-staging is on CUDA. The pair (control socket + group) is cached and reused
-for later requests.
+named by the pair id. The pair (control socket + group) is cached and
+reused for later requests.
+
+Which backend a pair uses is the receiver's choice, made at PAIR from both
+sides' GPUs (``pair_device``): NCCL between two different GPUs when the
+receiver's staging is on CUDA, gloo through host memory otherwise. NCCL
+refuses two ranks on one physical GPU ("Duplicate GPU detected"), so two
+workers sharing a GPU (fractional GPUs, a one-GPU box) pair over gloo, as
+does a sender without CUDA. NCCL pairs wait blocking
+(``TORCH_NCCL_BLOCKING_WAIT``): a lost peer is then an error of that pair
+within its timeout, where NCCL's default (``work.wait()`` only orders the
+CUDA stream, and the watchdog tears the process down at the timeout) would
+take every request of the worker with it.
 
 Requests on one pair are serialised: a sender process sends one request at a
 time to a given receiver endpoint (``open`` waits for the pair's lock), so
@@ -49,6 +59,8 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import json
+import os
 import re
 import socket
 import threading
@@ -75,6 +87,7 @@ from workers.kv.framing import (
     connect,
     hard_close,
     next_layer_frame,
+    raise_if_error,
     recv_control_payload,
     recv_frame,
     recv_into,
@@ -90,6 +103,9 @@ from workers.kv.receiving import ReceivingSide, SideEndpoint
 from workers.kv.sending import PipelinedSender
 from workers.kv.tcp import read_hello, send_hello
 
+# Read when a NCCL group is built, so it is set before any is (see the module docstring).
+os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+
 _SENDER_RANK, _RECEIVER_RANK = 0, 1
 _TIMED_OUT = re.compile(r"time(d)?[ _-]?out", re.IGNORECASE)
 RUN_NBYTES = 4 << 20  # the most bytes of queued host layers one gloo message carries (see send_layers)
@@ -104,6 +120,20 @@ def _make_group(store: Any, pair_id: str, rank: int, device: str, timeout_s: flo
         options._timeout = timeout
         return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
     return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+
+
+def gpu_identity() -> str:
+    """This process's current GPU as NCCL tells GPUs apart (its UUID); "" without CUDA or NCCL."""
+    if not (torch.cuda.is_available() and dist.is_nccl_available()):
+        return ""
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+def pair_device(receiver_device: str, receiver_gpu: str, sender_gpu: str) -> str:
+    """The device a pair moves KV through: "cuda" (NCCL) only between two different GPUs, else "cpu" (gloo)."""
+    if receiver_device != "cuda" or not receiver_gpu or not sender_gpu or receiver_gpu == sender_gpu:
+        return "cpu"
+    return "cuda"
 
 
 def _group_error(exc: RuntimeError, what: str) -> KVTransferError:
@@ -157,6 +187,9 @@ class TorchDistEndpoint(SideEndpoint):
             timeout=datetime.timedelta(seconds=self._options.stall_timeout_s),
         )
         self._staging = StagingPool(self._options.staging_nbytes, device=self._options.device)
+        # a pair over gloo (a sender without CUDA, or on this GPU) lands in host memory, even when staging is on CUDA
+        self._host_staging = self._staging if self._options.device == "cpu" else StagingPool(self._options.staging_nbytes)
+        self._gpu = gpu_identity() if self._options.device == "cuda" else ""
         self._side = ReceivingSide(self.kind, self._options, self._serve_pair, 1 << 16, device=self._options.device)
         self.address = self._side.address
         _OPEN_ENDPOINTS.add(self)
@@ -166,6 +199,7 @@ class TorchDistEndpoint(SideEndpoint):
         _OPEN_ENDPOINTS.discard(self)
         self._side.close()
         self._staging.clear()
+        self._host_staging.clear()
 
     def _serve_pair(self, sock: socket.socket) -> None:
         sock.settimeout(self._options.stall_timeout_s)
@@ -174,16 +208,23 @@ class TorchDistEndpoint(SideEndpoint):
             frame = recv_frame(sock, scratch, "PAIR")
             if frame.kind != FrameKind.PAIR:
                 raise KVPeerError(f"expected PAIR, got {frame.kind.name}")
-            pair_id = recv_control_payload(sock, frame).decode()
-            send_frame(sock, Frame(FrameKind.PAIR, slot=self._store.port))
-            group = _make_group(self._store, pair_id, _RECEIVER_RANK, self._options.device, self._options.stall_timeout_s)
+            try:
+                offer = json.loads(recv_control_payload(sock, frame))
+                pair_id, sender_gpu = str(offer["pair_id"]), str(offer["gpu"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise KVPeerError(f"malformed PAIR: {exc!r}") from None
+            device = pair_device(self._options.device, self._gpu, sender_gpu)
+            answer = json.dumps({"device": device}).encode()
+            send_frame(sock, Frame(FrameKind.PAIR, slot=self._store.port, nbytes=len(answer)), [answer])
+            group = _make_group(self._store, pair_id, _RECEIVER_RANK, device, self._options.stall_timeout_s)
         except (KVTransferError, OSError, RuntimeError) as exc:
             send_error(sock, exc)
             return
-        while self._serve_request(sock, scratch, group):
+        staging = self._staging if device == "cuda" else self._host_staging
+        while self._serve_request(sock, scratch, group, staging):
             pass
 
-    def _serve_request(self, sock: socket.socket, scratch: bytearray, group: Any) -> bool:
+    def _serve_request(self, sock: socket.socket, scratch: bytearray, group: Any, staging: StagingPool) -> bool:
         """Serve one request on the pair; False when the pair is over (closed or broken)."""
         sock.settimeout(None)  # an idle pair may wait for its next request indefinitely
         try:
@@ -201,7 +242,7 @@ class TorchDistEndpoint(SideEndpoint):
                 send_error(sock, exc)
                 return True
             send_frame(sock, Frame(FrameKind.ACK))  # accepted: tensors may follow on the group
-            error = self._receive_layers(sock, scratch, pending, group)
+            error = self._receive_layers(sock, scratch, pending, group, staging)
             if error is None:
                 pending.complete()
                 send_frame(sock, Frame(FrameKind.ACK))
@@ -216,27 +257,27 @@ class TorchDistEndpoint(SideEndpoint):
             return False  # the stream position is unknown: drop the pair, the sender builds a new one
 
     def _receive_layers(
-        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, group: Any
+        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, group: Any, staging: StagingPool
     ) -> KVTransferError | None:
         """Receive, verify and deliver every layer up to END; the first delivery error (the stream is still drained)."""
         desc = pending.descriptor
         tag = request_tag(desc.request_id)
         half = desc.tensor_nbytes
         trailer = bytearray(TRAILER.size)
-        buffer = self._staging.acquire(desc.layer_nbytes)
+        buffer = staging.acquire(desc.layer_nbytes)
         error: KVTransferError | None = None
         # a receive that fails raises, and the buffer is not given back: the group may still write into it
         while True:
             frame = next_layer_frame(sock, scratch, tag, desc.layer_nbytes, max_run=desc.num_layers)
             if frame is None:
-                self._staging.release(buffer)
+                staging.release(buffer)
                 return error
             if frame.kind == FrameKind.LAYERS:
                 entries = bytearray(frame.layer_idx * RUN_ENTRY.size)
                 recv_into(sock, memoryview(entries), "the entries of a run of layers")
                 if buffer.numel() < frame.nbytes:
-                    self._staging.release(buffer)
-                    buffer = self._staging.acquire(frame.nbytes)
+                    staging.release(buffer)
+                    buffer = staging.acquire(frame.nbytes)
                 what = f"a run of {frame.layer_idx} layers"
                 _wait(_post(group.recv, buffer[: frame.nbytes], _SENDER_RANK, what), what)
                 for i, (layer_idx, checksum) in enumerate(RUN_ENTRY.iter_unpack(entries)):
@@ -412,19 +453,30 @@ class TorchDistConnector:
             sock = connect(descriptor.address, options.timeout_s, options.socket_buffer_nbytes)
             try:
                 pair_id = uuid.uuid4().hex
-                send_frame(sock, Frame(FrameKind.PAIR, nbytes=len(pair_id)), [pair_id.encode()])
-                reply = recv_frame(sock, bytearray(HEADER_NBYTES), "the PAIR reply")
+                # the receiver picks NCCL or gloo from both GPUs: a sender's only matters if the receiver's is on CUDA
+                gpu = gpu_identity() if descriptor.device == "cuda" else ""
+                offer = json.dumps({"pair_id": pair_id, "gpu": gpu}).encode()
+                send_frame(sock, Frame(FrameKind.PAIR, nbytes=len(offer)), [offer])
+                scratch = bytearray(HEADER_NBYTES)
+                reply = recv_frame(sock, scratch, "the PAIR reply")
+                raise_if_error(sock, reply, descriptor.request_id)
                 if reply.kind != FrameKind.PAIR:
                     raise KVPeerError(f"expected PAIR reply, got {reply.kind.name}")
+                try:
+                    device = str(json.loads(recv_control_payload(sock, reply))["device"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise KVPeerError(f"malformed PAIR reply: {exc!r}") from None
+                if device not in ("cpu", "cuda"):
+                    raise KVPeerError(f"PAIR reply names device {device!r}")
                 host, _ = split_address(descriptor.address)
                 store = dist.TCPStore(
                     host, reply.slot, is_master=False, timeout=datetime.timedelta(seconds=options.timeout_s)
                 )
-                group = _make_group(store, pair_id, _SENDER_RANK, descriptor.device, options.timeout_s)
+                group = _make_group(store, pair_id, _SENDER_RANK, device, options.timeout_s)
             except BaseException:
                 sock.close()
                 raise
-            pair = self._pairs[descriptor.address] = _Pair(sock, group, descriptor.device, threading.Lock())
+            pair = self._pairs[descriptor.address] = _Pair(sock, group, device, threading.Lock())
             return pair
 
     def drop(self, address: str, pair: _Pair) -> None:

@@ -25,6 +25,17 @@ def test_worker_spec_knobs_reach_the_transport_options() -> None:
 
 
 @pytest.mark.parametrize(
+    ("transport", "device", "staging"),
+    [("torch_dist", "cuda", "cuda"), ("torch_dist", "cuda:1", "cuda"), ("torch_dist", "cpu", "cpu"),
+     ("tcp", "cuda", "cpu"), ("shm", "cuda", "cpu")],
+)
+def test_a_cuda_worker_stages_torch_dist_kv_on_its_gpu(transport: str, device: str, staging: str) -> None:
+    # on the GPU, a torch_dist pair between two GPUs moves KV with NCCL; the socket transports stage in host memory
+    endpoint, _ = kv_options(WorkerSpec("d0", Role.DECODE, "/models/m", transport=transport, device=device))
+    assert endpoint.device == staging
+
+
+@pytest.mark.parametrize(
     ("knobs", "message"),
     [({"kv_poll_us": -1.0}, "poll_us must be a finite number"), ({"kv_tcp_congestion": "no such"}, "tcp_congestion must be")],
 )
