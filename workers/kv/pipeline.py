@@ -71,10 +71,16 @@ def kernel_layer_parts(
 
 
 class HostStager:
-    """Host copies of CUDA tensors in one reused pinned buffer; CPU tensors pass through."""
+    """Host copies of CUDA tensors in one reused pinned buffer; CPU tensors pass through.
+
+    The copies run on a stream of their own. Callers stage a layer once its producer's event has
+    completed (``PipelinedSender`` waits for it), and on the device's default stream they would also
+    wait for every later layer the model has queued there since, losing the layer-wise overlap.
+    """
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
+        self._stream: torch.cuda.Stream | None = None
 
     def parts(self, k: torch.Tensor, v: torch.Tensor) -> tuple[memoryview, memoryview]:
         """Byte views of k and v in host memory."""
@@ -83,9 +89,12 @@ class HostStager:
         nbytes = k.numel() * k.element_size()
         if self._buffer is None or self._buffer.numel() < 2 * nbytes:
             self._buffer = torch.empty(2 * nbytes, dtype=torch.uint8, pin_memory=True)
-        self._buffer[:nbytes].copy_(k.reshape(-1).view(torch.uint8), non_blocking=True)
-        self._buffer[nbytes : 2 * nbytes].copy_(v.reshape(-1).view(torch.uint8), non_blocking=True)
-        torch.cuda.current_stream(k.device).synchronize()
+        if self._stream is None or self._stream.device != k.device:
+            self._stream = torch.cuda.Stream(k.device)
+        with torch.cuda.stream(self._stream):
+            self._buffer[:nbytes].copy_(k.reshape(-1).view(torch.uint8), non_blocking=True)
+            self._buffer[nbytes : 2 * nbytes].copy_(v.reshape(-1).view(torch.uint8), non_blocking=True)
+        self._stream.synchronize()
         view = self._buffer.numpy().data
         return view[:nbytes], view[nbytes : 2 * nbytes]
 

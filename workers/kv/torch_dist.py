@@ -136,6 +136,20 @@ def pair_device(receiver_device: str, receiver_gpu: str, sender_gpu: str) -> str
     return "cuda"
 
 
+def _release_group(group: Any, device: str) -> None:
+    """Tear down a pair's NCCL communicator now (its buffers, stream and watchdog): a gloo group needs nothing.
+
+    Left to the garbage collector, a NCCL group is destroyed without a shutdown, which torch warns
+    about and which may block the thread that drops it while an operation is still posted.
+    """
+    if device != "cuda":
+        return
+    try:
+        group.abort()
+    except RuntimeError:  # already torn down by its own error handling
+        pass
+
+
 def _group_error(exc: RuntimeError, what: str) -> KVTransferError:
     """A gloo/NCCL RuntimeError as a KVPeerError, or KVPeerTimeout, naming ``what``.
 
@@ -221,8 +235,11 @@ class TorchDistEndpoint(SideEndpoint):
             send_error(sock, exc)
             return
         staging = self._staging if device == "cuda" else self._host_staging
-        while self._serve_request(sock, scratch, group, staging):
-            pass
+        try:
+            while self._serve_request(sock, scratch, group, staging):
+                pass
+        finally:
+            _release_group(group, device)
 
     def _serve_request(self, sock: socket.socket, scratch: bytearray, group: Any, staging: StagingPool) -> bool:
         """Serve one request on the pair; False when the pair is over (closed or broken)."""
@@ -309,6 +326,13 @@ class _Pair:
     broken: bool = False
     # two buffers that runs of layers are copied into while the previous run is on the wire (host pairs only)
     run_buffers: list[torch.Tensor] = field(default_factory=lambda: [torch.zeros(0, dtype=torch.uint8)] * 2)
+    stream: Any = None  # NCCL pairs: the CUDA stream their sends are posted on
+
+    def cuda_stream(self, device: torch.device | None) -> Any:
+        """The pair's CUDA stream (made on first use, on ``device`` or the current GPU)."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
 
     def run_buffer(self, n: int, nbytes: int) -> torch.Tensor:
         """The ``n % 2``-th run buffer, of at least ``nbytes`` (allocated and touched on first use)."""
@@ -337,9 +361,21 @@ class TorchDistWire:
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         """Send one layer: header, K and V through the group, then the checksum (hashed while they move)."""
+        if self._pair.device != "cuda":
+            self._send_layer(layer_idx, k, v, corrupt)
+            return
+        # NCCL orders a send after the posting thread's current stream. On the device's default stream
+        # that is every later layer the model has queued since this one's event completed (the sender
+        # waits for it): a stream of the pair's own keeps the transfer overlapped with that compute.
+        with torch.cuda.stream(self._pair.cuda_stream(k.device if k.is_cuda else None)):
+            self._send_layer(layer_idx, k, v, corrupt)
+
+    def _send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         device = self._pair.device
-        k_wire = (k.cuda() if device == "cuda" else k.cpu()).reshape(-1).view(torch.uint8)
-        v_wire = (v.cuda() if device == "cuda" else v.cpu()).reshape(-1).view(torch.uint8)
+        # a CUDA tensor stays on its own GPU (``.cuda()`` would copy it to this thread's current one)
+        k_wire = (k if k.is_cuda else k.cuda()) if device == "cuda" else k.cpu()
+        v_wire = (v if v.is_cuda else v.cuda()) if device == "cuda" else v.cpu()
+        k_wire, v_wire = k_wire.reshape(-1).view(torch.uint8), v_wire.reshape(-1).view(torch.uint8)
         k_sent = k_wire
         if corrupt:
             k_sent = k_wire.clone()
@@ -355,7 +391,7 @@ class TorchDistWire:
         for work in works:
             _wait(work, what)
         if device == "cuda":
-            torch.cuda.current_stream().synchronize()  # K/V must outlive the NCCL send
+            torch.cuda.current_stream(k_wire.device).synchronize()  # K/V must outlive the NCCL send
         send_all(self._pair.sock, TRAILER.pack(checksum))
 
     def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
@@ -483,6 +519,7 @@ class TorchDistConnector:
         """Forget a broken pair (the next request builds a new one)."""
         pair.broken = True
         hard_close(pair.sock)
+        _release_group(pair.group, pair.device)
         with self._lock:
             if self._pairs.get(address) is pair:
                 del self._pairs[address]
@@ -493,3 +530,4 @@ class TorchDistConnector:
             pairs, self._pairs = list(self._pairs.values()), {}
         for pair in pairs:
             pair.sock.close()
+            _release_group(pair.group, pair.device)
