@@ -31,7 +31,8 @@ class MemoryEndpoint:
     def __init__(self, options: EndpointOptions | None = None) -> None:
         options = options or EndpointOptions()
         self.address = f"memory-{uuid.uuid4().hex[:12]}"
-        self.table = PendingTable(self.kind, self.address)
+        # no socket notices a silent sender here: the receiver's wait() does, after options.stall_timeout_s
+        self.table = PendingTable(self.kind, self.address, stall_timeout_s=options.stall_timeout_s)
         self.staging = StagingPool(options.staging_nbytes)
         with _LOCK:
             _ENDPOINTS[self.address] = self

@@ -17,7 +17,7 @@ import torch
 
 from workers.kv.checksum import checksum_buffer, copy_and_checksum, device_checksum, kernel_hashes_every_block
 from workers.kv.descriptor import TransferDescriptor, TransferStats, TransportKind
-from workers.kv.errors import KVChecksumError, KVTransferError, KVTransferTimeout
+from workers.kv.errors import KVChecksumError, KVPeerTimeout, KVTransferError, KVTransferTimeout
 from workers.kv.host import local_host_id
 from workers.kv.interface import KVSpec, LayerCallback
 
@@ -132,9 +132,13 @@ class PendingTransfer:
     """A KVReceiver: collects verified layers of one request and reports completion or failure."""
 
     def __init__(
-        self, descriptor: TransferDescriptor, on_layer: LayerCallback, table: PendingTable, keep: bool = False
+        self, descriptor: TransferDescriptor, on_layer: LayerCallback, table: PendingTable, keep: bool = False,
+        stall_timeout_s: float | None = None,
     ) -> None:
         self._desc = descriptor
+        # without a socket whose timeout notices a silent sender (the in-process transport), wait() does
+        self._stall_s = stall_timeout_s
+        self._t_progress: float | None = None  # monotonic time of the claim or the last verified layer
         self._on_layer = on_layer
         self._keep = keep
         self._table = table
@@ -197,6 +201,7 @@ class PendingTransfer:
             except Exception as exc:
                 raise self.fail(KVTransferError(f"request {rid!r}: on_layer({layer_idx}) failed: {exc!r}")) from exc
             self._progress.layers.add(layer_idx)
+            self._t_progress = time.monotonic()
 
     def _split(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V as views of ``payload``.
@@ -251,12 +256,33 @@ class PendingTransfer:
         """Give up on this transfer."""
         self.fail(KVTransferError(f"request {self._desc.request_id!r}: cancelled by receiver"))
 
+    def claimed(self) -> None:
+        """A sender connected: from now on, a stall timeout counts its silence."""
+        self._t_progress = time.monotonic()
+
     def wait(self, timeout_s: float) -> TransferStats:
-        """Block until every layer landed or the transfer failed; KVTransferTimeout after ``timeout_s``."""
-        if not self._done.wait(timeout_s):
+        """Block until every layer landed or the transfer failed; KVTransferTimeout after ``timeout_s``.
+
+        With a stall timeout, a sender that connected and then sent nothing for that long fails it sooner.
+        """
+        deadline = time.monotonic() + timeout_s
+        rid = self._desc.request_id
+        while not self._done.is_set():
+            now = time.monotonic()
             got = len(self._progress.layers)
-            rid = self._desc.request_id
-            self.fail(KVTransferTimeout(f"request {rid!r}: {got}/{self._desc.num_layers} layers after {timeout_s}s"))
+            if now >= deadline:
+                self.fail(KVTransferTimeout(f"request {rid!r}: {got}/{self._desc.num_layers} layers after {timeout_s}s"))
+                break
+            step = deadline - now
+            if self._stall_s is not None and self._t_progress is not None:
+                silent = now - self._t_progress
+                if silent >= self._stall_s:
+                    self.fail(KVPeerTimeout(
+                        f"request {rid!r}: sender silent for {self._stall_s}s after {got}/{self._desc.num_layers} layers"
+                    ))
+                    break
+                step = min(step, self._stall_s - silent)
+            self._done.wait(step)
         if self._error is not None:  # not set if the transfer completed just as the wait timed out
             raise self._error
         p = self._progress
@@ -271,10 +297,13 @@ class PendingTransfer:
 class PendingTable:
     """The receivers an endpoint expects, by request id; each is claimed by exactly one sender."""
 
-    def __init__(self, kind: TransportKind, address: str, device: str = "cpu") -> None:
+    def __init__(
+        self, kind: TransportKind, address: str, device: str = "cpu", stall_timeout_s: float | None = None
+    ) -> None:
         self.kind = kind
         self.address = address
         self.device = device
+        self._stall_s = stall_timeout_s  # for PendingTransfer.wait, where no socket times a silent sender out
         self._lock = threading.Lock()
         self._pending: dict[str, PendingTransfer] = {}
         self._claimed: set[str] = set()
@@ -291,7 +320,7 @@ class PendingTable:
         with self._lock:
             if request_id in self._pending:
                 raise KVTransferError(f"request {request_id!r} already has a pending transfer")
-            pending = PendingTransfer(desc, on_layer, self, keep)
+            pending = PendingTransfer(desc, on_layer, self, keep, self._stall_s)
             self._pending[request_id] = pending
         return pending
 
@@ -307,7 +336,8 @@ class PendingTable:
             if pending.descriptor != descriptor:
                 raise KVTransferError(f"request {rid!r}: sender descriptor {descriptor} != expected {pending.descriptor}")
             self._claimed.add(rid)
-            return pending
+        pending.claimed()
+        return pending
 
     def remove(self, request_id: str) -> None:
         """Forget a finished or failed transfer."""
