@@ -23,6 +23,9 @@ of it. Without the kernel a straddling block goes through xxhash's streaming
 state, which gives the same digest as the one-shot call. A sender whose
 bytes go through the kernel's socket code hashes each block right after its
 send, while the block is still in cache (``hash_block``).
+
+The NCCL path's bytes stay on the GPU, so both of its ends use another function,
+``device_checksum``, computed on the device in bounded chunks (see the comment above it).
 """
 
 from __future__ import annotations
@@ -181,10 +184,90 @@ def request_tag(request_id: str) -> int:
     return int(xxhash.xxh3_64_intdigest(request_id.encode()))  # tiny input: the one-shot call is fine
 
 
-def device_checksum(payload: torch.Tensor) -> int:
-    """Position-weighted 64-bit sum of a uint8 CUDA buffer, computed on the device (NCCL path)."""
+# The device checksum (NCCL path; both ends compute it with ``device_checksum``): the payload is read
+# as little-endian 64-bit words w_i (the last one zero-padded), and
+#     checksum = fmix64(sum_i fmix64(w_i + i * POSITION_STEP) mod 2**64  XOR  fmix64(nbytes))
+# fmix64 (MurmurHash3's finalizer) is a bijection of 64-bit values, so for each position the term is a
+# bijection of the word: a change to any one word always changes the sum. The terms of different
+# positions are unrelated pseudo-random values, so a swap or any other edit of several words cancels
+# out only by chance (~2**-64) -- unlike a position-weighted sum, whose weights repeat or share factors.
+# The length breaks the tie between trailing zero bytes and padding. The sum is taken in fixed chunks
+# of words so the temporaries stay two int64 buffers of a chunk each, whatever the layer's size;
+# summation mod 2**64 is associative and commutative, so neither the chunking nor the order a device
+# reduces in changes the value. Only int64 add, multiply, xor, bitwise and, and right shifts by a
+# constant under 64 are used: torch wraps add and multiply mod 2**64 alike on every device (no floats,
+# no device-dependent overflow), so CPU and CUDA agree bit for bit.
+DEVICE_CHUNK_WORDS = 1 << 20  # 8 MiB of payload a step (a typical layer), in ~16 kernel launches; two 8 MiB int64 temporaries
+POSITION_STEP = 0x9E3779B97F4A7C15  # odd (2**64 / golden ratio): i * step is a bijection of positions
+_FMIX_MULTIPLIERS = (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)
+_FMIX_SHIFT = 33
+_MASK64 = (1 << 64) - 1
+
+
+def _as_int64(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits (torch's scalars are signed)."""
+    return value - (1 << 64) if value >> 63 else value
+
+
+def fmix64(value: int) -> int:
+    """MurmurHash3's 64-bit finalizer of an unsigned 64-bit Python int."""
+    for multiplier in _FMIX_MULTIPLIERS:
+        value ^= value >> _FMIX_SHIFT
+        value = value * multiplier & _MASK64
+    return value ^ value >> _FMIX_SHIFT
+
+
+def _fmix64_(x: torch.Tensor, scratch: torch.Tensor) -> None:
+    """fmix64 of each int64 of ``x``, in place (``scratch``: a buffer of x's size)."""
     import torch
 
-    words = payload.view(torch.int32).to(torch.int64) if payload.numel() % 4 == 0 else payload.to(torch.int64)
-    weights = torch.arange(words.numel(), device=payload.device, dtype=torch.int64) % 65521 + 1
-    return int((words * weights).sum().item()) & 0xFFFFFFFFFFFFFFFF
+    low_bits = (1 << (64 - _FMIX_SHIFT)) - 1  # masks the sign bits an arithmetic shift brings in
+    for multiplier in (*_FMIX_MULTIPLIERS, None):
+        torch.bitwise_right_shift(x, _FMIX_SHIFT, out=scratch)
+        x.bitwise_xor_(scratch.bitwise_and_(low_bits))  # x ^= x >>> 33 (a logical shift)
+        if multiplier is not None:
+            x.mul_(_as_int64(multiplier))
+
+
+def _hashed_sum(words: torch.Tensor, first: int, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Sum mod 2**64 (a 0-d int64 tensor) of the terms of ``words``, the words at ``first`` on."""
+    import torch
+
+    torch.arange(first, first + words.numel(), out=x)
+    x.mul_(_as_int64(POSITION_STEP)).add_(words)
+    _fmix64_(x, scratch)
+    return x.sum()
+
+
+def device_checksum(payload: torch.Tensor) -> int:
+    """64-bit checksum of a uint8 buffer, computed where it lies (the NCCL path's CUDA staging).
+
+    Deterministic and the same on every device for the same bytes (see the comment above). Its
+    temporaries are two int64 buffers of ``DEVICE_CHUNK_WORDS`` whatever the payload's size, and one
+    more chunk's worth to copy each chunk into when the buffer is not 8-byte aligned (a slice) or not
+    contiguous (a non-contiguous tensor of more than one dimension is copied whole by ``reshape``).
+    """
+    import torch
+
+    if payload.dtype != torch.uint8:
+        raise ValueError(f"device_checksum takes a uint8 buffer, not {payload.dtype}")
+    flat = payload.reshape(-1)
+    nbytes = flat.numel()
+    num_whole = nbytes // 8  # words before the zero-padded tail, if any
+    size = min(DEVICE_CHUNK_WORDS, -(-nbytes // 8))
+    x = torch.empty(size, dtype=torch.int64, device=flat.device)
+    scratch = torch.empty_like(x)
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)  # one host sync, at the end
+    aligned = flat.is_contiguous() and flat.storage_offset() % 8 == 0  # what view(int64) needs
+    staging = None if aligned else torch.empty(size * 8, dtype=torch.uint8, device=flat.device)
+    for first in range(0, num_whole, DEVICE_CHUNK_WORDS):
+        count = min(DEVICE_CHUNK_WORDS, num_whole - first)
+        chunk = flat[first * 8 : (first + count) * 8]
+        if staging is not None:
+            chunk = staging[: count * 8].copy_(chunk)
+        total += _hashed_sum(chunk.view(torch.int64), first, x[:count], scratch[:count])
+    if num_whole * 8 < nbytes:
+        tail = torch.zeros(8, dtype=torch.uint8, device=flat.device)
+        tail[: nbytes - num_whole * 8] = flat[num_whole * 8 :]
+        total += _hashed_sum(tail.view(torch.int64), num_whole, x[:1], scratch[:1])
+    return fmix64((int(total.item()) & _MASK64) ^ fmix64(nbytes))

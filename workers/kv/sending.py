@@ -6,6 +6,12 @@ thread hands each layer to the transport's ``SenderWire``, so layer i is on
 the wire while the model computes layer i+1. The threads are kept and reused
 across transfers (``SendThreads``): starting one costs 0.1-1 ms, a tenth of
 a 16 MB transfer.
+
+The wire carries the receiver's dtype (the descriptor's). A layer of the
+descriptor's shape in another float dtype is converted on the way (a GPU engine
+keeps a bf16 checkpoint in bf16, a CPU engine loads it as fp32): a CUDA layer on
+the caller's stream when it is queued, a host layer on the sending thread, so
+the caller goes on to the next layer meanwhile.
 """
 
 from __future__ import annotations
@@ -91,6 +97,9 @@ class SendThreads:
 
 SEND_THREADS = SendThreads()
 _STOP = object()
+# dtypes a layer may be sent in when the descriptor names another of them; fp8 caches are left out:
+# they carry scales that a plain cast would drop
+_CONVERTIBLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _Item = tuple[int, torch.Tensor, torch.Tensor, "torch.cuda.Event | None"]
 
 
@@ -174,7 +183,11 @@ class PipelinedSender:
         SEND_THREADS.submit(self._run)
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Queue one layer's K/V; blocks only while ``max_inflight_layers`` layers are still unsent."""
+        """Queue one layer's K/V; blocks only while ``max_inflight_layers`` layers are still unsent.
+
+        K and V have the descriptor's shape, and its dtype or another float dtype, which is sent
+        converted to the descriptor's (the receiver's): bf16 to fp32 exactly, fp32 to bf16 rounded.
+        """
         self._raise_if_failed()
         if self._closed:
             raise KVTransferError(f"request {self._desc.request_id!r}: send_layer after finish/abort")
@@ -183,15 +196,21 @@ class PipelinedSender:
         if layer_idx in self._queued:
             raise ValueError(f"layer {layer_idx} sent twice for request {self._desc.request_id!r}")
         if k.shape != self._shape or v.shape != self._shape or k.dtype != self._dtype or v.dtype != self._dtype:
-            self._refuse(layer_idx, k, v)
+            if not (self._fits(k) and self._fits(v)):
+                self._refuse(layer_idx, k, v)
         t0 = time.perf_counter()
         if self._t_first is None:
             self._t_first = t0
         ready = None
         if k.is_cuda:
+            # the conversion and copies are queued on the caller's stream, so the event that the
+            # sending thread waits for is recorded after them
+            k, v = k.to(self._dtype).contiguous(), v.to(self._dtype).contiguous()
             ready = torch.cuda.Event()
             ready.record()
-        if not self._queue.put((layer_idx, k.contiguous(), v.contiguous(), ready), self._options.timeout_s):
+        else:  # a host layer in another dtype is converted on the sending thread (_send_batch)
+            k, v = k.contiguous(), v.contiguous()
+        if not self._queue.put((layer_idx, k, v, ready), self._options.timeout_s):
             raise KVPeerTimeout(
                 f"request {self._desc.request_id!r}: layer {layer_idx} not accepted within "
                 f"{self._options.timeout_s}s (receiver too slow or stalled)"
@@ -199,10 +218,17 @@ class PipelinedSender:
         self._blocked_s += time.perf_counter() - t0
         self._queued.add(layer_idx)
 
+    def _fits(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` has the descriptor's shape, and its dtype or one that converts to it."""
+        if tuple(t.shape) != self._shape:
+            return False
+        convertible = t.dtype in _CONVERTIBLE_DTYPES and self._dtype in _CONVERTIBLE_DTYPES
+        return t.dtype == self._dtype or convertible
+
     def _refuse(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> NoReturn:
-        """Raise the ValueError naming the first of K and V whose shape or dtype the descriptor does not expect."""
+        """Raise the ValueError naming the first of K and V whose shape or dtype the descriptor refuses."""
         for name, t in (("k", k), ("v", v)):
-            if tuple(t.shape) != self._shape or t.dtype != self._dtype:
+            if not self._fits(t):
                 raise ValueError(
                     f"{name} of layer {layer_idx} is {tuple(t.shape)} {dtype_name(t.dtype)}, "
                     f"descriptor expects {self._shape} {self._desc.dtype}"
@@ -299,6 +325,8 @@ class PipelinedSender:
         run: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         t0 = time.perf_counter()
         for layer_idx, k, v, ready in batch:
+            if k.dtype != self._dtype or v.dtype != self._dtype:  # a host layer (CUDA ones are converted)
+                k, v = k.to(self._dtype), v.to(self._dtype)
             corrupt = fault is not None and fault.corrupt_layer_idx == layer_idx
             if send_many is not None and ready is None and not corrupt:
                 run.append((layer_idx, k, v))

@@ -6,12 +6,14 @@ staging is on the GPU verifies with ``device_checksum`` and, with ``keep=True``,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from workers.kv.checksum import checksum_buffer, device_checksum
+from workers.kv import checksum
+from workers.kv.checksum import POSITION_STEP, checksum_buffer, device_checksum, fmix64
 from workers.kv.descriptor import TransportKind
 from workers.kv.errors import KVChecksumError
 from workers.kv.interface import EndpointOptions, KVEndpoint, KVSpec, SenderOptions
@@ -53,6 +55,38 @@ def test_layers_on_any_device_cross_a_host_transport_bit_exact(endpoint: KVEndpo
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("sent", "expected"), [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_a_layer_in_another_float_dtype_arrives_in_the_receivers_dtype(
+    endpoint: KVEndpoint, device: str, sent: str, expected: str
+) -> None:
+    """A CPU engine loads a bf16 checkpoint as fp32, a GPU engine keeps it bf16: a mixed pair still transfers."""
+    spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=64, dtype=expected)
+    gen = torch.Generator().manual_seed(1)
+    shape = (37, spec.num_kv_heads, spec.head_dim)
+    layers = [
+        tuple(torch.randn(shape, generator=gen).to(getattr(torch, sent)).to(device) for _ in "kv")
+        for _ in range(spec.num_layers)
+    ]
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    rx = endpoint.expect(f"mixed-{sent}", 37, spec, lambda i, k, v: got.update({i: (k, v)}), keep=True)
+    client = KVClient(SenderOptions(timeout_s=5.0))
+    try:
+        tx = client.open(rx.descriptor)
+        for i, (k, v) in enumerate(layers):
+            tx.send_layer(i, k, v)
+        tx.finish()
+        rx.wait(5)
+    finally:
+        client.close()
+    bits = torch.int32 if expected == "float32" else torch.int16
+    for i, (k, v) in enumerate(layers):
+        for received, original in zip(got[i], (k, v), strict=True):
+            assert received.dtype == getattr(torch, expected)
+            # bit-exact: bf16 -> fp32 is exact, fp32 -> bf16 rounds the same way on every device
+            assert torch.equal(received.cpu().view(bits), original.cpu().to(received.dtype).view(bits))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_receiver_staging_on_the_device_keeps_verified_copies(device: str) -> None:
     """What torch_dist's receiver does with its (NCCL) staging: verify on the device, copy with keep=True."""
     table = PendingTable(TransportKind.TORCH_DIST, "here:0", device=device)
@@ -87,3 +121,108 @@ def test_a_flipped_byte_changes_the_checksum_on_any_device(device: str) -> None:
         data[position] ^= 0x10
         assert hash_of(data) != before
         data[position] ^= 0x10
+
+
+def _reference_device_checksum(data: bytes) -> int:
+    """``device_checksum`` written out plainly with Python ints, one word at a time."""
+    mask = (1 << 64) - 1
+    padded = data + bytes(-len(data) % 8)
+    total = 0
+    for i in range(len(padded) // 8):
+        word = int.from_bytes(padded[8 * i : 8 * i + 8], "little")
+        total = (total + fmix64((word + i * POSITION_STEP) & mask)) & mask
+    return fmix64(total ^ fmix64(len(data)))
+
+
+def _random_bytes(nbytes: int, device: str, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk_words", [3, checksum.DEVICE_CHUNK_WORDS])
+def test_the_device_checksum_is_its_plain_definition_at_any_size_offset_and_chunking(
+    device: str, chunk_words: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checksum, "DEVICE_CHUNK_WORDS", chunk_words)
+    for nbytes in (0, 1, 3, 7, 8, 9, 23, 24, 25, 4096, 4099):
+        data = _random_bytes(nbytes + 5, device, seed=nbytes)
+        for start in (0, 1, 4, 5):  # a slice that is not 8-byte aligned is read through a copy
+            piece = data[start : start + nbytes]
+            expected = _reference_device_checksum(bytes(piece.cpu().numpy()))
+            assert device_checksum(piece) == expected, (nbytes, start)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_equal_bytes_give_equal_device_checksums_in_any_tensor_and_on_any_device(device: str) -> None:
+    nbytes = 3 * checksum.DEVICE_CHUNK_WORDS * 8 + 13  # several chunks and a ragged tail
+    data = _random_bytes(nbytes, device)
+    expected = device_checksum(data)
+    assert device_checksum(data.clone()) == expected
+    assert device_checksum(data.cpu()) == expected  # CPU and the device agree bit for bit
+    wider = torch.zeros(nbytes + 3, dtype=torch.uint8, device=device)
+    wider[3:] = data
+    assert device_checksum(wider[3:]) == expected  # the same bytes at an unaligned offset of another buffer
+    rows = data[: nbytes - 13].view(3, -1)
+    assert device_checksum(rows) == device_checksum(data[: nbytes - 13])  # the bytes count, not the shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("word_nbytes", [4, 8])
+def test_swapping_words_65521_apart_changes_the_device_checksum(device: str, word_nbytes: int) -> None:
+    """A position-weighted sum with weights i % 65521 + 1 weighs words 0 and 65521 alike."""
+    data = _random_bytes(2 * 65521 * word_nbytes, device)
+    before = device_checksum(data)
+    far = 65521 * word_nbytes
+    first, second = data[:word_nbytes].clone(), data[far : far + word_nbytes].clone()
+    assert not torch.equal(first, second)
+    data[:word_nbytes], data[far : far + word_nbytes] = second, first
+    assert device_checksum(data) != before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_flipped_byte_anywhere_changes_the_device_checksum(device: str) -> None:
+    small = _random_bytes(67, device)
+    before = device_checksum(small)
+    for position in range(small.numel()):
+        for bit in (0x01, 0x80):
+            small[position] ^= bit
+            assert device_checksum(small) != before, (position, bit)
+            small[position] ^= bit
+    chunk_nbytes = checksum.DEVICE_CHUNK_WORDS * 8
+    large = _random_bytes(2 * chunk_nbytes + 5, device)
+    before = device_checksum(large)
+    for position in (0, chunk_nbytes - 1, chunk_nbytes, chunk_nbytes + 7, 2 * chunk_nbytes, large.numel() - 1):
+        large[position] ^= 0x10
+        assert device_checksum(large) != before, position
+        large[position] ^= 0x10
+    assert device_checksum(torch.cat([large, torch.zeros(1, dtype=torch.uint8, device=device)])) != before
+
+
+def _nbytes_allocated_by(fn: Callable[[], object], device: str) -> int:
+    """Bytes that ``fn`` allocated: the peak above the start on CUDA, the sum of every allocation on CPU.
+
+    The CPU sum counts memory freed and allocated again twice, so it bounds the peak from above.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_the_device_checksum_allocates_a_few_chunks_whatever_the_payload_size(
+    device: str, offset: int
+) -> None:
+    chunk_nbytes = checksum.DEVICE_CHUNK_WORDS * 8
+    data = _random_bytes(8 * chunk_nbytes + offset + 3, device)
+    payload = data[offset:]  # offset 1: unaligned, each chunk is copied into one more chunk-sized buffer
+    allocated = _nbytes_allocated_by(lambda: device_checksum(payload), device)
+    assert allocated <= 3 * chunk_nbytes + (64 << 10) < payload.numel()

@@ -25,6 +25,7 @@ class HeldWire:
 
     def __init__(self) -> None:
         self.sent: list[int] = []
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.hold = threading.Event()
         self.entered = threading.Event()  # set once the sending thread is inside send_layer
         self.finished = False
@@ -33,6 +34,7 @@ class HeldWire:
         self.entered.set()
         assert self.hold.wait(10), "the test never released the wire"
         self.sent.append(layer_idx)
+        self.layers[layer_idx] = (k, v)
 
     def finish(self) -> None:
         self.finished = True
@@ -94,9 +96,35 @@ def test_layers_that_match_the_descriptor_only_are_queued() -> None:
     wire.hold.set()
     sender = _sender(wire, max_inflight=4, timeout_s=5)
     k, v = _layer()
-    with pytest.raises(ValueError, match=r"v of layer 0 is \(4, 2, 8\) float16, descriptor expects \(4, 2, 8\) float32"):
-        sender.send_layer(0, k, v.half())
+    with pytest.raises(ValueError, match=r"v of layer 0 is \(4, 2, 8\) int32, descriptor expects \(4, 2, 8\) float"):
+        sender.send_layer(0, k, v.int())
     with pytest.raises(ValueError, match=r"k of layer 0 is \(2, 2, 8\) float32"):
         sender.send_layer(0, k[:2], v)
+    with pytest.raises(ValueError, match=r"k of layer 0 is \(2, 2, 8\) bfloat16, descriptor expects \(4, 2, 8\)"):
+        sender.send_layer(0, k[:2].bfloat16(), v.bfloat16())  # a float dtype converts; a shape never
+    with pytest.raises(ValueError, match=r"v of layer 0 is \(4, 2, 8\) float8_e4m3fn"):
+        sender.send_layer(0, k, v.to(torch.float8_e4m3fn))  # fp8 carries scales a cast would drop
     sender.send_layer(0, k, v)
     sender.abort()
+
+
+def test_a_layer_in_another_float_dtype_reaches_the_wire_in_the_descriptors_dtype() -> None:
+    wire = HeldWire()
+    wire.hold.set()
+    sender = _sender(wire, max_inflight=4, timeout_s=5)
+    gen = torch.Generator().manual_seed(0)
+    layers = [
+        (torch.randn(TOKENS, HEADS, DIM, generator=gen).to(dtype), torch.randn(TOKENS, HEADS, DIM, generator=gen))
+        for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.float32)
+    ]
+    strided = [torch.randn(HEADS, TOKENS, DIM, generator=gen).bfloat16().transpose(0, 1) for _ in "kv"]
+    layers.append((strided[0], strided[1]))
+    layers += [_layer() for _ in range(NUM_LAYERS - len(layers))]
+    for i, (k, v) in enumerate(layers):
+        sender.send_layer(i, k, v)
+    sender.finish()
+    for i, (k, v) in enumerate(layers):
+        got_k, got_v = wire.layers[i]
+        assert got_k.dtype == got_v.dtype == torch.float32 and got_k.is_contiguous() and got_v.is_contiguous()
+        assert torch.equal(got_k.view(torch.int32), k.float().view(torch.int32))
+        assert torch.equal(got_v.view(torch.int32), v.float().view(torch.int32))
