@@ -12,8 +12,9 @@ A request's life here (DESIGN.md, disaggregated path):
    the rest.
 Failures never hang a stream: a dead or unreachable P retries the prefill on
 another P (then recomputes on D); a failed transfer retries it away from the
-side the error points at (P for corrupt bytes, D when the receiver refused or
-vanished, neither when it cannot be told); a dead D mid-stream
+side P names in the call's trailing metadata (P for corrupt bytes, D when
+the receiver refused or vanished, neither when it cannot be told; see
+``workers.kv.errors.sending_side_fault``); a dead D mid-stream
 resumes prompt + tokens so far on another D (greedy decoding continues with
 the same tokens); with nothing left the stream ends in ``GenerationFailed``.
 Every wait is bounded by the request's deadline. Text is detokenized here over
