@@ -240,6 +240,16 @@ class LLMEngine:
         self._detoks.pop(request_id, None)
         self._pending.append(self._output(seq, (), "", FinishReason.ABORT))
 
+    def drop(self, request_id: str) -> None:
+        """Forget a request whose reader is gone: abort it or release its reservation, with no final output.
+
+        Outputs not yet handed out by ``step`` are discarded too: nobody reads them, and a later
+        request reusing the id must not receive them as its own.
+        """
+        if request_id in self._seqs or request_id in self._reserved:
+            self.abort(request_id)
+        self._pending = [out for out in self._pending if out.request_id != request_id]
+
     def step(self) -> list[RequestOutput]:
         """Run one batch and return what every touched request produced."""
         outputs, self._pending = self._pending, []

@@ -10,6 +10,11 @@ A disaggregated request on this worker:
    the prefill worker produced, and stream the following tokens.
 A reservation nobody claims within its timeout is cancelled and its blocks freed.
 ``generate`` in LOCAL_PREFILL mode and ``resume`` (failover) prefill here.
+
+A request id names one request at a time here: while it has a reservation or a
+Generate/Resume call in progress, another Reserve, Generate or Resume with that id
+is refused with ``DuplicateRequest`` and the first one goes on untouched. Once a
+stream ends (finished, aborted, or its caller gone) the id is free again.
 """
 
 from __future__ import annotations
@@ -17,14 +22,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.core.types import InstanceLoad, Role
 from workers.engine.block_manager import OutOfKVBlocks
+from workers.engine.outputs import DuplicateRequest
 from workers.engine.sampling_params import SamplingParams
 from workers.kv.interface import KVEndpoint, KVReceiver, KVSpec
+from workers.service.abandon import outlive_caller
 from workers.service.engine_loop import EngineLoop
 from workers.service.types import Reservation, StreamFinish, TokenChunk
 
@@ -91,8 +100,22 @@ class DecodeWorker:
         self.node_id = node_id
         self._spec = loop.call(kv_spec)
         self._pending: dict[str, _Pending] = {}
-        self._streams: set[str] = set()  # requests streaming from this worker now
+        self._calls: set[str] = set()  # requests with a Generate or Resume call in progress here
+        self._streams: set[str] = set()  # of those, the ones joined to the engine (``abort`` ends them)
         self._lock = threading.Lock()
+
+    @contextmanager
+    def _claim(self, request_id: str) -> Iterator[None]:
+        """Hold ``request_id`` for one Generate or Resume call; a second call with it is refused."""
+        with self._lock:
+            if request_id in self._calls:
+                raise DuplicateRequest(f"request {request_id!r} is already streaming on {self.instance_id}")
+            self._calls.add(request_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls.discard(request_id)
 
     # --- disaggregated path -------------------------------------------------------------
     def reserve(
@@ -108,11 +131,15 @@ class DecodeWorker:
             raise WorkerError("empty prompt")
         with self._lock:
             if request_id in self._pending:
-                raise WorkerError(f"request {request_id!r} already has a reservation")
+                raise DuplicateRequest(f"request {request_id!r} has a reservation on {self.instance_id}")
+            if request_id in self._calls:
+                raise DuplicateRequest(f"request {request_id!r} is already streaming on {self.instance_id}")
         try:
             blocks = self.loop.call(lambda e: e.reserve(request_id, num_tokens, max_tokens))
         except OutOfKVBlocks as exc:
             raise NoRoom(f"cannot reserve KV for {num_tokens} tokens now: {exc}") from exc
+        except DuplicateRequest:
+            raise
         except Exception as exc:
             raise WorkerError(f"cannot reserve KV for {num_tokens} tokens: {exc}") from exc
 
@@ -151,21 +178,30 @@ class DecodeWorker:
         transfer_timeout_s: float,
     ) -> AsyncIterator[TokenChunk]:
         """Wait for the KV to land, join the batch with the first token, stream the rest."""
-        with self._lock:
-            pending = self._pending.pop(request_id, None)
-        if pending is None:
-            raise UnknownRequest(f"no KV reservation for request {request_id!r}")
-        try:
-            await asyncio.to_thread(pending.receiver.wait, transfer_timeout_s)
-        except BaseException:
-            pending.receiver.cancel()
-            self.loop.submit(lambda e: e.release(request_id))
-            raise
-        prompt = list(prompt_token_ids)
-        async for chunk in self._stream(
-            request_id, lambda e: e.add_prefilled_request(request_id, prompt, first_token_id, sampling)
-        ):
-            yield chunk
+        with self._claim(request_id):
+            with self._lock:
+                pending = self._pending.pop(request_id, None)
+            if pending is None:
+                raise UnknownRequest(f"no KV reservation for request {request_id!r}")
+            try:
+                await asyncio.to_thread(pending.receiver.wait, transfer_timeout_s)
+            except BaseException:
+                pending.receiver.cancel()
+                self.loop.submit(lambda e: e.release(request_id))
+                raise
+            prompt = list(prompt_token_ids)
+
+            def join(engine: Any) -> None:
+                try:
+                    engine.add_prefilled_request(request_id, prompt, first_token_id, sampling)
+                except BaseException:
+                    with suppress(LookupError):  # the reservation is this call's: nobody else would free it
+                        engine.release(request_id)
+                    raise
+
+            async with aclosing(self._stream(request_id, join)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
     # --- local prefill and failover -------------------------------------------------------
     async def generate_local(
@@ -173,8 +209,13 @@ class DecodeWorker:
     ) -> AsyncIterator[TokenChunk]:
         """Prefill and decode here."""
         prompt = list(prompt_token_ids)
-        async for chunk in self._stream(request_id, lambda e: e.add_request(request_id, prompt, sampling)):
-            yield chunk
+        with self._claim(request_id):
+            # closed here, not when collected: its cleanup must be queued before the claim is given back
+            async with aclosing(
+                self._stream(request_id, lambda e: e.add_request(request_id, prompt, sampling))
+            ) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
     async def resume(
         self,
@@ -185,24 +226,36 @@ class DecodeWorker:
     ) -> AsyncIterator[TokenChunk]:
         """Continue a request another worker started: recompute prompt + tokens so far, decode on."""
         prompt, generated = list(prompt_token_ids), list(generated_token_ids)
-        async for chunk in self._stream(
-            request_id, lambda e: e.resume_request(request_id, prompt, generated, sampling)
-        ):
-            yield chunk
+        with self._claim(request_id):
+            async with aclosing(
+                self._stream(request_id, lambda e: e.resume_request(request_id, prompt, generated, sampling))
+            ) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
-    async def _stream(self, request_id: str, start: Any) -> AsyncIterator[TokenChunk]:
+    async def _stream(
+        self, request_id: str, start: Callable[[Any], None]
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Run ``start`` on the engine thread and stream the request's outputs; the caller holds the claim."""
         aloop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Any] = asyncio.Queue()
 
         def deliver(out: Any) -> None:
             aloop.call_soon_threadsafe(outputs.put_nowait, out)
 
-        self.loop.attach(request_id, deliver)
+        def attach_and_start(engine: Any) -> None:
+            # Attached on the engine thread, after an earlier request with this id was dropped: outputs
+            # of that request (even from a step already running) never reach this stream.
+            self.loop.attach(request_id, deliver)
+            start(engine)
+
         finished = False
         with self._lock:
             self._streams.add(request_id)
+        joined = self.loop.submit(attach_and_start)
         try:
-            await asyncio.wrap_future(self.loop.submit(start))
+            # start runs even if the caller leaves meanwhile: the cleanup below must know whether it joined
+            await outlive_caller(joined, lambda _: None)
             while True:
                 out = await outputs.get()
                 if out is None:
@@ -222,7 +275,17 @@ class DecodeWorker:
                 self._streams.discard(request_id)
             self.loop.detach(request_id)
             if not finished:  # the caller went away or the stream failed: free the request
-                self.loop.submit(lambda e: e.abort(request_id))
+                self.loop.submit(lambda e: self._forget(e, request_id, joined))
+
+    def _forget(self, engine: Any, request_id: str, joined: Future[None]) -> None:
+        """On the engine thread: drop a request whose stream ended early, if its start joined it.
+
+        Commands run in order, so ``joined`` is done here. A start the engine refused (the id is
+        another caller's reservation) added nothing, and that reservation must stay.
+        """
+        self.loop.detach(request_id)  # attached after the stream's own detach if its caller left early
+        if joined.done() and not joined.cancelled() and joined.exception() is None:
+            engine.drop(request_id)
 
     # --- control ----------------------------------------------------------------------
     def abort(self, request_id: str) -> bool:
@@ -230,15 +293,15 @@ class DecodeWorker:
         with self._lock:
             pending = self._pending.pop(request_id, None)
             streaming = request_id in self._streams
+            if streaming:
+                # Queued under the lock, so it runs before a later stream with this id can start.
+                # The engine's final ABORT output ends the stream, so its reader is never left waiting.
+                self.loop.submit(lambda e: e.abort(request_id))
         if pending is not None:
             pending.receiver.cancel()
             self.loop.submit(lambda e: e.release(request_id))
             return True
-        if not streaming:
-            return False
-        # The engine's final ABORT output ends the stream, so its reader is never left waiting.
-        self.loop.submit(lambda e: e.abort(request_id))
-        return True
+        return streaming
 
     def load(self) -> InstanceLoad:
         """Current load report."""

@@ -6,16 +6,19 @@ opened from the decode worker's descriptor (the sender puts it on the wire in
 the background, overlapped with the next layer's compute) -> ``finish`` waits
 for the receiver's verdict -> the first token goes back to the router. An
 aborted request still queued is skipped; a failed transfer aborts the sender
-so the receiver sees the error too.
+so the receiver sees the error too. While a Prefill call for a request id is in
+progress, another with that id is refused with ``DuplicateRequest``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.core.types import InstanceLoad, Role
+from workers.engine.outputs import DuplicateRequest
 from workers.engine.sampling_params import SamplingParams
 from workers.kv.descriptor import TransferDescriptor
 from workers.kv.interface import KVSender
@@ -30,6 +33,15 @@ class PrefillAborted(WorkerError):
     """The request was aborted before its prefill ran."""
 
 
+@dataclass
+class _Job:
+    """One Prefill call; its own record, so an abort or a departing caller never touches another call's."""
+
+    num_tokens: int
+    started: bool = False
+    aborted: bool = False
+
+
 class PrefillWorker:
     """Plain prefill worker over an engine loop and a KV client (no gRPC, no Ray)."""
 
@@ -40,17 +52,21 @@ class PrefillWorker:
         self.node_id = node_id
         self._lock = threading.Lock()
         self._queued_tokens = 0
-        self._queued: set[str] = set()
-        self._aborted: set[str] = set()
+        self._jobs: dict[str, _Job] = {}  # request id -> its Prefill call in progress (queued or running)
 
     def _run(
-        self, engine: Any, request_id: str, prompt: list[int], sampling: SamplingParams, descriptor: TransferDescriptor
+        self,
+        engine: Any,
+        job: _Job,
+        request_id: str,
+        prompt: list[int],
+        sampling: SamplingParams,
+        descriptor: TransferDescriptor,
     ) -> tuple[int, KVSender]:
         with self._lock:
-            self._queued_tokens -= len(prompt)
-            self._queued.discard(request_id)
-            if request_id in self._aborted:
-                self._aborted.discard(request_id)
+            self._queued_tokens -= job.num_tokens
+            job.started = True
+            if job.aborted:
                 raise PrefillAborted(f"request {request_id!r} was aborted before its prefill")
         sender = self.kv_client.open(descriptor)
         try:
@@ -71,15 +87,33 @@ class PrefillWorker:
         if not prompt_token_ids:
             raise WorkerError("empty prompt")
         prompt = list(prompt_token_ids)
+        job = _Job(len(prompt))
         with self._lock:
-            self._queued_tokens += len(prompt)
-            self._queued.add(request_id)
-        job = self.loop.submit(lambda e: self._run(e, request_id, prompt, sampling, descriptor))
+            if request_id in self._jobs:
+                raise DuplicateRequest(f"request {request_id!r} is already in prefill on {self.instance_id}")
+            self._jobs[request_id] = job
+            self._queued_tokens += job.num_tokens
+        try:
+            return await self._prefill(job, request_id, prompt, sampling, descriptor)
+        finally:
+            with self._lock:
+                del self._jobs[request_id]
+
+    async def _prefill(
+        self,
+        job: _Job,
+        request_id: str,
+        prompt: list[int],
+        sampling: SamplingParams,
+        descriptor: TransferDescriptor,
+    ) -> PrefillResult:
+        work = self.loop.submit(lambda e: self._run(e, job, request_id, prompt, sampling, descriptor))
         try:
             # not cancelled with the call: a job that never ran would leave its tokens counted as queued
-            first, sender = await outlive_caller(job, lambda done: self._abort_sender(done[1]))
+            first, sender = await outlive_caller(work, lambda done: self._abort_sender(done[1]))
         except asyncio.CancelledError:  # the caller left (a client disconnect)
-            self.abort(request_id)  # skipped if it has not started; its sender aborted once it returns if it has
+            with self._lock:  # skipped if it has not started; its sender aborted once it returns if it has
+                job.aborted = True
             raise
         # Waiting for the receiver's verdict happens off the engine thread: the next prompt can run.
         try:
@@ -97,9 +131,10 @@ class PrefillWorker:
     def abort(self, request_id: str) -> bool:
         """Skip ``request_id`` if its prefill has not started yet."""
         with self._lock:
-            if request_id not in self._queued:
+            job = self._jobs.get(request_id)
+            if job is None or job.started:
                 return False
-            self._aborted.add(request_id)
+            job.aborted = True
         return True
 
     def load(self) -> InstanceLoad:

@@ -123,6 +123,23 @@ def test_abort_frees_blocks_and_reports_abort(engine: LLMEngine) -> None:
     assert out.finished and out.finish_reason is FinishReason.ABORT and not engine.has_unfinished()
 
 
+def test_a_dropped_request_leaves_no_output_for_a_request_that_reuses_its_id(engine: LLMEngine) -> None:
+    engine.add_request("again", PROMPT * 3, SamplingParams(max_tokens=50))
+    engine.step()
+    engine.drop("again")  # its reader left: no final ABORT output
+    engine.add_request("again", PROMPT, SamplingParams(max_tokens=4, ignore_eos=True))
+    outs = _drain(engine)["again"]
+    assert len(_tokens(outs)) == 4 and outs[-1].finish_reason is FinishReason.LENGTH
+    engine.add_request("gone", PROMPT, SamplingParams(max_tokens=4))
+    engine.abort("gone")  # aborted, then its reader left before the ABORT output was handed out
+    engine.drop("gone")
+    engine.drop("never-seen")  # nothing to do, no error
+    assert engine.step() == [] and not engine.has_unfinished()
+    engine.reserve("held", len(PROMPT))
+    engine.drop("held")
+    assert engine.free_blocks == engine.total_blocks
+
+
 def test_stop_token_stop_string_and_streamed_text(engine: LLMEngine) -> None:
     assert engine.tokenizer is not None
     (full,) = engine.generate([PROMPT], SamplingParams(max_tokens=20, ignore_eos=True))

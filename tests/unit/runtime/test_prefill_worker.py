@@ -16,6 +16,7 @@ import torch
 
 from workers.engine.config import EngineConfig, EngineRole
 from workers.engine.engine import LLMEngine
+from workers.engine.outputs import DuplicateRequest
 from workers.engine.sampling_params import SamplingParams
 from workers.kv.descriptor import TransferDescriptor
 from workers.kv.errors import KVTransferError
@@ -85,3 +86,36 @@ def test_a_prefill_abandoned_while_running_aborts_its_sender(parts: tuple[Prefil
     result = asyncio.run(worker.prefill("after", PROMPT, SAMPLING, after.descriptor))  # the pair is free again
     assert result.transfer is not None and result.transfer.num_layers == spec.num_layers
     after.wait(5.0)
+
+
+def test_a_second_prefill_with_the_same_id_is_refused_and_the_first_runs(
+    parts: tuple[PrefillWorker, KVEndpoint, KVClient],
+) -> None:
+    # the second caller is refused and leaves; that must not abort the first prefill, still in line
+    worker, endpoint, _ = parts
+    gate = threading.Event()
+    worker.loop.submit(lambda engine: gate.wait(10.0))
+    rx = endpoint.expect("twice", len(PROMPT), kv_spec(worker.loop.engine), _ignore)
+
+    async def run() -> None:
+        first = asyncio.create_task(worker.prefill("twice", PROMPT, SAMPLING, rx.descriptor))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(worker.prefill("twice", PROMPT, SAMPLING, rx.descriptor))
+        await asyncio.sleep(0.1)
+        second.cancel()
+        (refused,) = await asyncio.gather(second, return_exceptions=True)
+        assert isinstance(refused, DuplicateRequest)
+        gate.set()
+        result = await asyncio.wait_for(first, 10)
+        assert result.transfer is not None
+        assert worker.abort("twice") is False  # done: nothing left to skip
+        again = endpoint.expect("twice-again", len(PROMPT), kv_spec(worker.loop.engine), _ignore)
+        await worker.prefill("twice", PROMPT, SAMPLING, again.descriptor)  # the id is free again
+        again.wait(5.0)
+
+    try:
+        asyncio.run(run())
+    finally:
+        gate.set()
+    rx.wait(5.0)
+    assert worker.load().queued_prefill_tokens == 0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from orchestrator.core.types import Role
@@ -14,8 +16,9 @@ from orchestrator.runtime.worker_client import WorkerClient, WorkerRejected, Wor
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
+from workers.service.decode import DecodeWorker
 from workers.service.host import WorkerHost, WorkerSpec
-from workers.service.types import GenerateMode, StreamFinish
+from workers.service.types import GenerateMode, StreamFinish, TokenChunk
 
 PROMPT = tuple(range(100, 160))  # 60 tokens
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -181,6 +184,179 @@ def test_a_reservation_whose_call_was_cancelled_gives_its_blocks_back(hosts: tup
             await asyncio.sleep(0.05)
         assert load.free_kv_blocks == load.total_kv_blocks
         assert "r-left" not in decode.worker._pending
+        await d.close()
+
+    asyncio.run(run())
+
+
+# --- one request id, one request at a time ------------------------------------------------------------
+
+LONG = SamplingParams(max_tokens=200, ignore_eos=True)  # still streaming while a second call comes and goes
+
+
+@pytest.fixture(scope="module")
+def long_reference(tiny_model_dir: Path) -> tuple[int, ...]:
+    engine = LLMEngine(tiny_model_dir, EngineConfig(num_blocks=64))
+    return engine.generate([list(PROMPT)], LONG)[0].token_ids
+
+
+async def _tokens_of(chunks: AsyncIterator[TokenChunk]) -> tuple[list[int], StreamFinish | None]:
+    tokens: list[int] = []
+    finish = None
+    async for chunk in chunks:
+        tokens.extend(chunk.token_ids)
+        finish = chunk.finish
+    return tokens, finish
+
+
+async def _call_with(d: WorkerClient, call: str, rid: str) -> None:
+    if call == "reserve":
+        await d.reserve(rid, PROMPT, timeout_s=10)
+    elif call == "resume":
+        await _tokens_of(d.resume(rid, PROMPT, (1, 2), LONG, 10))
+    else:
+        mode = GenerateMode.AFTER_TRANSFER if call == "after_transfer" else GenerateMode.LOCAL_PREFILL
+        await _tokens_of(d.generate(rid, PROMPT, LONG, mode, 5 if call == "after_transfer" else None, 10, 2))
+
+
+@pytest.mark.parametrize("second", ["generate_local", "after_transfer", "resume", "reserve"])
+def test_a_second_call_with_a_streaming_id_is_refused_and_the_first_stream_goes_on(
+    hosts: tuple[WorkerHost, WorkerHost], long_reference: tuple[int, ...], second: str
+) -> None:
+    _, decode = hosts
+
+    async def run() -> None:
+        d = WorkerClient(decode.endpoint().grpc_address)
+        rid = f"twice-{second}"
+        stream = d.generate(rid, PROMPT, LONG, GenerateMode.LOCAL_PREFILL, None, 30)
+        first = await anext(stream)
+        assert first.finish is None
+        with pytest.raises(WorkerRejected, match="DuplicateRequest") as refused:
+            await asyncio.wait_for(_call_with(d, second, rid), 10)
+        assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        # the first stream keeps its sink, its tokens and its blocks
+        rest, finish = await asyncio.wait_for(_tokens_of(stream), 30)
+        assert (*first.token_ids, *rest) == long_reference and finish is StreamFinish.LENGTH
+        load = await d.load(reported_at_s=0.0)
+        assert load.free_kv_blocks == load.total_kv_blocks
+        await d.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("second", ["generate_local", "resume"])
+def test_a_stream_with_a_reserved_id_is_refused_and_the_reservation_stays(
+    hosts: tuple[WorkerHost, WorkerHost], reference: tuple[int, ...], second: str
+) -> None:
+    prefill, decode = hosts
+
+    async def run() -> None:
+        p = WorkerClient(prefill.endpoint().grpc_address)
+        d = WorkerClient(decode.endpoint().grpc_address)
+        rid = f"reserved-then-{second}"
+        res = await d.reserve(rid, PROMPT, timeout_s=30)
+        with pytest.raises(WorkerRejected, match="DuplicateRequest") as refused:
+            await asyncio.wait_for(_call_with(d, second, rid), 10)
+        assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        first = await p.prefill(rid, PROMPT, GREEDY, res.descriptor, timeout_s=10)
+        rest, finish = await asyncio.wait_for(
+            _tokens_of(d.generate(rid, PROMPT, GREEDY, GenerateMode.AFTER_TRANSFER, first.first_token_id, 10)), 30
+        )
+        assert (first.first_token_id, *rest) == reference and finish is StreamFinish.LENGTH
+        await p.close()
+        await d.close()
+
+    asyncio.run(run())
+
+
+def test_a_request_id_is_free_again_once_its_stream_ended(
+    hosts: tuple[WorkerHost, WorkerHost], reference: tuple[int, ...]
+) -> None:
+    # On the worker itself (no gRPC between), so the id comes back at once: the old request's last
+    # outputs (its ABORT, a token from a step already running) must not reach the new stream.
+    _, decode = hosts
+    worker = decode.worker
+    assert isinstance(worker, DecodeWorker)
+
+    async def cancelled(rid: str) -> None:  # the caller leaves, as gRPC cancels the handler's task
+        started = asyncio.Event()
+
+        async def read() -> None:
+            async for _ in worker.generate_local(rid, PROMPT, LONG):
+                started.set()
+
+        task = asyncio.create_task(read())
+        await started.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def closed(rid: str) -> None:  # the consumer closes the stream
+        stream = worker.generate_local(rid, PROMPT, LONG)
+        assert isinstance(stream, AsyncGenerator)
+        await anext(stream)
+        await stream.aclose()
+
+    async def left_in_line(rid: str) -> None:  # the caller leaves before its request reached the engine
+        gate = threading.Event()
+        decode.loop.submit(lambda engine: gate.wait(10.0))
+        task = asyncio.create_task(_tokens_of(worker.generate_local(rid, PROMPT, LONG)))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        gate.set()
+
+    async def aborted(rid: str) -> None:
+        stream = worker.generate_local(rid, PROMPT, LONG)
+        await anext(stream)
+        assert worker.abort(rid)
+        _, finish = await _tokens_of(stream)
+        assert finish is StreamFinish.ABORT
+
+    async def finished(rid: str) -> None:
+        await _tokens_of(worker.generate_local(rid, PROMPT, GREEDY))
+
+    async def run() -> None:
+        # the caller-left cases race the engine thread: repeated, so a stray output shows up at least once
+        ends = [cancelled, closed] * 12 + [left_in_line, aborted, finished]
+        for i, end in enumerate(ends):
+            rid = f"again-{end.__name__}-{i}"
+            await end(rid)
+            if end is left_in_line:  # its stream never started: nothing of it stays behind
+                decode.loop.call(lambda engine: None)
+                assert rid not in decode.loop._sinks and rid not in worker._calls
+            tokens, finish = await asyncio.wait_for(_tokens_of(worker.generate_local(rid, PROMPT, GREEDY)), 30)
+            assert (tuple(tokens), finish) == (reference, StreamFinish.LENGTH), end.__name__
+
+    asyncio.run(run())
+    assert decode.loop.call(lambda e: (e.has_unfinished(), e.free_blocks == e.total_blocks)) == (False, True)
+    assert not decode.loop._sinks
+
+
+def test_a_second_prefill_with_the_same_id_is_refused(
+    hosts: tuple[WorkerHost, WorkerHost], reference: tuple[int, ...]
+) -> None:
+    prefill, decode = hosts
+    gate = threading.Event()
+
+    async def run() -> None:
+        p = WorkerClient(prefill.endpoint().grpc_address)
+        d = WorkerClient(decode.endpoint().grpc_address)
+        res = await d.reserve("p-twice", PROMPT, timeout_s=30)
+        prefill.worker.loop.submit(lambda engine: gate.wait(10.0))  # the first prefill waits in line
+        try:
+            first = asyncio.create_task(p.prefill("p-twice", PROMPT, GREEDY, res.descriptor, timeout_s=20))
+            await asyncio.sleep(0.2)
+            with pytest.raises(WorkerRejected, match="DuplicateRequest") as refused:
+                await asyncio.wait_for(p.prefill("p-twice", PROMPT, GREEDY, res.descriptor, timeout_s=5), 3)
+            assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            gate.set()
+        result = await first
+        rest, _ = await _tokens_of(
+            d.generate("p-twice", PROMPT, GREEDY, GenerateMode.AFTER_TRANSFER, result.first_token_id, 10)
+        )
+        assert (result.first_token_id, *rest) == reference
+        await p.close()
         await d.close()
 
     asyncio.run(run())
