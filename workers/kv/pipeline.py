@@ -193,11 +193,15 @@ class PendingTransfer:
             raise self.fail(KVChecksumError(rid, layer_idx, f"sender {checksum:#018x}, received {actual:#018x}"))
         if self._keep and not copied:  # verified in a buffer only this process writes (or on the device)
             k, v = k.clone(), v.clone()
+            if payload.is_cuda:  # complete before the callback hands them to a thread on another stream
+                torch.cuda.current_stream(payload.device).synchronize()
         with self._lock:
             if self._error is not None:  # failed (timed out, cancelled) while this layer was verified
                 raise self._error
             try:
                 self._on_layer(layer_idx, k, v)
+                if payload.is_cuda:  # what the callback queued on this stream (a copy into the cache) is done
+                    torch.cuda.current_stream(payload.device).synchronize()
             except Exception as exc:
                 raise self.fail(KVTransferError(f"request {rid!r}: on_layer({layer_idx}) failed: {exc!r}")) from exc
             self._progress.layers.add(layer_idx)

@@ -58,6 +58,7 @@ against 0.78, unpinned 0.67 against 0.61).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import json
 import os
@@ -235,9 +236,14 @@ class TorchDistEndpoint(SideEndpoint):
             send_error(sock, exc)
             return
         staging = self._staging if device == "cuda" else self._host_staging
+        # An NCCL receive starts after the posting thread's current stream. On the default stream, which
+        # the decode engine's steps share, each layer would wait for the steps queued before it and the
+        # steps after it for the layer: the pair's own stream keeps decoding apart from transfers.
+        on_stream = torch.cuda.stream(torch.cuda.Stream()) if device == "cuda" else contextlib.nullcontext()
         try:
-            while self._serve_request(sock, scratch, group, staging):
-                pass
+            with on_stream:
+                while self._serve_request(sock, scratch, group, staging):
+                    pass
         finally:
             _release_group(group, device)
 
