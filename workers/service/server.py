@@ -21,6 +21,7 @@ import grpc
 from protos.pdserve.v1 import worker_pb2 as pb
 from protos.pdserve.v1 import worker_pb2_grpc as pb_grpc
 from workers.engine.outputs import DuplicateRequest, InvalidRequest, WrongRole
+from workers.engine.outputs import UnknownRequest as EngineUnknownRequest
 from workers.engine.sampling_params import InvalidSamplingParams
 from workers.kv.errors import KVTransferError, sending_side_fault
 from workers.service import convert
@@ -40,7 +41,7 @@ async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, *, sendin
     """Abort the call with the status ``exc`` maps to; ``sending_kv``: the call sent a KV transfer, so a
     transfer error also says which side failed (trailing metadata, see ``convert.fault_to_metadata``)."""
     metadata: tuple[tuple[str, str], ...] = ()
-    if isinstance(exc, UnknownRequest):
+    if isinstance(exc, UnknownRequest | EngineUnknownRequest):  # e.g. a reservation reaped as it was joined
         code = grpc.StatusCode.NOT_FOUND
     elif isinstance(exc, NoRoom):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED

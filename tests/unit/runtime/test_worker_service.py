@@ -114,6 +114,29 @@ def test_worker_errors_map_to_explicit_exceptions(hosts: tuple[WorkerHost, Worke
     asyncio.run(run())
 
 
+def test_a_reservation_gone_when_its_stream_joins_is_not_found(hosts: tuple[WorkerHost, WorkerHost]) -> None:
+    # the KV landed, but the engine no longer holds the reservation (reaped as it expired) when the
+    # stream joins it: NOT_FOUND, which the router answers by recomputing on a decode worker, not INTERNAL
+    prefill, decode = hosts
+
+    async def run() -> None:
+        p = WorkerClient(prefill.endpoint().grpc_address)
+        d = WorkerClient(decode.endpoint().grpc_address)
+        res = await d.reserve("reaped", PROMPT, timeout_s=10)
+        first = await p.prefill("reaped", PROMPT, GREEDY, res.descriptor, timeout_s=10)
+        decode.loop.call(lambda e: e.release("reaped"))  # what the reaper does to an expired reservation
+        with pytest.raises(WorkerRejected) as raised:
+            async for _ in d.generate("reaped", PROMPT, GREEDY, GenerateMode.AFTER_TRANSFER, first.first_token_id, 10):
+                pass
+        assert raised.value.code is grpc.StatusCode.NOT_FOUND, raised.value
+        load = await d.load(reported_at_s=0.0)
+        assert load.free_kv_blocks == load.total_kv_blocks
+        await p.close()
+        await d.close()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("transport", [
     "shm", "torch_dist",
     pytest.param("nixl", marks=pytest.mark.skipif(
