@@ -61,6 +61,12 @@ class KVCache:
             raise ValueError(f"layer_idx must be in [0, {self.layout.num_layers}), got {layer_idx}")
         slots = self.slot_tensor(block_table, token_offset + k.shape[0])[token_offset:]
         k_cache, v_cache = self.layers[layer_idx]
+        if k.is_cuda:
+            # K/V may come from another stream (a KV receiver's): without this, the allocator could hand
+            # their memory to that stream's next layer while this stream's copy below still reads it
+            stream = torch.cuda.current_stream(k.device)
+            k.record_stream(stream)
+            v.record_stream(stream)
         k_cache.index_copy_(1, slots, k.to(device=self.device, dtype=self.layout.dtype).transpose(0, 1))
         v_cache.index_copy_(1, slots, v.to(device=self.device, dtype=self.layout.dtype).transpose(0, 1))
 

@@ -20,6 +20,10 @@ class KVPeerError(KVTransferError):
     """
 
 
+class KVRejected(KVPeerError):
+    """The receiver answered this transfer with an error (it refused it, or a layer failed there)."""
+
+
 class KVPeerTimeout(KVPeerError, KVTransferTimeout):
     """The other end stopped answering (connecting, reading or sending) within its deadline."""
 

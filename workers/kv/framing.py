@@ -23,7 +23,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from workers.kv.errors import KVChecksumError, KVPeerError, KVPeerTimeout, KVTransferError, KVTransferTimeout
+from workers.kv.errors import (
+    KVChecksumError,
+    KVPeerError,
+    KVPeerTimeout,
+    KVRejected,
+    KVTransferError,
+    KVTransferTimeout,
+)
 
 MAGIC = b"PDKV"
 _HEADER = struct.Struct("<4sB3xIIQQQ")
@@ -340,7 +347,7 @@ def raise_if_error(sock: socket.socket, frame: Frame, request_id: str) -> None:
     message = recv_control_payload(sock, frame).decode(errors="replace")
     if frame.layer_idx == ErrorCode.CHECKSUM:
         raise KVChecksumError(request_id, frame.slot, f"reported by receiver: {message}")
-    raise KVPeerError(f"receiver rejected request {request_id!r}: {message}")
+    raise KVRejected(f"receiver rejected request {request_id!r}: {message}")
 
 
 LINGER_S = 2.0  # how long a rejecting receiver keeps reading so its ERROR frame is not reset away

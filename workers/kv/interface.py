@@ -69,7 +69,7 @@ class EndpointOptions:
     # receiver polling cost the sender no wake-up: shm 6-10% less time per 16 or 64 MB transfer in most runs
     # (benchmarks/shm_poll.py), tcp 16 MB 1.3-1.8x the GB/s in 3 runs against --poll-us 0 (kv_transfer.py); 0 sleeps at once
     poll_us: float = 100.0
-    device: str = "cpu"  # "cuda": staging on the GPU (torch_dist with NCCL)
+    device: str = "cpu"  # "cuda" or "cuda:N": torch_dist stages on that GPU, for NCCL pairs (the others ignore it)
 
     def __post_init__(self) -> None:
         if not 0 <= self.poll_us < float("inf"):  # also refuses NaN
@@ -89,6 +89,9 @@ class SenderOptions:
     # "auto" = reno between two processes of one host (pacing such as BBR's only slows loopback), the host's
     # default otherwise; "system" = always the host's default; or an algorithm name, e.g. "cubic"
     tcp_congestion: str = AUTO
+    # where the layers come from: "cpu", "cuda" (the current GPU) or "cuda:N"; torch_dist offers that GPU
+    # to a receiver staging on CUDA, which pairs over NCCL when it is another GPU than its own
+    device: str = "cpu"
     fault: FaultInjection | None = None
 
     def __post_init__(self) -> None:

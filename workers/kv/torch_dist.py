@@ -77,7 +77,7 @@ import torch.distributed as dist
 
 from workers.kv.checksum import checksum_parts, copy_and_checksum, device_checksum, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
-from workers.kv.errors import KVPeerError, KVPeerTimeout, KVTransferError, KVTransferTimeout
+from workers.kv.errors import KVPeerError, KVPeerTimeout, KVRejected, KVTransferError, KVTransferTimeout
 from workers.kv.framing import (
     HEADER_NBYTES,
     RUN_ENTRY,
@@ -98,6 +98,7 @@ from workers.kv.framing import (
     split_address,
     with_context,
 )
+from workers.kv.host import local_host_id
 from workers.kv.interface import EndpointOptions, SenderOptions
 from workers.kv.pipeline import PendingTransfer, StagingPool, as_bytes
 from workers.kv.receiving import ReceivingSide, SideEndpoint
@@ -109,6 +110,7 @@ os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
 
 _SENDER_RANK, _RECEIVER_RANK = 0, 1
 _TIMED_OUT = re.compile(r"time(d)?[ _-]?out", re.IGNORECASE)
+_NCCL_SPIN_S = 0.05  # how long _wait polls an NCCL op before it waits blocking
 RUN_NBYTES = 4 << 20  # the most bytes of queued host layers one gloo message carries (see send_layers)
 
 
@@ -123,16 +125,26 @@ def _make_group(store: Any, pair_id: str, rank: int, device: str, timeout_s: flo
     return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
 
 
-def gpu_identity() -> str:
-    """This process's current GPU as NCCL tells GPUs apart (its UUID); "" without CUDA or NCCL."""
-    if not (torch.cuda.is_available() and dist.is_nccl_available()):
+def gpu_identity(device: str = "cuda") -> str:
+    """The GPU ``device`` names ("cuda": the current one) as NCCL tells GPUs apart; "" for none, or without NCCL.
+
+    NCCL refuses two ranks with the same host and PCI bus id: MIG slices of one GPU share it, though
+    their UUIDs differ. Where torch does not expose the bus id, the UUID stands in (a MIG pair then
+    fails at its first NCCL op, and its connector pairs over gloo from then on).
+    """
+    if not device.startswith("cuda") or not (torch.cuda.is_available() and dist.is_nccl_available()):
         return ""
-    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    index = torch.device(device).index
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is None:
+        return f"{local_host_id()}/uuid-{props.uuid}"
+    return f"{local_host_id()}/pci-{getattr(props, 'pci_domain_id', 0):x}:{bus:x}:{getattr(props, 'pci_device_id', 0):x}"
 
 
 def pair_device(receiver_device: str, receiver_gpu: str, sender_gpu: str) -> str:
     """The device a pair moves KV through: "cuda" (NCCL) only between two different GPUs, else "cpu" (gloo)."""
-    if receiver_device != "cuda" or not receiver_gpu or not sender_gpu or receiver_gpu == sender_gpu:
+    if not receiver_device.startswith("cuda") or not receiver_gpu or not sender_gpu or receiver_gpu == sender_gpu:
         return "cpu"
     return "cuda"
 
@@ -169,7 +181,13 @@ def _post(op: Callable[[list[torch.Tensor], int, int], Any], tensor: torch.Tenso
         raise _group_error(exc, what) from None
 
 
-def _wait(work: Any, what: str) -> None:
+def _wait(work: Any, what: str, device: str = "cpu") -> None:
+    if device == "cuda":
+        # A blocking NCCL wait polls its op every millisecond (ten in older torch), a long time for a
+        # layer in flight: poll it here first, without sleeping; wait() then returns at once, or raises.
+        deadline = time.perf_counter() + _NCCL_SPIN_S
+        while not work.is_completed() and time.perf_counter() < deadline:
+            os.sched_yield()
     try:
         work.wait()
     except RuntimeError as exc:  # gloo/NCCL report peer loss and timeouts as RuntimeError
@@ -188,6 +206,15 @@ def _close_open_endpoints() -> None:
         endpoint.close()
 
 
+@dataclass(frozen=True)
+class _Link:
+    """A receiving pair's group, where its layers land, and the device it moves them through."""
+
+    group: Any
+    staging: StagingPool
+    device: str
+
+
 class TorchDistEndpoint(SideEndpoint):
     """Receiving endpoint: control listener, a TCPStore for pair rendezvous, one thread per pair."""
 
@@ -195,17 +222,24 @@ class TorchDistEndpoint(SideEndpoint):
 
     def __init__(self, options: EndpointOptions | None = None) -> None:
         self._options = options or EndpointOptions()
-        if self._options.device == "cuda" and not torch.cuda.is_available():
-            raise KVTransferError("torch_dist endpoint with device='cuda' but CUDA is not available")
+        on_gpu = self._options.device.startswith("cuda")
+        if on_gpu and not torch.cuda.is_available():
+            raise KVTransferError(f"torch_dist endpoint with device={self._options.device!r} but CUDA is not available")
+        # pair threads start on GPU 0: they are moved to this one ("cuda" alone: the creating thread's)
+        self._cuda_index: int | None = None
+        if on_gpu:
+            index = torch.device(self._options.device).index
+            self._cuda_index = torch.cuda.current_device() if index is None else index
         self._store = dist.TCPStore(
             self._options.host, 0, is_master=True, wait_for_workers=False,
             timeout=datetime.timedelta(seconds=self._options.stall_timeout_s),
         )
         self._staging = StagingPool(self._options.staging_nbytes, device=self._options.device)
         # a pair over gloo (a sender without CUDA, or on this GPU) lands in host memory, even when staging is on CUDA
-        self._host_staging = self._staging if self._options.device == "cpu" else StagingPool(self._options.staging_nbytes)
-        self._gpu = gpu_identity() if self._options.device == "cuda" else ""
-        self._side = ReceivingSide(self.kind, self._options, self._serve_pair, 1 << 16, device=self._options.device)
+        self._host_staging = StagingPool(self._options.staging_nbytes) if on_gpu else self._staging
+        self._gpu = gpu_identity(f"cuda:{self._cuda_index}") if on_gpu else ""
+        # descriptors say only where the staging is, "cuda" or "cpu": the sender needs no more
+        self._side = ReceivingSide(self.kind, self._options, self._serve_pair, 1 << 16, device="cuda" if on_gpu else "cpu")
         self.address = self._side.address
         _OPEN_ENDPOINTS.add(self)
 
@@ -217,6 +251,8 @@ class TorchDistEndpoint(SideEndpoint):
         self._host_staging.clear()
 
     def _serve_pair(self, sock: socket.socket) -> None:
+        if self._cuda_index is not None:
+            torch.cuda.set_device(self._cuda_index)  # this thread's streams and NCCL ops, on the endpoint's GPU
         sock.settimeout(self._options.stall_timeout_s)
         scratch = bytearray(HEADER_NBYTES)
         try:
@@ -242,12 +278,12 @@ class TorchDistEndpoint(SideEndpoint):
         on_stream = torch.cuda.stream(torch.cuda.Stream()) if device == "cuda" else contextlib.nullcontext()
         try:
             with on_stream:
-                while self._serve_request(sock, scratch, group, staging):
+                while self._serve_request(sock, scratch, _Link(group, staging, device)):
                     pass
         finally:
             _release_group(group, device)
 
-    def _serve_request(self, sock: socket.socket, scratch: bytearray, group: Any, staging: StagingPool) -> bool:
+    def _serve_request(self, sock: socket.socket, scratch: bytearray, link: _Link) -> bool:
         """Serve one request on the pair; False when the pair is over (closed or broken)."""
         sock.settimeout(None)  # an idle pair may wait for its next request indefinitely
         try:
@@ -265,7 +301,7 @@ class TorchDistEndpoint(SideEndpoint):
                 send_error(sock, exc)
                 return True
             send_frame(sock, Frame(FrameKind.ACK))  # accepted: tensors may follow on the group
-            error = self._receive_layers(sock, scratch, pending, group, staging)
+            error = self._receive_layers(sock, scratch, pending, link)
             if error is None:
                 pending.complete()
                 send_frame(sock, Frame(FrameKind.ACK))
@@ -280,9 +316,10 @@ class TorchDistEndpoint(SideEndpoint):
             return False  # the stream position is unknown: drop the pair, the sender builds a new one
 
     def _receive_layers(
-        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, group: Any, staging: StagingPool
+        self, sock: socket.socket, scratch: bytearray, pending: PendingTransfer, link: _Link
     ) -> KVTransferError | None:
         """Receive, verify and deliver every layer up to END; the first delivery error (the stream is still drained)."""
+        group, staging, device = link.group, link.staging, link.device
         desc = pending.descriptor
         tag = request_tag(desc.request_id)
         half = desc.tensor_nbytes
@@ -302,14 +339,14 @@ class TorchDistEndpoint(SideEndpoint):
                     staging.release(buffer)
                     buffer = staging.acquire(frame.nbytes)
                 what = f"a run of {frame.layer_idx} layers"
-                _wait(_post(group.recv, buffer[: frame.nbytes], _SENDER_RANK, what), what)
+                _wait(_post(group.recv, buffer[: frame.nbytes], _SENDER_RANK, what), what, device)
                 for i, (layer_idx, checksum) in enumerate(RUN_ENTRY.iter_unpack(entries)):
                     error = error or _delivered(pending, layer_idx, buffer[i * 2 * half : (i + 1) * 2 * half], checksum)
                 continue
             what = f"layer {frame.layer_idx}"
             works = [_post(group.recv, buffer[:half], _SENDER_RANK, what), _post(group.recv, buffer[half : 2 * half], _SENDER_RANK, what)]
             for work in works:  # both posted before waiting: K and V share one round trip
-                _wait(work, what)
+                _wait(work, what, device)
             recv_into(sock, memoryview(trailer), f"the checksum of {what}")
             error = error or _delivered(pending, frame.layer_idx, buffer[: 2 * half], TRAILER.unpack(trailer)[0])
 
@@ -332,7 +369,8 @@ class _Pair:
     broken: bool = False
     # two buffers that runs of layers are copied into while the previous run is on the wire (host pairs only)
     run_buffers: list[torch.Tensor] = field(default_factory=lambda: [torch.zeros(0, dtype=torch.uint8)] * 2)
-    stream: Any = None  # NCCL pairs: the CUDA stream their sends are posted on
+    stream: Any = None  # the CUDA stream sends (NCCL) or host copies (gloo) of CUDA layers run on
+    transfers: int = 0  # completed on this pair: an NCCL pair that fails before its first could never work
 
     def cuda_stream(self, device: torch.device | None) -> Any:
         """The pair's CUDA stream (made on first use, on ``device`` or the current GPU)."""
@@ -367,12 +405,13 @@ class TorchDistWire:
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         """Send one layer: header, K and V through the group, then the checksum (hashed while they move)."""
-        if self._pair.device != "cuda":
+        if self._pair.device != "cuda" and not k.is_cuda:
             self._send_layer(layer_idx, k, v, corrupt)
             return
-        # NCCL orders a send after the posting thread's current stream. On the device's default stream
-        # that is every later layer the model has queued since this one's event completed (the sender
-        # waits for it): a stream of the pair's own keeps the transfer overlapped with that compute.
+        # NCCL orders a send after the posting thread's current stream, and a copy to the host runs on
+        # it. On the device's default stream that is after every later layer the model has queued since
+        # this one's event completed (the sender waits for it): a stream of the pair's own keeps the
+        # transfer overlapped with that compute.
         with torch.cuda.stream(self._pair.cuda_stream(k.device if k.is_cuda else None)):
             self._send_layer(layer_idx, k, v, corrupt)
 
@@ -395,7 +434,7 @@ class TorchDistWire:
         else:  # gloo's own thread moves the bytes meanwhile; xxh3 releases the GIL
             checksum = checksum_parts((k_wire.numpy().data, v_wire.numpy().data))
         for work in works:
-            _wait(work, what)
+            _wait(work, what, device)
         if device == "cuda":
             torch.cuda.current_stream(k_wire.device).synchronize()  # K/V must outlive the NCCL send
         send_all(self._pair.sock, TRAILER.pack(checksum))
@@ -451,6 +490,7 @@ class TorchDistWire:
             self.end()
         await_verdict(self._pair.sock, self._desc.request_id, self._scratch)
         self._done = True
+        self._pair.transfers += 1
 
     def close(self) -> None:
         """Hand the pair back; a pair left mid-request is dropped (its stream position is unknown)."""
@@ -468,6 +508,9 @@ class TorchDistConnector:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pairs: dict[str, _Pair] = {}
+        # receivers an NCCL pair failed with before its first transfer (e.g. NCCL refused the two GPUs):
+        # later pairs with them go over gloo
+        self._gloo_only: set[str] = set()
 
     def open(self, descriptor: TransferDescriptor, options: SenderOptions) -> PipelinedSender:
         """Get (or build) the pair towards the receiver, lock it for this request, return a sender."""
@@ -481,6 +524,9 @@ class TorchDistConnector:
             pair.lock.release()  # dropped by the request that held it while this one waited: build a new one
         try:
             wire = TorchDistWire(descriptor, options, pair, self)
+        except KVRejected:  # refused at HELLO, before any tensor moved: the receiver keeps the pair too
+            pair.lock.release()
+            raise
         except BaseException:
             self.drop(descriptor.address, pair)
             pair.lock.release()
@@ -496,7 +542,8 @@ class TorchDistConnector:
             try:
                 pair_id = uuid.uuid4().hex
                 # the receiver picks NCCL or gloo from both GPUs: a sender's only matters if the receiver's is on CUDA
-                gpu = gpu_identity() if descriptor.device == "cuda" else ""
+                offered = descriptor.device == "cuda" and descriptor.address not in self._gloo_only
+                gpu = gpu_identity(options.device) if offered else ""
                 offer = json.dumps({"pair_id": pair_id, "gpu": gpu}).encode()
                 send_frame(sock, Frame(FrameKind.PAIR, nbytes=len(offer)), [offer])
                 scratch = bytearray(HEADER_NBYTES)
@@ -526,6 +573,8 @@ class TorchDistConnector:
         pair.broken = True
         hard_close(pair.sock)
         _release_group(pair.group, pair.device)
+        if pair.device == "cuda" and pair.transfers == 0:
+            self._gloo_only.add(address)
         with self._lock:
             if self._pairs.get(address) is pair:
                 del self._pairs[address]

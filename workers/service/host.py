@@ -46,11 +46,13 @@ class WorkerSpec:
 def kv_options(spec: WorkerSpec) -> tuple[EndpointOptions, SenderOptions]:
     """The KV endpoint's and sender's options a worker spec asks for (ValueError for bad values)."""
     # torch_dist stages on the GPU of a CUDA worker, so its pairs can use NCCL (torch_dist.pair_device)
-    staging = "cuda" if spec.transport == "torch_dist" and spec.device.startswith("cuda") else "cpu"
+    staging = spec.device if spec.transport == "torch_dist" and spec.device.startswith("cuda") else "cpu"
     endpoint = EndpointOptions(host=spec.host, device=staging)
     if spec.kv_poll_us is not None:
         endpoint = dataclasses.replace(endpoint, poll_us=spec.kv_poll_us)  # EndpointOptions checks the value
-    sender = SenderOptions() if spec.kv_tcp_congestion is None else SenderOptions(tcp_congestion=spec.kv_tcp_congestion)
+    sender = SenderOptions(device=spec.device)
+    if spec.kv_tcp_congestion is not None:
+        sender = dataclasses.replace(sender, tcp_congestion=spec.kv_tcp_congestion)  # SenderOptions checks it
     return endpoint, sender
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 import workers.kv.torch_dist as torch_dist
+from workers.kv.descriptor import TransferDescriptor
+from workers.kv.errors import KVRejected
 from workers.kv.framing import HEADER_NBYTES, Frame, FrameKind, recv_control_payload, recv_frame, send_frame
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
 from workers.kv.registry import open_endpoint
@@ -78,18 +81,53 @@ def test_a_host_receiver_answers_a_gpu_sender_with_a_gloo_pair(endpoint: torch_d
         # the receiver now waits in the gloo rendezvous of that pair; closing the socket ends it
 
 
-def test_a_sender_pairs_over_what_the_receiver_chose(endpoint: torch_dist.TorchDistEndpoint) -> None:
+def _send(connector: torch_dist.TorchDistConnector, descriptor: TransferDescriptor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    tx = connector.open(descriptor, SenderOptions(timeout_s=5.0))
+    layers = [(torch.randn(4, 2, 8), torch.randn(4, 2, 8)) for _ in range(SPEC.num_layers)]
+    for i, (k, v) in enumerate(layers):
+        tx.send_layer(i, k, v)
+    tx.finish()
+    return layers
+
+
+def test_a_sender_pairs_over_what_the_receiver_chose(
+    endpoint: torch_dist.TorchDistEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the descriptor says the receiver stages on CUDA, but this receiver answers "cpu": the sender must
+    # build its side of the group as the receiver's answer says, or the two ranks would never meet
+    built: list[tuple[int, str]] = []
+    make_group = torch_dist._make_group
+
+    def recording(store: object, pair_id: str, rank: int, device: str, timeout_s: float) -> object:
+        built.append((rank, device))
+        return make_group(store, pair_id, rank, device, timeout_s)
+
+    monkeypatch.setattr(torch_dist, "_make_group", recording)
+    connector = torch_dist.TorchDistConnector()
+    try:
+        rx = endpoint.expect("paired", 4, SPEC, lambda i, k, v: None)
+        as_if_on_gpu = dataclasses.replace(rx.descriptor, device="cuda")
+        with pytest.raises(KVRejected, match="sender descriptor"):  # it is not the descriptor the receiver made
+            connector.open(as_if_on_gpu, SenderOptions(timeout_s=5.0))
+        assert sorted(built) == [(0, "cpu"), (1, "cpu")]
+        assert connector._pairs[rx.descriptor.address].device == "cpu"
+        rx.cancel()
+    finally:
+        connector.close()
+
+
+def test_a_transfer_refused_at_hello_keeps_the_pair_for_the_next(endpoint: torch_dist.TorchDistEndpoint) -> None:
     connector = torch_dist.TorchDistConnector()
     try:
         got: dict[int, torch.Tensor] = {}
-        rx = endpoint.expect("paired", 4, SPEC, lambda i, k, v: got.__setitem__(i, torch.cat([k, v]).clone()))
-        tx = connector.open(rx.descriptor, SenderOptions(timeout_s=5.0))
-        layers = [(torch.randn(4, 2, 8), torch.randn(4, 2, 8)) for _ in range(SPEC.num_layers)]
-        for i, (k, v) in enumerate(layers):
-            tx.send_layer(i, k, v)
-        tx.finish()
+        rx = endpoint.expect("known", 4, SPEC, lambda i, k, v: got.__setitem__(i, torch.cat([k, v]).clone()))
+        with pytest.raises(KVRejected, match="no transfer expected"):
+            connector.open(dataclasses.replace(rx.descriptor, request_id="stranger"), SenderOptions(timeout_s=5.0))
+        pair = connector._pairs[rx.descriptor.address]
+        assert not pair.broken  # the receiver refused before any tensor moved, and keeps its end too
+        layers = _send(connector, rx.descriptor)
         rx.wait(5.0)
-        assert connector._pairs[rx.descriptor.address].device == "cpu"
+        assert connector._pairs[rx.descriptor.address] is pair and pair.transfers == 1
         assert all(torch.equal(got[i], torch.cat(layer)) for i, layer in enumerate(layers))
     finally:
         connector.close()

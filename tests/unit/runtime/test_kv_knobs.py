@@ -26,13 +26,14 @@ def test_worker_spec_knobs_reach_the_transport_options() -> None:
 
 @pytest.mark.parametrize(
     ("transport", "device", "staging"),
-    [("torch_dist", "cuda", "cuda"), ("torch_dist", "cuda:1", "cuda"), ("torch_dist", "cpu", "cpu"),
+    [("torch_dist", "cuda", "cuda"), ("torch_dist", "cuda:1", "cuda:1"), ("torch_dist", "cpu", "cpu"),
      ("tcp", "cuda", "cpu"), ("shm", "cuda", "cpu")],
 )
 def test_a_cuda_worker_stages_torch_dist_kv_on_its_gpu(transport: str, device: str, staging: str) -> None:
     # on the GPU, a torch_dist pair between two GPUs moves KV with NCCL; the socket transports stage in host memory
-    endpoint, _ = kv_options(WorkerSpec("d0", Role.DECODE, "/models/m", transport=transport, device=device))
+    endpoint, sender = kv_options(WorkerSpec("d0", Role.DECODE, "/models/m", transport=transport, device=device))
     assert endpoint.device == staging
+    assert sender.device == device  # the GPU a sender offers its pairs is the worker's own, index included
 
 
 @pytest.mark.parametrize(
