@@ -31,6 +31,24 @@ def endpoint(request: pytest.FixtureRequest) -> Iterator[KVEndpoint]:
     ep.close()
 
 
+def _round_trip(
+    endpoint: KVEndpoint, request_id: str, spec: KVSpec, layers: list[tuple[torch.Tensor, ...]]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Send ``layers`` (K, V of 37 tokens each) to ``endpoint``; the layers it kept, by index."""
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    rx = endpoint.expect(request_id, 37, spec, lambda i, k, v: got.update({i: (k, v)}), keep=True)
+    client = KVClient(SenderOptions(timeout_s=5.0))
+    try:
+        tx = client.open(rx.descriptor)
+        for i, (k, v) in enumerate(layers):
+            tx.send_layer(i, k, v)
+        tx.finish()
+        rx.wait(5)
+    finally:
+        client.close()
+    return got
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_layers_on_any_device_cross_a_host_transport_bit_exact(endpoint: KVEndpoint, device: str) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -38,17 +56,7 @@ def test_layers_on_any_device_cross_a_host_transport_bit_exact(endpoint: KVEndpo
         tuple(torch.randn(37, SPEC.num_kv_heads, SPEC.head_dim, generator=gen).to(torch.bfloat16).to(device) for _ in "kv")
         for _ in range(SPEC.num_layers)
     ]
-    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    rx = endpoint.expect(f"dev-{device}", 37, SPEC, lambda i, k, v: got.update({i: (k, v)}), keep=True)
-    client = KVClient(SenderOptions(timeout_s=5.0))
-    try:
-        tx = client.open(rx.descriptor)
-        for i, (k, v) in enumerate(sent):
-            tx.send_layer(i, k, v)
-        tx.finish()
-        rx.wait(5)
-    finally:
-        client.close()
+    got = _round_trip(endpoint, f"dev-{device}", SPEC, sent)
     for i, (k, v) in enumerate(sent):
         assert torch.equal(got[i][0].view(torch.int16), k.cpu().view(torch.int16))
         assert torch.equal(got[i][1].view(torch.int16), v.cpu().view(torch.int16))
@@ -67,17 +75,7 @@ def test_a_layer_in_another_float_dtype_arrives_in_the_receivers_dtype(
         tuple(torch.randn(shape, generator=gen).to(getattr(torch, sent)).to(device) for _ in "kv")
         for _ in range(spec.num_layers)
     ]
-    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    rx = endpoint.expect(f"mixed-{sent}", 37, spec, lambda i, k, v: got.update({i: (k, v)}), keep=True)
-    client = KVClient(SenderOptions(timeout_s=5.0))
-    try:
-        tx = client.open(rx.descriptor)
-        for i, (k, v) in enumerate(layers):
-            tx.send_layer(i, k, v)
-        tx.finish()
-        rx.wait(5)
-    finally:
-        client.close()
+    got = _round_trip(endpoint, f"mixed-{sent}", spec, layers)
     bits = torch.int32 if expected == "float32" else torch.int16
     for i, (k, v) in enumerate(layers):
         for received, original in zip(got[i], (k, v), strict=True):

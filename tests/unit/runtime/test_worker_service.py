@@ -242,6 +242,13 @@ async def _call_with(d: WorkerClient, call: str, rid: str) -> None:
         await _tokens_of(d.generate(rid, PROMPT, LONG, mode, 5 if call == "after_transfer" else None, 10, 2))
 
 
+async def _refused_as_duplicate(d: WorkerClient, call: str, rid: str) -> None:
+    """``call`` with ``rid`` is refused: the id names another request on this worker."""
+    with pytest.raises(WorkerRejected, match="DuplicateRequest") as refused:
+        await asyncio.wait_for(_call_with(d, call, rid), 10)
+    assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+
+
 @pytest.mark.parametrize("second", ["generate_local", "after_transfer", "resume", "reserve"])
 def test_a_second_call_with_a_streaming_id_is_refused_and_the_first_stream_goes_on(
     hosts: tuple[WorkerHost, WorkerHost], long_reference: tuple[int, ...], second: str
@@ -254,9 +261,7 @@ def test_a_second_call_with_a_streaming_id_is_refused_and_the_first_stream_goes_
         stream = d.generate(rid, PROMPT, LONG, GenerateMode.LOCAL_PREFILL, None, 30)
         first = await anext(stream)
         assert first.finish is None
-        with pytest.raises(WorkerRejected, match="DuplicateRequest") as refused:
-            await asyncio.wait_for(_call_with(d, second, rid), 10)
-        assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        await _refused_as_duplicate(d, second, rid)
         # the first stream keeps its sink, its tokens and its blocks
         rest, finish = await asyncio.wait_for(_tokens_of(stream), 30)
         assert (*first.token_ids, *rest) == long_reference and finish is StreamFinish.LENGTH
@@ -278,9 +283,7 @@ def test_a_stream_with_a_reserved_id_is_refused_and_the_reservation_stays(
         d = WorkerClient(decode.endpoint().grpc_address)
         rid = f"reserved-then-{second}"
         res = await d.reserve(rid, PROMPT, timeout_s=30)
-        with pytest.raises(WorkerRejected, match="DuplicateRequest") as refused:
-            await asyncio.wait_for(_call_with(d, second, rid), 10)
-        assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        await _refused_as_duplicate(d, second, rid)
         first = await p.prefill(rid, PROMPT, GREEDY, res.descriptor, timeout_s=10)
         rest, finish = await asyncio.wait_for(
             _tokens_of(d.generate(rid, PROMPT, GREEDY, GenerateMode.AFTER_TRANSFER, first.first_token_id, 10)), 30
