@@ -46,8 +46,8 @@ from workers.kv.errors import (
     NIXL_INSTALL,
     KVBackendUnavailable,
     KVPeerError,
+    KVPeerTimeout,
     KVTransferError,
-    KVTransferTimeout,
 )
 from workers.kv.framing import (
     HEADER_NBYTES,
@@ -174,8 +174,8 @@ class NixlAgent:
                 while state != "DONE":
                     if state == "ERR":  # what a WRITE to an agent that went away mid-transfer ends in
                         raise KVPeerError("NIXL WRITE failed")
-                    if time.monotonic() > deadline:
-                        raise KVTransferTimeout(f"NIXL WRITE not done after {timeout_s}s")
+                    if time.monotonic() > deadline:  # a one-sided WRITE stalls on the receiving agent's side
+                        raise KVPeerTimeout(f"NIXL WRITE not done after {timeout_s}s")
                     state = self._agent.check_xfer_state(handle)
             finally:
                 self._agent.release_xfer_handle(handle)
