@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import select
 import socket
 import struct
 import threading
@@ -63,8 +64,27 @@ _LAYER = int(FrameKind.LAYER)
 class ErrorCode(enum.IntEnum):
     """Why a receiver rejected a transfer."""
 
-    TRANSFER = 1
+    TRANSFER = 1  # the receiver refused it or failed itself (no reservation, a failed callback, closing)
     CHECKSUM = 2
+    SENDER = 3  # the receiver gave up on the sender: silent past its stall timeout, late, or off-protocol
+
+
+def verdict_code(error: BaseException) -> ErrorCode:
+    """What a receiver's ``error`` tells its sender about whose fault it was."""
+    if isinstance(error, KVChecksumError):
+        return ErrorCode.CHECKSUM
+    if isinstance(error, KVPeerError | KVTransferTimeout):  # raised about the sender, or waiting for it
+        return ErrorCode.SENDER
+    return ErrorCode.TRANSFER
+
+
+def verdict_error(code: int, request_id: str, layer_idx: int, message: str) -> KVTransferError:
+    """The error a sender raises for a receiver's verdict: a refusal is the receiver's (a peer error)."""
+    if code == ErrorCode.CHECKSUM:
+        return KVChecksumError(request_id, layer_idx, f"reported by receiver: {message}")
+    if code == ErrorCode.SENDER:  # not a peer error: the receiver is fine, it is this side it gave up on
+        return KVTransferError(f"receiver gave up on request {request_id!r}: {message}")
+    return KVRejected(f"receiver rejected request {request_id!r}: {message}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +309,7 @@ def recv_control_payload(sock: socket.socket, frame: Frame) -> bytes:
 
 def send_error(sock: socket.socket, error: BaseException) -> None:
     """Tell the sender why its transfer failed; best effort (the peer may be gone)."""
-    code = ErrorCode.CHECKSUM if isinstance(error, KVChecksumError) else ErrorCode.TRANSFER
+    code = verdict_code(error)
     layer = error.layer_idx if isinstance(error, KVChecksumError) else 0
     message = str(error).encode()
     try:
@@ -327,6 +347,29 @@ def next_layer_frame(
     raise KVPeerError(f"unexpected frame {frame} (want LAYER of {layer_nbytes} bytes)")
 
 
+VERDICT_GRACE_S = 0.2  # how long a sender whose data path broke looks for a verdict explaining it
+
+
+def explained(sock: socket.socket, scratch: bytearray, request_id: str, exc: KVTransferError) -> KVTransferError:
+    """Sender side: ``exc`` (its data path broke), or the receiver's verdict that broke it, if one came.
+
+    A receiver that gives up on a sender (silent past the stall timeout) says so on the control
+    socket and then drops what it held of the transfer (a torch_dist group, a nixl agent's ring):
+    the sender's next send meets the broken data path before it reads that verdict.
+    """
+    try:
+        if not select.select([sock], [], [], VERDICT_GRACE_S)[0]:
+            return exc
+        frame = recv_frame(sock, scratch, "the receiver's verdict")
+    except (KVTransferError, OSError, ValueError):
+        return exc
+    try:
+        raise_if_error(sock, frame, request_id)
+    except KVTransferError as verdict:
+        return verdict
+    return exc
+
+
 def await_verdict(sock: socket.socket, request_id: str, scratch: bytearray) -> None:
     """Sender side: read the receiver's ACK, or raise the error it reported."""
     try:
@@ -345,9 +388,7 @@ def raise_if_error(sock: socket.socket, frame: Frame, request_id: str) -> None:
     if frame.kind != FrameKind.ERROR:
         return
     message = recv_control_payload(sock, frame).decode(errors="replace")
-    if frame.layer_idx == ErrorCode.CHECKSUM:
-        raise KVChecksumError(request_id, frame.slot, f"reported by receiver: {message}")
-    raise KVRejected(f"receiver rejected request {request_id!r}: {message}")
+    raise verdict_error(frame.layer_idx, request_id, frame.slot, message)
 
 
 LINGER_S = 2.0  # how long a rejecting receiver keeps reading so its ERROR frame is not reset away

@@ -14,7 +14,8 @@ import torch
 
 from workers.kv.checksum import checksum_parts
 from workers.kv.descriptor import TransferDescriptor, TransportKind
-from workers.kv.errors import KVChecksumError, KVPeerError, KVPeerTimeout, KVTransferError, KVTransferTimeout
+from workers.kv.errors import KVPeerError, KVTransferError
+from workers.kv.framing import ErrorCode, verdict_code, verdict_error
 from workers.kv.interface import EndpointOptions, KVSpec, LayerCallback, SenderOptions
 from workers.kv.pipeline import HostStager, PendingTable, PendingTransfer, StagingPool
 from workers.kv.sending import PipelinedSender
@@ -63,7 +64,7 @@ class MemoryWire:
         try:
             self._pending = endpoint.table.claim(descriptor)
         except KVTransferError as exc:
-            raise _verdict(exc) from None
+            raise _verdict(exc, descriptor.request_id) from None
         self._buffer: torch.Tensor | None = endpoint.staging.acquire(descriptor.layer_nbytes)
         self._stager = HostStager()
         self._finished = False
@@ -88,14 +89,14 @@ class MemoryWire:
         try:
             self._pending.deliver(layer_idx, self._buffer[: 2 * half], checksum)
         except KVTransferError as exc:
-            raise _verdict(exc) from None
+            raise _verdict(exc, self._pending.descriptor.request_id) from None
 
     def finish(self) -> None:
         """Complete the transfer (raises if a layer is missing)."""
         try:
             self._pending.complete()
         except KVTransferError as exc:
-            raise _verdict(exc) from None
+            raise _verdict(exc, self._pending.descriptor.request_id) from None
         self._finished = True
 
     def close(self) -> None:
@@ -120,12 +121,9 @@ class MemoryConnector:
         """Nothing cached."""
 
 
-def _verdict(exc: KVTransferError) -> KVTransferError:
-    """The receiver's failure as its sender hears it: a peer error, as a network sender would get it.
-
-    A checksum error stays one (it is about the sender's bytes).
-    """
-    if isinstance(exc, KVChecksumError | KVPeerError):
+def _verdict(exc: KVTransferError, request_id: str) -> KVTransferError:
+    """The receiver's failure as its sender hears it: what a network sender would get in an ERROR frame."""
+    code = verdict_code(exc)
+    if code == ErrorCode.CHECKSUM:
         return exc
-    cls = KVPeerTimeout if isinstance(exc, KVTransferTimeout) else KVPeerError  # e.g. its wait() gave up
-    return cls(f"receiver rejected the transfer: {exc}")
+    return verdict_error(code, request_id, 0, str(exc))

@@ -55,6 +55,7 @@ from workers.kv.framing import (
     FrameKind,
     await_verdict,
     connect,
+    explained,
     hard_close,
     raise_if_error,
     recv_control_payload,
@@ -329,6 +330,9 @@ class NixlWire:
                 self._staging.data_ptr(), nbytes, self._peer, self._ring_addr + slot * self._slot_nbytes,
                 self._options.timeout_s,
             )
+        except KVPeerError as exc:  # the receiver dropped its ring: it may have said why on the socket
+            raise explained(self._sock, self._scratch, self._desc.request_id,
+                            with_context(exc, self._desc.request_id, f"layer {layer_idx}")) from None
         except KVTransferError as exc:  # NIXL's message names the peer agent only
             raise with_context(exc, self._desc.request_id, f"layer {layer_idx}") from None
         send_frame(self._sock, Frame(FrameKind.LAYER, layer_idx, slot, nbytes, checksum, self._tag))

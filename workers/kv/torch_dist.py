@@ -86,6 +86,7 @@ from workers.kv.framing import (
     FrameKind,
     await_verdict,
     connect,
+    explained,
     hard_close,
     next_layer_frame,
     raise_if_error,
@@ -405,6 +406,12 @@ class TorchDistWire:
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         """Send one layer: header, K and V through the group, then the checksum (hashed while they move)."""
+        try:
+            self._send_one(layer_idx, k, v, corrupt)
+        except KVPeerError as exc:
+            raise explained(self._pair.sock, self._scratch, self._desc.request_id, exc) from None
+
+    def _send_one(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         if self._pair.device != "cuda" and not k.is_cuda:
             self._send_layer(layer_idx, k, v, corrupt)
             return
@@ -440,24 +447,29 @@ class TorchDistWire:
         send_all(self._pair.sock, TRAILER.pack(checksum))
 
     def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """Send the layers queued at once, in runs of up to RUN_NBYTES that each cross the group as one message.
+        """Send the layers queued at once, in runs of up to RUN_NBYTES that each cross the group as one message."""
+        try:
+            self._send_runs(layers)
+        except KVPeerError as exc:
+            raise explained(self._pair.sock, self._scratch, self._desc.request_id, exc) from None
 
-        Each run is copied into one of the pair's two run buffers (hashing each layer as it is
-        copied) while the run before it is on the wire; its checksums travel with its header.
-        A run of one layer, or a layer of more than RUN_NBYTES / 2, goes alone without a copy.
+    def _send_runs(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
+        """Each run is copied into one of the pair's two run buffers (hashing each layer as it is copied)
+        while the run before it is on the wire; its checksums travel with its header. A run of one
+        layer, or a layer of more than RUN_NBYTES / 2, goes alone without a copy.
         """
         layer_nbytes = self._desc.layer_nbytes
         per_run = RUN_NBYTES // layer_nbytes
         if self._pair.device == "cuda" or per_run < 2:
             for layer_idx, k, v in layers:
-                self.send_layer(layer_idx, k, v, False)
+                self._send_one(layer_idx, k, v, False)
             return
         in_flight: list[tuple[Any, str]] = []
         for n, start in enumerate(range(0, len(layers), per_run)):
             run = layers[start : start + per_run]
             if len(run) == 1:  # alone, it needs no copy
                 self._wait_all(in_flight)
-                self.send_layer(*run[0], False)
+                self._send_one(*run[0], False)
                 continue
             if len(in_flight) == 2:  # that run used the buffer this one is copied into
                 _wait(*in_flight.pop(0))

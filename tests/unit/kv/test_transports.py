@@ -168,7 +168,12 @@ def test_silent_sender_fails_within_the_deadline(endpoint: KVEndpoint, client: K
     with pytest.raises(KVTransferTimeout, match="stalled"):
         rx.wait(30.0)  # the stall timeout fires first
     assert time.monotonic() - t0 < stall_s + 2.0
-    tx.abort()
+    # the sender resumes and hears that the receiver gave up on it: not the receiver's fault
+    with pytest.raises(KVTransferError) as sent:
+        for i, (k, v) in enumerate(_random_layers(spec, 10, 0)[1:], start=1):
+            tx.send_layer(i, k, v)
+        tx.finish()
+    assert sending_side_fault(sent.value) is not TransferFault.RECEIVER, repr(sent.value)
 
 
 def test_unknown_request_is_rejected(endpoint: KVEndpoint, client: KVClient) -> None:
