@@ -100,6 +100,7 @@ class DecodeWorker:
         self.node_id = node_id
         self._spec = loop.call(kv_spec)
         self._pending: dict[str, _Pending] = {}
+        self._waiting: dict[str, _Pending] = {}  # reservations whose Generate waits for the KV to land
         self._calls: set[str] = set()  # requests with a Generate or Resume call in progress here
         self._streams: set[str] = set()  # of those, the ones joined to the engine (``abort`` ends them)
         self._lock = threading.Lock()
@@ -135,7 +136,10 @@ class DecodeWorker:
             if request_id in self._calls:
                 raise DuplicateRequest(f"request {request_id!r} is already streaming on {self.instance_id}")
         try:
-            blocks = self.loop.call(lambda e: e.reserve(request_id, num_tokens, max_tokens))
+            # No timeout: a reservation made after its caller stopped waiting would hold its blocks
+            # with no _pending entry to free them. A caller that leaves (ReserveKV cancelled) has
+            # what it reserved given back once this returns (server.ReserveKV).
+            blocks = self.loop.submit(lambda e: e.reserve(request_id, num_tokens, max_tokens)).result()
         except OutOfKVBlocks as exc:
             raise NoRoom(f"cannot reserve KV for {num_tokens} tokens now: {exc}") from exc
         except DuplicateRequest:
@@ -181,14 +185,26 @@ class DecodeWorker:
         with self._claim(request_id):
             with self._lock:
                 pending = self._pending.pop(request_id, None)
+                if pending is not None:
+                    self._waiting[request_id] = pending  # where abort() finds it while the KV lands
             if pending is None:
                 raise UnknownRequest(f"no KV reservation for request {request_id!r}")
             try:
                 await asyncio.to_thread(pending.receiver.wait, transfer_timeout_s)
             except BaseException:
+                with self._lock:
+                    self._waiting.pop(request_id, None)
                 pending.receiver.cancel()
                 self.loop.submit(lambda e: e.release(request_id))
                 raise
+            with self._lock:
+                landed = self._waiting.pop(request_id, None) is not None
+                if landed:  # streaming from here on, for abort(): its engine abort then runs before the join
+                    self._streams.add(request_id)
+            if not landed:  # aborted as the last layer landed: end as an abort would have ended the stream
+                self.loop.submit(lambda e: e.release(request_id))
+                yield TokenChunk((), "", StreamFinish.ABORT, num_prompt_tokens=len(prompt_token_ids))
+                return
             prompt = list(prompt_token_ids)
 
             def join(engine: Any) -> None:
@@ -292,11 +308,15 @@ class DecodeWorker:
         """Stop ``request_id`` here (reservation or running stream); whether it was known."""
         with self._lock:
             pending = self._pending.pop(request_id, None)
+            waiting = self._waiting.pop(request_id, None)
             streaming = request_id in self._streams
             if streaming:
                 # Queued under the lock, so it runs before a later stream with this id can start.
                 # The engine's final ABORT output ends the stream, so its reader is never left waiting.
                 self.loop.submit(lambda e: e.abort(request_id))
+        if waiting is not None:  # its Generate's wait fails and gives the blocks back
+            waiting.receiver.cancel()
+            return True
         if pending is not None:
             pending.receiver.cancel()
             self.loop.submit(lambda e: e.release(request_id))

@@ -41,6 +41,9 @@ class EngineLoop:
         self._sinks: dict[str, Sink] = {}
         self._idle_wait_s = idle_wait_s
         self._stopped = threading.Event()
+        # held to check _stopped and queue a command, and to stop and take the last commands: none is
+        # queued after the final drain, where it would never run nor fail (its caller waiting for good)
+        self._gate = threading.Lock()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -48,10 +51,11 @@ class EngineLoop:
     def submit(self, fn: Callable[[Any], T]) -> Future[T]:
         """Run ``fn(engine)`` on the engine thread; the future holds its result or exception."""
         future: Future[T] = Future()
-        if self._stopped.is_set():
-            future.set_exception(RuntimeError("engine loop is stopped"))
-            return future
-        self._commands.put((fn, future))
+        with self._gate:
+            if not self._stopped.is_set():
+                self._commands.put((fn, future))
+                return future
+        future.set_exception(RuntimeError("engine loop is stopped"))
         return future
 
     def call(self, fn: Callable[[Any], T], timeout_s: float = 30.0) -> T:
@@ -112,11 +116,15 @@ class EngineLoop:
             self._fail_pending()
 
     def _fail_pending(self) -> None:
-        while True:
-            try:
-                item = self._commands.get_nowait()
-            except queue.Empty:
-                break
+        items = []
+        with self._gate:
+            self._stopped.set()  # from here on, submit fails at once
+            while True:
+                try:
+                    items.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+        for item in items:
             if item is not None and item[1].set_running_or_notify_cancel():
                 item[1].set_exception(RuntimeError("engine loop stopped"))
         for sink in list(self._sinks.values()):

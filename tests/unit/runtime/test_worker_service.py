@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 
@@ -110,6 +111,31 @@ def test_worker_errors_map_to_explicit_exceptions(hosts: tuple[WorkerHost, Worke
             await gone.load(reported_at_s=0.0, timeout_s=1)
         await d.close()
         await gone.close()
+
+    asyncio.run(run())
+
+
+def test_an_abort_while_the_kv_is_landing_ends_the_stream_and_frees_the_blocks(
+    hosts: tuple[WorkerHost, WorkerHost],
+) -> None:
+    # the Generate call has taken the reservation and waits for the KV: the abort must still reach it
+    _, decode = hosts
+
+    async def run() -> None:
+        d = WorkerClient(decode.endpoint().grpc_address)
+        await d.reserve("landing", PROMPT, timeout_s=30)
+        stream = asyncio.ensure_future(
+            _tokens_of(d.generate("landing", PROMPT, GREEDY, GenerateMode.AFTER_TRANSFER, 5, 30, 20.0))
+        )
+        await asyncio.sleep(0.5)  # the call waits for KV that no prefill worker sends
+        t0 = time.monotonic()
+        assert await d.abort("landing")
+        with pytest.raises(WorkerUnavailable):  # the transfer was cancelled: the router's abort ends it there
+            await asyncio.wait_for(stream, 10)
+        assert time.monotonic() - t0 < 5.0  # not the 20 s transfer timeout
+        load = await d.load(reported_at_s=0.0)
+        assert load.free_kv_blocks == load.total_kv_blocks
+        await d.close()
 
     asyncio.run(run())
 
