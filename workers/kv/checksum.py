@@ -239,35 +239,55 @@ def _hashed_sum(words: torch.Tensor, first: int, x: torch.Tensor, scratch: torch
     return x.sum()
 
 
-def device_checksum(payload: torch.Tensor) -> int:
-    """64-bit checksum of a uint8 buffer, computed where it lies (the NCCL path's CUDA staging).
+def device_checksum(*parts: torch.Tensor) -> int:
+    """64-bit checksum of uint8 buffers laid end to end, computed where they lie (the NCCL path's CUDA staging).
 
-    Deterministic and the same on every device for the same bytes (see the comment above). Its
+    Deterministic and the same on every device for the same bytes (see the comment above), and the
+    same for one buffer as for its bytes split into parts (K and V need not be joined first). Its
     temporaries are two int64 buffers of ``DEVICE_CHUNK_WORDS`` whatever the payload's size, and one
-    more chunk's worth to copy each chunk into when the buffer is not 8-byte aligned (a slice) or not
+    more chunk's worth to copy each chunk into when a buffer is not 8-byte aligned (a slice) or not
     contiguous (a non-contiguous tensor of more than one dimension is copied whole by ``reshape``).
     """
     import torch
 
-    if payload.dtype != torch.uint8:
-        raise ValueError(f"device_checksum takes a uint8 buffer, not {payload.dtype}")
-    flat = payload.reshape(-1)
+    if not parts:
+        raise ValueError("device_checksum needs at least one buffer")
+    for part in parts:
+        if part.dtype != torch.uint8:
+            raise ValueError(f"device_checksum takes uint8 buffers, not {part.dtype}")
+    flats = [part.reshape(-1) for part in parts]
+    if any(flat.numel() % 8 for flat in flats[:-1]):  # a part ending mid-word: its words span two parts
+        flats = [torch.cat(flats)]
+    device = flats[0].device
+    nbytes = sum(flat.numel() for flat in flats)
+    size = max(1, min(DEVICE_CHUNK_WORDS, -(-max(flat.numel() for flat in flats) // 8)))
+    x = torch.empty(size, dtype=torch.int64, device=device)
+    scratch = torch.empty_like(x)
+    total = torch.zeros((), dtype=torch.int64, device=device)  # one host sync, at the end
+    base = 0  # position of the part's first word in the whole
+    for flat in flats:
+        total += _part_sum(flat, base, x, scratch)
+        base += flat.numel() // 8
+    return fmix64((int(total.item()) & _MASK64) ^ fmix64(nbytes))
+
+
+def _part_sum(flat: torch.Tensor, base: int, x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """The sum of the terms of one flat uint8 buffer whose first word is word ``base`` of the whole."""
+    import torch
+
     nbytes = flat.numel()
     num_whole = nbytes // 8  # words before the zero-padded tail, if any
-    size = min(DEVICE_CHUNK_WORDS, -(-nbytes // 8))
-    x = torch.empty(size, dtype=torch.int64, device=flat.device)
-    scratch = torch.empty_like(x)
-    total = torch.zeros((), dtype=torch.int64, device=flat.device)  # one host sync, at the end
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
     aligned = flat.is_contiguous() and flat.storage_offset() % 8 == 0  # what view(int64) needs
-    staging = None if aligned else torch.empty(size * 8, dtype=torch.uint8, device=flat.device)
-    for first in range(0, num_whole, DEVICE_CHUNK_WORDS):
-        count = min(DEVICE_CHUNK_WORDS, num_whole - first)
+    staging = None if aligned else torch.empty(x.numel() * 8, dtype=torch.uint8, device=flat.device)
+    for first in range(0, num_whole, x.numel()):
+        count = min(x.numel(), num_whole - first)
         chunk = flat[first * 8 : (first + count) * 8]
         if staging is not None:
             chunk = staging[: count * 8].copy_(chunk)
-        total += _hashed_sum(chunk.view(torch.int64), first, x[:count], scratch[:count])
+        total += _hashed_sum(chunk.view(torch.int64), base + first, x[:count], scratch[:count])
     if num_whole * 8 < nbytes:
         tail = torch.zeros(8, dtype=torch.uint8, device=flat.device)
         tail[: nbytes - num_whole * 8] = flat[num_whole * 8 :]
-        total += _hashed_sum(tail.view(torch.int64), num_whole, x[:1], scratch[:1])
-    return fmix64((int(total.item()) & _MASK64) ^ fmix64(nbytes))
+        total += _hashed_sum(tail.view(torch.int64), base + num_whole, x[:1], scratch[:1])
+    return total

@@ -437,7 +437,7 @@ class TorchDistWire:
         group = self._pair.group
         works = [_post(group.send, k_sent, _RECEIVER_RANK, what), _post(group.send, v_wire, _RECEIVER_RANK, what)]
         if device == "cuda":
-            checksum = device_checksum(torch.cat([k_wire, v_wire]))
+            checksum = device_checksum(k_wire, v_wire)  # as the receiver hashes them, in one buffer
         else:  # gloo's own thread moves the bytes meanwhile; xxh3 releases the GIL
             checksum = checksum_parts((k_wire.numpy().data, v_wire.numpy().data))
         for work in works:

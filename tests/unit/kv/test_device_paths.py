@@ -166,6 +166,20 @@ def test_equal_bytes_give_equal_device_checksums_in_any_tensor_and_on_any_device
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("split", [0, 8, 1024, 5, 1027])  # at a word boundary or within a word
+def test_a_buffer_split_in_parts_has_the_checksum_of_the_whole(
+    device: str, split: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an NCCL sender hashes K and V as they are; its receiver hashes them in one staging buffer
+    monkeypatch.setattr(checksum, "DEVICE_CHUNK_WORDS", 64)  # parts span several chunks
+    data = _random_bytes(3 * 64 * 8 + 13, device)
+    assert device_checksum(data[:split], data[split:]) == device_checksum(data)
+    third = len(data) // 3 // 8 * 8
+    assert device_checksum(data[:third], data[third : 2 * third], data[2 * third :]) == device_checksum(data)
+    assert device_checksum(data[split:], data[:split]) != device_checksum(data) or split == 0  # order counts
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("word_nbytes", [4, 8])
 def test_swapping_words_65521_apart_changes_the_device_checksum(device: str, word_nbytes: int) -> None:
     """A position-weighted sum with weights i % 65521 + 1 weighs words 0 and 65521 alike."""
