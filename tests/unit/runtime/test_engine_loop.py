@@ -38,6 +38,6 @@ def test_a_command_submitted_as_the_loop_stops_runs_or_fails(tiny_model_dir: Pat
         outcome = future.result(timeout=2.0)  # it ran before the loop stopped
     except RuntimeError as exc:
         outcome = str(exc)
-    assert outcome in ("ran", "engine loop stopped")
+    assert outcome == "ran" or "stopped" in outcome  # "is stopped" too, if the submitter came late
     with pytest.raises(RuntimeError, match="stopped"):
         loop.submit(lambda e: "late").result(timeout=1.0)
