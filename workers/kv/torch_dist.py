@@ -183,13 +183,13 @@ def _post(op: Callable[[list[torch.Tensor], int, int], Any], tensor: torch.Tenso
 
 
 def _wait(work: Any, what: str, device: str = "cpu") -> None:
-    if device == "cuda":
-        # A blocking NCCL wait polls its op every millisecond (ten in older torch), a long time for a
-        # layer in flight: poll it here first, without sleeping; wait() then returns at once, or raises.
-        deadline = time.perf_counter() + _NCCL_SPIN_S
-        while not work.is_completed() and time.perf_counter() < deadline:
-            os.sched_yield()
     try:
+        if device == "cuda":
+            # A blocking NCCL wait polls its op every millisecond (ten in older torch), a long time for a
+            # layer in flight: poll it here first, without sleeping; wait() then returns at once, or raises.
+            deadline = time.perf_counter() + _NCCL_SPIN_S
+            while not work.is_completed() and time.perf_counter() < deadline:
+                os.sched_yield()
         work.wait()
     except RuntimeError as exc:  # gloo/NCCL report peer loss and timeouts as RuntimeError
         raise _group_error(exc, what) from None
@@ -371,7 +371,10 @@ class _Pair:
     # two buffers that runs of layers are copied into while the previous run is on the wire (host pairs only)
     run_buffers: list[torch.Tensor] = field(default_factory=lambda: [torch.zeros(0, dtype=torch.uint8)] * 2)
     stream: Any = None  # the CUDA stream sends (NCCL) or host copies (gloo) of CUDA layers run on
-    transfers: int = 0  # completed on this pair: an NCCL pair that fails before its first could never work
+    transfers: int = 0  # completed on this pair
+    # its NCCL group failed before any transfer completed (e.g. NCCL refused the two GPUs): the
+    # connector pairs with that receiver over gloo from then on
+    nccl_failed: bool = False
 
     def cuda_stream(self, device: torch.device | None) -> Any:
         """The pair's CUDA stream (made on first use, on ``device`` or the current GPU)."""
@@ -393,6 +396,8 @@ class TorchDistWire:
         self._desc = descriptor
         self._pair = pair
         self._connector = connector
+        # where host layers go for an NCCL pair: the GPU offered at PAIR ("cuda": this thread's current one)
+        self._gpu = torch.device(options.device) if options.device.startswith("cuda") else torch.device("cuda")
         self._tag = request_tag(descriptor.request_id)
         self._scratch = bytearray(HEADER_NBYTES)
         self._ended = False
@@ -419,14 +424,14 @@ class TorchDistWire:
         # it. On the device's default stream that is after every later layer the model has queued since
         # this one's event completed (the sender waits for it): a stream of the pair's own keeps the
         # transfer overlapped with that compute.
-        with torch.cuda.stream(self._pair.cuda_stream(k.device if k.is_cuda else None)):
+        with torch.cuda.stream(self._pair.cuda_stream(k.device if k.is_cuda else self._gpu)):
             self._send_layer(layer_idx, k, v, corrupt)
 
     def _send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         device = self._pair.device
         # a CUDA tensor stays on its own GPU (``.cuda()`` would copy it to this thread's current one)
-        k_wire = (k if k.is_cuda else k.cuda()) if device == "cuda" else k.cpu()
-        v_wire = (v if v.is_cuda else v.cuda()) if device == "cuda" else v.cpu()
+        k_wire = (k if k.is_cuda else k.to(self._gpu)) if device == "cuda" else k.cpu()
+        v_wire = (v if v.is_cuda else v.to(self._gpu)) if device == "cuda" else v.cpu()
         k_wire, v_wire = k_wire.reshape(-1).view(torch.uint8), v_wire.reshape(-1).view(torch.uint8)
         k_sent = k_wire
         if corrupt:
@@ -435,13 +440,18 @@ class TorchDistWire:
         send_frame(self._pair.sock, Frame(FrameKind.LAYER, layer_idx, 0, 2 * k_wire.numel(), 0, self._tag))
         what = f"request {self._desc.request_id!r} layer {layer_idx}"
         group = self._pair.group
-        works = [_post(group.send, k_sent, _RECEIVER_RANK, what), _post(group.send, v_wire, _RECEIVER_RANK, what)]
-        if device == "cuda":
-            checksum = device_checksum(k_wire, v_wire)  # as the receiver hashes them, in one buffer
-        else:  # gloo's own thread moves the bytes meanwhile; xxh3 releases the GIL
-            checksum = checksum_parts((k_wire.numpy().data, v_wire.numpy().data))
-        for work in works:
-            _wait(work, what, device)
+        try:
+            works = [_post(group.send, k_sent, _RECEIVER_RANK, what), _post(group.send, v_wire, _RECEIVER_RANK, what)]
+            if device == "cuda":
+                checksum = device_checksum(k_wire, v_wire)  # as the receiver hashes them, in one buffer
+            else:  # gloo's own thread moves the bytes meanwhile; xxh3 releases the GIL
+                checksum = checksum_parts((k_wire.numpy().data, v_wire.numpy().data))
+            for work in works:
+                _wait(work, what, device)
+        except KVPeerError:
+            if device == "cuda" and self._pair.transfers == 0:
+                self._pair.nccl_failed = True
+            raise
         if device == "cuda":
             torch.cuda.current_stream(k_wire.device).synchronize()  # K/V must outlive the NCCL send
         send_all(self._pair.sock, TRAILER.pack(checksum))
@@ -585,7 +595,7 @@ class TorchDistConnector:
         pair.broken = True
         hard_close(pair.sock)
         _release_group(pair.group, pair.device)
-        if pair.device == "cuda" and pair.transfers == 0:
+        if pair.nccl_failed:
             self._gloo_only.add(address)
         with self._lock:
             if self._pairs.get(address) is pair:
