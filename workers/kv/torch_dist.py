@@ -1,21 +1,13 @@
 """The torch.distributed transport: a pairwise process group per (sender process, receiver endpoint).
 
 No global world: the receiver hosts a TCPStore; a sender process connects
-once to the receiver's control socket, sends PAIR(pair id), and both sides
+once to the receiver's control socket, sends PAIR (a pair id and its GPU), and both sides
 build a 2-rank group (sender rank 0, receiver rank 1) over a PrefixStore
 named by the pair id. The pair (control socket + group) is cached and
 reused for later requests.
 
-Which backend a pair uses is the receiver's choice, made at PAIR from both
-sides' GPUs (``pair_device``): NCCL between two different GPUs when the
-receiver's staging is on CUDA, gloo through host memory otherwise. NCCL
-refuses two ranks on one physical GPU ("Duplicate GPU detected"), so two
-workers sharing a GPU (fractional GPUs, a one-GPU box) pair over gloo, as
-does a sender without CUDA. NCCL pairs wait blocking
-(``TORCH_NCCL_BLOCKING_WAIT``): a lost peer is then an error of that pair
-within its timeout, where NCCL's default (``work.wait()`` only orders the
-CUDA stream, and the watchdog tears the process down at the timeout) would
-take every request of the worker with it.
+Which backend a pair uses (NCCL or gloo) is the receiver's choice at PAIR;
+``workers.kv.pair_groups`` holds that choice and the groups' operations.
 
 Requests on one pair are serialised: a sender process sends one request at a
 time to a given receiver endpoint (``open`` waits for the pair's lock), so
@@ -61,14 +53,11 @@ import atexit
 import contextlib
 import datetime
 import json
-import os
-import re
 import socket
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +66,7 @@ import torch.distributed as dist
 
 from workers.kv.checksum import checksum_parts, copy_and_checksum, device_checksum, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
-from workers.kv.errors import KVPeerError, KVPeerTimeout, KVRejected, KVTransferError, KVTransferTimeout
+from workers.kv.errors import KVPeerError, KVRejected, KVTransferError, KVTransferTimeout
 from workers.kv.framing import (
     HEADER_NBYTES,
     RUN_ENTRY,
@@ -99,100 +88,15 @@ from workers.kv.framing import (
     split_address,
     with_context,
 )
-from workers.kv.host import local_host_id
 from workers.kv.interface import EndpointOptions, SenderOptions
+from workers.kv.pair_groups import gpu_identity, make_group, pair_device, post_op, release_group, wait_op
 from workers.kv.pipeline import PendingTransfer, StagingPool, as_bytes
 from workers.kv.receiving import ReceivingSide, SideEndpoint
 from workers.kv.sending import PipelinedSender
 from workers.kv.tcp import read_hello, send_hello
 
-# Read when a NCCL group is built, so it is set before any is (see the module docstring).
-os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
-
 _SENDER_RANK, _RECEIVER_RANK = 0, 1
-_TIMED_OUT = re.compile(r"time(d)?[ _-]?out", re.IGNORECASE)
-_NCCL_SPIN_S = 0.05  # how long _wait polls an NCCL op before it waits blocking
 RUN_NBYTES = 4 << 20  # the most bytes of queued host layers one gloo message carries (see send_layers)
-
-
-def _make_group(store: Any, pair_id: str, rank: int, device: str, timeout_s: float) -> Any:
-    """A 2-rank process group for one pair, without touching the default (global) group."""
-    prefixed = dist.PrefixStore(f"pdserve-kv/{pair_id}", store)
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if device == "cuda":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
-    return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
-
-
-def gpu_identity(device: str = "cuda") -> str:
-    """The GPU ``device`` names ("cuda": the current one) as NCCL tells GPUs apart; "" for none, or without NCCL.
-
-    NCCL refuses two ranks with the same host and PCI bus id: MIG slices of one GPU share it, though
-    their UUIDs differ. Where torch does not expose the bus id, the UUID stands in (a MIG pair then
-    fails at its first NCCL op, and its connector pairs over gloo from then on).
-    """
-    if not device.startswith("cuda") or not (torch.cuda.is_available() and dist.is_nccl_available()):
-        return ""
-    index = torch.device(device).index
-    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
-    bus = getattr(props, "pci_bus_id", None)
-    if bus is None:
-        return f"{local_host_id()}/uuid-{props.uuid}"
-    return f"{local_host_id()}/pci-{getattr(props, 'pci_domain_id', 0):x}:{bus:x}:{getattr(props, 'pci_device_id', 0):x}"
-
-
-def pair_device(receiver_device: str, receiver_gpu: str, sender_gpu: str) -> str:
-    """The device a pair moves KV through: "cuda" (NCCL) only between two different GPUs, else "cpu" (gloo)."""
-    if not receiver_device.startswith("cuda") or not receiver_gpu or not sender_gpu or receiver_gpu == sender_gpu:
-        return "cpu"
-    return "cuda"
-
-
-def _release_group(group: Any, device: str) -> None:
-    """Tear down a pair's NCCL communicator now (its buffers, stream and watchdog): a gloo group needs nothing.
-
-    Left to the garbage collector, a NCCL group is destroyed without a shutdown, which torch warns
-    about and which may block the thread that drops it while an operation is still posted.
-    """
-    if device != "cuda":
-        return
-    try:
-        group.abort()
-    except RuntimeError:  # already torn down by its own error handling
-        pass
-
-
-def _group_error(exc: RuntimeError, what: str) -> KVTransferError:
-    """A gloo/NCCL RuntimeError as a KVPeerError, or KVPeerTimeout, naming ``what``.
-
-    A pair's group has one other rank, so its errors (the peer's connection lost, its ops never
-    posted) are about the peer.
-    """
-    cls = KVPeerTimeout if _TIMED_OUT.search(str(exc)) else KVPeerError  # gloo: "Timed out waiting 1000ms"
-    return cls(f"{what}: {exc}")
-
-
-def _post(op: Callable[[list[torch.Tensor], int, int], Any], tensor: torch.Tensor, peer: int, what: str) -> Any:
-    """Post ``group.send`` or ``group.recv`` of ``tensor``: a group whose peer is gone refuses at once, not at wait."""
-    try:
-        return op([tensor], peer, 0)
-    except RuntimeError as exc:
-        raise _group_error(exc, what) from None
-
-
-def _wait(work: Any, what: str, device: str = "cpu") -> None:
-    try:
-        if device == "cuda":
-            # A blocking NCCL wait polls its op every millisecond (ten in older torch), a long time for a
-            # layer in flight: poll it here first, without sleeping; wait() then returns at once, or raises.
-            deadline = time.perf_counter() + _NCCL_SPIN_S
-            while not work.is_completed() and time.perf_counter() < deadline:
-                os.sched_yield()
-        work.wait()
-    except RuntimeError as exc:  # gloo/NCCL report peer loss and timeouts as RuntimeError
-        raise _group_error(exc, what) from None
 
 
 # endpoints not closed yet: closed at exit, before the interpreter's teardown, which otherwise destroyed a
@@ -268,7 +172,7 @@ class TorchDistEndpoint(SideEndpoint):
             device = pair_device(self._options.device, self._gpu, sender_gpu)
             answer = json.dumps({"device": device}).encode()
             send_frame(sock, Frame(FrameKind.PAIR, slot=self._store.port, nbytes=len(answer)), [answer])
-            group = _make_group(self._store, pair_id, _RECEIVER_RANK, device, self._options.stall_timeout_s)
+            group = make_group(self._store, pair_id, _RECEIVER_RANK, device, self._options.stall_timeout_s)
         except (KVTransferError, OSError, RuntimeError) as exc:
             send_error(sock, exc)
             return
@@ -282,7 +186,7 @@ class TorchDistEndpoint(SideEndpoint):
                 while self._serve_request(sock, scratch, _Link(group, staging, device)):
                     pass
         finally:
-            _release_group(group, device)
+            release_group(group, device)
 
     def _serve_request(self, sock: socket.socket, scratch: bytearray, link: _Link) -> bool:
         """Serve one request on the pair; False when the pair is over (closed or broken)."""
@@ -340,14 +244,14 @@ class TorchDistEndpoint(SideEndpoint):
                     staging.release(buffer)
                     buffer = staging.acquire(frame.nbytes)
                 what = f"a run of {frame.layer_idx} layers"
-                _wait(_post(group.recv, buffer[: frame.nbytes], _SENDER_RANK, what), what, device)
+                wait_op(post_op(group.recv, buffer[: frame.nbytes], _SENDER_RANK, what), what, device)
                 for i, (layer_idx, checksum) in enumerate(RUN_ENTRY.iter_unpack(entries)):
                     error = error or _delivered(pending, layer_idx, buffer[i * 2 * half : (i + 1) * 2 * half], checksum)
                 continue
             what = f"layer {frame.layer_idx}"
-            works = [_post(group.recv, buffer[:half], _SENDER_RANK, what), _post(group.recv, buffer[half : 2 * half], _SENDER_RANK, what)]
+            works = [post_op(group.recv, buffer[:half], _SENDER_RANK, what), post_op(group.recv, buffer[half : 2 * half], _SENDER_RANK, what)]
             for work in works:  # both posted before waiting: K and V share one round trip
-                _wait(work, what, device)
+                wait_op(work, what, device)
             recv_into(sock, memoryview(trailer), f"the checksum of {what}")
             error = error or _delivered(pending, frame.layer_idx, buffer[: 2 * half], TRAILER.unpack(trailer)[0])
 
@@ -441,13 +345,13 @@ class TorchDistWire:
         what = f"request {self._desc.request_id!r} layer {layer_idx}"
         group = self._pair.group
         try:
-            works = [_post(group.send, k_sent, _RECEIVER_RANK, what), _post(group.send, v_wire, _RECEIVER_RANK, what)]
+            works = [post_op(group.send, k_sent, _RECEIVER_RANK, what), post_op(group.send, v_wire, _RECEIVER_RANK, what)]
             if device == "cuda":
                 checksum = device_checksum(k_wire, v_wire)  # as the receiver hashes them, in one buffer
             else:  # gloo's own thread moves the bytes meanwhile; xxh3 releases the GIL
                 checksum = checksum_parts((k_wire.numpy().data, v_wire.numpy().data))
             for work in works:
-                _wait(work, what, device)
+                wait_op(work, what, device)
         except KVPeerError:
             if device == "cuda" and self._pair.transfers == 0:
                 self._pair.nccl_failed = True
@@ -482,7 +386,7 @@ class TorchDistWire:
                 self._send_one(*run[0], False)
                 continue
             if len(in_flight) == 2:  # that run used the buffer this one is copied into
-                _wait(*in_flight.pop(0))
+                wait_op(*in_flight.pop(0))
             nbytes = len(run) * layer_nbytes
             buffer = self._pair.run_buffer(n, nbytes)
             target = buffer.numpy()
@@ -493,13 +397,13 @@ class TorchDistWire:
                 entries += RUN_ENTRY.pack(layer_idx, checksum)
             send_frame(self._pair.sock, Frame(FrameKind.LAYERS, len(run), 0, nbytes, 0, self._tag), [memoryview(entries)])
             what = f"request {self._desc.request_id!r} layers {run[0][0]}-{run[-1][0]}"
-            in_flight.append((_post(self._pair.group.send, buffer[:nbytes], _RECEIVER_RANK, what), what))
+            in_flight.append((post_op(self._pair.group.send, buffer[:nbytes], _RECEIVER_RANK, what), what))
         self._wait_all(in_flight)
 
     @staticmethod
     def _wait_all(in_flight: list[tuple[Any, str]]) -> None:
         while in_flight:
-            _wait(*in_flight.pop(0))
+            wait_op(*in_flight.pop(0))
 
     def end(self) -> None:
         """Send END (every layer is on the wire): from the sending thread, before the caller wakes in finish."""
@@ -583,7 +487,7 @@ class TorchDistConnector:
                 store = dist.TCPStore(
                     host, reply.slot, is_master=False, timeout=datetime.timedelta(seconds=options.timeout_s)
                 )
-                group = _make_group(store, pair_id, _SENDER_RANK, device, options.timeout_s)
+                group = make_group(store, pair_id, _SENDER_RANK, device, options.timeout_s)
             except BaseException:
                 sock.close()
                 raise
@@ -594,7 +498,7 @@ class TorchDistConnector:
         """Forget a broken pair (the next request builds a new one)."""
         pair.broken = True
         hard_close(pair.sock)
-        _release_group(pair.group, pair.device)
+        release_group(pair.group, pair.device)
         if pair.nccl_failed:
             self._gloo_only.add(address)
         with self._lock:
@@ -607,4 +511,4 @@ class TorchDistConnector:
             pairs, self._pairs = list(self._pairs.values()), {}
         for pair in pairs:
             pair.sock.close()
-            _release_group(pair.group, pair.device)
+            release_group(pair.group, pair.device)

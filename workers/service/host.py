@@ -45,7 +45,7 @@ class WorkerSpec:
 
 def kv_options(spec: WorkerSpec) -> tuple[EndpointOptions, SenderOptions]:
     """The KV endpoint's and sender's options a worker spec asks for (ValueError for bad values)."""
-    # torch_dist stages on the GPU of a CUDA worker, so its pairs can use NCCL (torch_dist.pair_device)
+    # torch_dist stages on the GPU of a CUDA worker, so its pairs can use NCCL (workers.kv.pair_groups.pair_device)
     staging = spec.device if spec.transport == "torch_dist" and spec.device.startswith("cuda") else "cpu"
     endpoint = EndpointOptions(host=spec.host, device=staging)
     if spec.kv_poll_us is not None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+import workers.kv.pair_groups as pair_groups
 import workers.kv.torch_dist as torch_dist
 from workers.kv.descriptor import TransferDescriptor
 from workers.kv.errors import KVRejected
@@ -34,14 +35,14 @@ SPEC = KVSpec(num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32")
 def test_a_pair_uses_nccl_only_between_two_different_gpus(
     receiver_device: str, receiver_gpu: str, sender_gpu: str, want: str
 ) -> None:
-    assert torch_dist.pair_device(receiver_device, receiver_gpu, sender_gpu) == want
+    assert pair_groups.pair_device(receiver_device, receiver_gpu, sender_gpu) == want
 
 
 def test_without_cuda_this_process_names_no_gpu() -> None:
     if torch.cuda.is_available():
-        assert torch_dist.gpu_identity()  # a UUID string
+        assert pair_groups.gpu_identity()  # a UUID string
     else:
-        assert torch_dist.gpu_identity() == ""
+        assert pair_groups.gpu_identity() == ""
 
 
 @pytest.fixture
@@ -96,13 +97,13 @@ def test_a_sender_pairs_over_what_the_receiver_chose(
     # the descriptor says the receiver stages on CUDA, but this receiver answers "cpu": the sender must
     # build its side of the group as the receiver's answer says, or the two ranks would never meet
     built: list[tuple[int, str]] = []
-    make_group = torch_dist._make_group
+    make_group = torch_dist.make_group
 
     def recording(store: object, pair_id: str, rank: int, device: str, timeout_s: float) -> object:
         built.append((rank, device))
         return make_group(store, pair_id, rank, device, timeout_s)
 
-    monkeypatch.setattr(torch_dist, "_make_group", recording)
+    monkeypatch.setattr(torch_dist, "make_group", recording)
     connector = torch_dist.TorchDistConnector()
     try:
         rx = endpoint.expect("paired", 4, SPEC, lambda i, k, v: None)
