@@ -7,8 +7,10 @@ reused staging buffer and delivers it, exactly as a network receiver would.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
+from collections.abc import Iterator
 
 import torch
 
@@ -61,10 +63,8 @@ class MemoryWire:
         if endpoint is None:
             raise KVPeerError(f"no in-process endpoint {descriptor.address!r} (closed, or another process)")
         self._endpoint = endpoint
-        try:
+        with _receiver_verdict(descriptor.request_id):
             self._pending = endpoint.table.claim(descriptor)
-        except KVTransferError as exc:
-            raise _verdict(exc, descriptor.request_id) from None
         self._buffer: torch.Tensor | None = endpoint.staging.acquire(descriptor.layer_nbytes)
         self._stager = HostStager()
         self._finished = False
@@ -86,17 +86,13 @@ class MemoryWire:
         staging[half : 2 * half] = v_bytes
         if corrupt:
             staging[0] ^= 0xFF
-        try:
+        with _receiver_verdict(self._pending.descriptor.request_id):
             self._pending.deliver(layer_idx, self._buffer[: 2 * half], checksum)
-        except KVTransferError as exc:
-            raise _verdict(exc, self._pending.descriptor.request_id) from None
 
     def finish(self) -> None:
         """Complete the transfer (raises if a layer is missing)."""
-        try:
+        with _receiver_verdict(self._pending.descriptor.request_id):
             self._pending.complete()
-        except KVTransferError as exc:
-            raise _verdict(exc, self._pending.descriptor.request_id) from None
         self._finished = True
 
     def close(self) -> None:
@@ -121,9 +117,13 @@ class MemoryConnector:
         """Nothing cached."""
 
 
-def _verdict(exc: KVTransferError, request_id: str) -> KVTransferError:
-    """The receiver's failure as its sender hears it: what a network sender would get in an ERROR frame."""
-    code = verdict_code(exc)
-    if code == ErrorCode.CHECKSUM:
-        return exc
-    return verdict_error(code, request_id, 0, str(exc))
+@contextlib.contextmanager
+def _receiver_verdict(request_id: str) -> Iterator[None]:
+    """Raise a failure of the receiver's code as its sender hears it: what a network sender gets in an ERROR frame."""
+    try:
+        yield
+    except KVTransferError as exc:
+        code = verdict_code(exc)
+        if code == ErrorCode.CHECKSUM:
+            raise
+        raise verdict_error(code, request_id, 0, str(exc)) from None

@@ -58,6 +58,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,8 +316,14 @@ class TorchDistWire:
 
     def send_layer(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, corrupt: bool) -> None:
         """Send one layer: header, K and V through the group, then the checksum (hashed while they move)."""
-        try:
+        with self._explaining():
             self._send_one(layer_idx, k, v, corrupt)
+
+    @contextlib.contextmanager
+    def _explaining(self) -> Iterator[None]:
+        """Raise a broken group's or socket's error as the receiver's verdict where one came (``explained``)."""
+        try:
+            yield
         except KVPeerError as exc:
             raise explained(self._pair.sock, self._scratch, self._desc.request_id, exc) from None
 
@@ -362,10 +369,8 @@ class TorchDistWire:
 
     def send_layers(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
         """Send the layers queued at once, in runs of up to RUN_NBYTES that each cross the group as one message."""
-        try:
+        with self._explaining():
             self._send_runs(layers)
-        except KVPeerError as exc:
-            raise explained(self._pair.sock, self._scratch, self._desc.request_id, exc) from None
 
     def _send_runs(self, layers: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
         """Each run is copied into one of the pair's two run buffers (hashing each layer as it is copied)
