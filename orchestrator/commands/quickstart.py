@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from orchestrator.commands.device_flag import add_device_argument, device_problem
 from orchestrator.commands.kv_flags import add_kv_arguments, kv_flags_problem
 
 CONTEXT_TOKENS = 2048  # the front end's default window; longer trace requests are clipped to it
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     parser.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     add_kv_arguments(parser)
+    add_device_argument(parser)
     parser.add_argument("--cache-dir", default=None, help="where the tiny model is created once")
     parser.add_argument("--out", default=None, help="also write bench.json and bench_cdf.png here")
 
@@ -44,7 +46,7 @@ def _validate(args: argparse.Namespace) -> str | None:
     for flag, value in (("--ttft-slo", args.ttft_slo), ("--tpot-slo", args.tpot_slo)):
         if not (math.isfinite(value) and value > 0):
             return f"{flag} must be a positive number of seconds, got {value}"
-    return kv_flags_problem(args)
+    return kv_flags_problem(args) or device_problem(args)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -80,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         handle = start_embedded(
             num_prefill=args.prefill, num_decode=args.decode, cache_dir=args.cache_dir, transport=args.transport,
-            kv_poll_us=args.kv_poll_us, kv_tcp_congestion=args.kv_tcp_congestion,
+            kv_poll_us=args.kv_poll_us, kv_tcp_congestion=args.kv_tcp_congestion, device=args.device,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"pdserve quickstart: {exc}", file=sys.stderr)

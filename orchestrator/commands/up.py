@@ -4,7 +4,8 @@ By default everything is embedded: a private local Ray with logical GPU pools,
 pdserve's tiny model (created once in the cache directory), one prefill and
 one decode worker, the controller, and the router behind an HTTP server.
 ``--address`` joins an existing Ray cluster instead (its nodes must offer the
-``prefill_pool`` / ``decode_pool`` resources and the GPUs asked for). Ctrl-C or
+``prefill_pool`` / ``decode_pool`` resources and the GPUs asked for). Workers run on
+CPU unless ``--device cuda`` puts each on the GPU Ray gives it. Ctrl-C or
 SIGTERM stops exactly what was started; Ray itself is stopped only if this
 command started it.
 """
@@ -16,6 +17,7 @@ import json
 import os
 import socket
 
+from orchestrator.commands.device_flag import add_device_argument, device_problem
 from orchestrator.commands.kv_flags import add_kv_arguments, kv_flags_problem
 
 API_KEY_ENV = "PDSERVE_API_KEY"  # the same name the HTTP app reads; not imported, to keep --help light
@@ -30,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None,
                         help="where the tiny model is created once (default: $PDSERVE_CACHE or ~/.cache/pdserve)")
     add_kv_arguments(parser)
+    add_device_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="HTTP interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
@@ -56,7 +59,7 @@ def _validate(args: argparse.Namespace) -> str | None:
         return "--port must be within 0..65535"
     if any(not name.strip() for name in args.slo_class):
         return "--slo-class needs a non-empty name"
-    return kv_flags_problem(args)
+    return kv_flags_problem(args) or device_problem(args)
 
 
 def port_problem(host: str, port: int) -> str | None:
@@ -112,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
             transport=args.transport, kv_poll_us=args.kv_poll_us, kv_tcp_congestion=args.kv_tcp_congestion,
             host=args.host, port=args.port, api_key=args.api_key,
             placement=PlacementStrategy(args.placement), address=args.address, num_kv_blocks=args.kv_blocks,
-            slo_classes=args.slo_class,
+            slo_classes=args.slo_class, device=args.device,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"pdserve up: {exc}", file=sys.stderr)

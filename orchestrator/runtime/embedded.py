@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -76,8 +77,34 @@ def _repo_on_worker_path() -> None:
 LOCAL_GCS_RECONNECT_S = 15  # how long a process of the private local Ray waits for its lost GCS before exiting
 
 
-def init_local_ray(num_prefill: int, num_decode: int, num_cpus: int | None = None) -> None:
-    """Start a private local Ray with logical GPUs and one custom resource per pool."""
+def local_gpu_problem() -> str | None:
+    """Why this machine cannot give workers CUDA devices (None: torch sees at least one)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return None
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return f"torch {torch.__version__} ({build}) sees no CUDA device on this machine"
+
+
+def gpu_share(num_gpus: int, workers: int) -> float:
+    """GPUs each worker asks Ray for: one each when there are enough, else an even share of one GPU.
+
+    A share is 1/k, so k workers fill a GPU exactly and none straddles two (Ray places a fraction on one GPU).
+    """
+    if num_gpus < 1 or workers < 1:
+        raise ValueError(f"need at least one GPU and one worker, got {num_gpus} and {workers}")
+    if num_gpus >= workers:
+        return 1.0
+    return 1.0 / math.ceil(workers / num_gpus)
+
+
+def init_local_ray(num_prefill: int, num_decode: int, num_cpus: int | None = None,
+                   num_gpus: int | None = None) -> None:
+    """Start a private local Ray with one custom resource per pool.
+
+    ``num_gpus``: the GPUs it offers; None offers one logical GPU per worker (a machine without GPUs).
+    """
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster; see docs for clusters
@@ -90,7 +117,7 @@ def init_local_ray(num_prefill: int, num_decode: int, num_cpus: int | None = Non
         address="local",
         namespace=RAY_NAMESPACE,
         num_cpus=num_cpus or workers + 2,
-        num_gpus=workers,
+        num_gpus=workers if num_gpus is None else num_gpus,
         resources={"prefill_pool": float(max(num_prefill, 1)), "decode_pool": float(num_decode)},
         include_dashboard=False,
         log_to_driver=False,
@@ -118,10 +145,13 @@ def start_embedded(
     health_interval_s: float = 0.5,
     controller_max_restarts: int = -1,
     slo_classes: Sequence[str] = (),
+    device: str = "cpu",
 ) -> EmbeddedHandle:
     """Start Ray (if needed), the controller and its workers, the router, and the HTTP server.
 
     ``slo_classes``: SLO classes the front end accepts in ``x-pdserve-slo-class`` besides ``default``.
+    ``device``: "cpu", or "cuda" for workers on the GPUs Ray assigns them (the local Ray offers this
+    machine's GPUs then, not logical ones).
     """
     import ray
 
@@ -135,6 +165,18 @@ def start_embedded(
     from workers.engine.tiny import ensure_tiny_model
 
     limits = ServerLimits(slo_classes=frozenset({DEFAULT_SLO_CLASS, *slo_classes}))  # invalid names fail first
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (each worker uses the GPU Ray gives it), got {device!r}")
+    gpus_per_worker = 1.0
+    local_gpus: int | None = None  # None: logical GPUs, one per worker
+    if device == "cuda" and address is None:
+        problem = local_gpu_problem()
+        if problem is not None:
+            raise RuntimeError(f"device cuda: {problem}")
+        import torch
+
+        local_gpus = torch.cuda.device_count()
+        gpus_per_worker = gpu_share(local_gpus, num_prefill + num_decode)
     if model_dir is None:
         model_path = ensure_tiny_model(cache_dir)
     else:
@@ -147,7 +189,7 @@ def start_embedded(
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=False)
         else:
-            init_local_ray(num_prefill, num_decode)
+            init_local_ray(num_prefill, num_decode, num_gpus=local_gpus)
         started_ray = True
     namespace = ray.get_runtime_context().namespace or RAY_NAMESPACE
     cluster = ClusterConfig(
@@ -159,6 +201,8 @@ def start_embedded(
         kv_poll_us=kv_poll_us,
         kv_tcp_congestion=kv_tcp_congestion,
         placement=placement,
+        num_gpus_per_worker=gpus_per_worker,
+        device=device,
         num_kv_blocks=num_kv_blocks,
         health_interval_s=health_interval_s,
     )
