@@ -33,7 +33,12 @@ from workers.kv.errors import (
     KVTransferTimeout,
 )
 
-MAGIC = b"PDKV"
+# The wire's version is the magic's last byte: a header from another pdserve release names its version
+# in the error instead of reading as garbage. Bump it whenever a frame or payload changes meaning.
+WIRE_VERSION = 2
+_MAGIC_PREFIX = b"PDK"
+_UNVERSIONED_MAGIC = b"PDKV"  # releases before the version byte; they count as version 1
+MAGIC = _MAGIC_PREFIX + bytes([WIRE_VERSION])
 _HEADER = struct.Struct("<4sB3xIIQQQ")
 HEADER_NBYTES = _HEADER.size
 HEADER_CHECKSUM_OFFSET = struct.calcsize("<4sB3xIIQ")  # where the checksum field starts in a packed header
@@ -286,11 +291,22 @@ def recv_frame(sock: socket.socket, scratch: bytearray, what: str = "a frame hea
     return _decode(scratch)
 
 
+def _magic_problem(magic: bytes) -> str:
+    """Why a header with ``magic`` cannot be read: another wire version, or not a pdserve KV stream."""
+    if not magic.startswith(_MAGIC_PREFIX):
+        return f"bad frame magic {magic!r} (not a pdserve KV stream)"
+    version = 1 if magic == _UNVERSIONED_MAGIC else magic[-1]
+    return (
+        f"the peer speaks KV wire version {version}, this process {WIRE_VERSION}: prefill and decode "
+        "workers must run the same pdserve release"
+    )
+
+
 def _decode(scratch: bytearray) -> Frame:
     """Decode the header held in ``scratch``; KVTransferError if it is not one."""
     magic, kind, layer_idx, slot, nbytes, checksum, tag = _HEADER.unpack(scratch)
     if magic != MAGIC:
-        raise KVPeerError(f"bad frame magic {magic!r} (not a pdserve KV stream)")
+        raise KVPeerError(_magic_problem(magic))
     try:
         frame_kind = FrameKind(kind)
     except ValueError:

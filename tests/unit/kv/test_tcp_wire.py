@@ -12,7 +12,16 @@ import torch
 
 from workers.kv.checksum import checksum_buffer, request_tag
 from workers.kv.errors import KVChecksumError, KVTransferError
-from workers.kv.framing import HEADER_NBYTES, Frame, FrameKind, pack_header, recv_frame
+from workers.kv.framing import (
+    HEADER_NBYTES,
+    MAGIC,
+    WIRE_VERSION,
+    Frame,
+    FrameKind,
+    pack_header,
+    recv_control_payload,
+    recv_frame,
+)
 from workers.kv.interface import EndpointOptions, KVSpec, SenderOptions
 from workers.kv.tcp import TcpConnector, TcpEndpoint
 
@@ -73,6 +82,24 @@ def test_garbage_and_truncated_streams_fail_cleanly(endpoint: TcpEndpoint) -> No
     sock.close()
     with pytest.raises(KVTransferError, match="closed the connection while reading layer 0"):
         rx.wait(5)
+
+
+@pytest.mark.parametrize(("magic", "version"), [(b"PDKV", 1), (b"PDK\x09", 9)])
+def test_a_sender_of_another_wire_version_is_told_which(endpoint: TcpEndpoint, magic: bytes, version: int) -> None:
+    rx = endpoint.expect("old", NUM_TOKENS, SPEC, lambda i, k, v: None)
+    host, port = endpoint.address.split(":")
+    payload = rx.descriptor.to_json().encode()
+    header = pack_header(Frame(FrameKind.HELLO, nbytes=len(payload)))
+    assert header[:4] == MAGIC and MAGIC != magic
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(magic + header[4:] + payload)
+        reply = recv_frame(sock, bytearray(HEADER_NBYTES))
+        assert reply.kind == FrameKind.ERROR
+        message = recv_control_payload(sock, reply).decode()
+    assert message == (
+        f"the peer speaks KV wire version {version}, this process {WIRE_VERSION}: prefill and decode workers "
+        "must run the same pdserve release"
+    )
 
 
 def test_sender_to_a_receiver_that_stopped_reading_times_out() -> None:
