@@ -243,7 +243,7 @@ class PendingTransfer:
             self._progress.t_done = time.perf_counter()
             self._done.set()
             self._view_cache.clear()  # no view of a reused buffer outlives the transfer
-        self._table.remove(self._desc.request_id)
+        self._table.remove(self)
 
     def fail(self, error: KVTransferError) -> KVTransferError:
         """Record the first failure, wake waiters, and return the recorded error (waits for a running callback)."""
@@ -253,7 +253,7 @@ class PendingTransfer:
                 self._done.set()
             self._view_cache.clear()
             recorded = self._error or error
-        self._table.remove(self._desc.request_id)
+        self._table.remove(self)
         return recorded
 
     def cancel(self) -> None:
@@ -343,11 +343,17 @@ class PendingTable:
         pending.claimed()
         return pending
 
-    def remove(self, request_id: str) -> None:
-        """Forget a finished or failed transfer."""
+    def remove(self, pending: PendingTransfer) -> None:
+        """Forget a finished or failed transfer.
+
+        Only ``pending`` itself: its request id may name a newer transfer by now (expected again after
+        this one was cancelled), which a late failure of this one must leave alone.
+        """
+        rid = pending.descriptor.request_id
         with self._lock:
-            self._pending.pop(request_id, None)
-            self._claimed.discard(request_id)
+            if self._pending.get(rid) is pending:
+                del self._pending[rid]
+                self._claimed.discard(rid)
 
     def fail_all(self, reason: str) -> None:
         """Fail every pending transfer (endpoint closing)."""

@@ -223,12 +223,19 @@ class ShmEndpoint(SideEndpoint):
     def _serve(self, sock: socket.socket) -> None:
         scratch = bytearray(HEADER_NBYTES)
         held = _HeldRing()
+        clean = False  # every request ended in ACK and the sender closed between requests
         try:
-            while wait_for_next_request(sock) and self._serve_request(sock, scratch, held):
-                pass
+            while True:
+                if not wait_for_next_request(sock):
+                    clean = True
+                    break
+                if not self._serve_request(sock, scratch, held):
+                    break
         finally:
             if held.ring is not None:
-                self._release(held.ring)
+                # A request that failed (refused at HELLO, a bad checksum, ...) leaves a sender that knows
+                # the ring and may still be copying layers into it: another connection must never lease it.
+                (self._release if clean else self._discard)(held.ring)
 
     def _ring_for(self, sock: socket.socket, held: _HeldRing, layer_nbytes: int) -> _Ring:
         """The connection's ring if its slots are large enough (the sender has it mapped), else a new lease, sent as RING."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import threading
+import time
 
 import pytest
 import torch
@@ -51,6 +54,62 @@ def test_later_requests_reuse_the_connection_ring_until_layers_outgrow_it() -> N
         connector.close()
         endpoint.close()
 
+
+
+def _let_go(endpoint: ShmEndpoint, ring_id: str) -> bool:
+    """Whether no connection holds the ring any more: it is back in the free pool, or dropped."""
+    with endpoint._lock:
+        return any(r.ring_id == ring_id for r in endpoint._free) or all(r.ring_id != ring_id for r in endpoint._all)
+
+
+def test_a_ring_whose_request_was_refused_is_never_leased_to_another_connection() -> None:
+    """A pooled sender writes into the ring it knows before it reads the refusal of its HELLO: the ring is dropped."""
+    endpoint = ShmEndpoint(EndpointOptions(stall_timeout_s=2.0))
+    a, b = ShmConnector(), ShmConnector()
+    shape = (8, SPEC.num_kv_heads, SPEC.head_dim)
+    try:
+        _round_trip(endpoint, a, "warm", 8)
+        (ring_a,) = a.rings_by_connection.values()
+        gone = endpoint.expect("gone", 8, SPEC, lambda i, k, v: None)
+        gone.cancel()
+        stray = a.open(gone.descriptor, SenderOptions(timeout_s=5.0))  # no RING read: the connection's ring
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not _let_go(endpoint, ring_a.ring_id):  # the HELLO is refused
+            time.sleep(0.01)
+
+        # another connection's request, whose first layer is held in its callback while the stray sender writes
+        in_callback, written = threading.Event(), threading.Event()
+        got: dict[int, torch.Tensor] = {}
+
+        def on_layer(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            if i == 0:
+                in_callback.set()
+                written.wait(5)
+            got[i] = torch.cat([k, v]).clone()
+
+        victim = endpoint.expect("victim", 8, SPEC, on_layer)
+        tx = b.open(victim.descriptor, SenderOptions(timeout_s=5.0))
+        (ring_b,) = b.rings_by_connection.values()
+        assert ring_b.ring_id != ring_a.ring_id
+        sent = [(torch.full(shape, 1.0 + i), torch.full(shape, -1.0 - i)) for i in range(SPEC.num_layers)]
+        for i, (k, v) in enumerate(sent):
+            tx.send_layer(i, k, v)
+        assert in_callback.wait(5)
+        with contextlib.suppress(KVTransferError):  # the stray sender writes into the first slots of its ring
+            for i in range(SPEC.num_layers):
+                stray.send_layer(i, torch.full(shape, 99.0), torch.full(shape, 99.0))
+            time.sleep(0.2)
+        written.set()
+        tx.finish()
+        victim.wait(5)
+        for i, (k, v) in enumerate(sent):
+            assert torch.equal(got[i], torch.cat([k, v]))
+        with pytest.raises(KVTransferError, match="no transfer expected"):
+            stray.finish()
+    finally:
+        a.close()
+        b.close()
+        endpoint.close()
 
 
 def test_slots_are_a_power_of_two_and_fill_the_ring_budget() -> None:

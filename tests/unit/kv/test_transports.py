@@ -204,6 +204,38 @@ def test_a_receiver_that_is_gone_is_the_receivers_fault(endpoint: KVEndpoint, cl
     assert sending_side_fault(sent.value) is TransferFault.RECEIVER, repr(sent.value)
 
 
+def test_a_late_failure_of_a_cancelled_transfer_leaves_the_retry_of_its_id_alone(
+    endpoint: KVEndpoint, client: KVClient
+) -> None:
+    """The decode side gives up on a request and expects it again; the first sender dies after that."""
+    spec = KVSpec(num_layers=3, num_kv_heads=1, head_dim=8, dtype="float32")
+    layers = _random_layers(spec, 4, 0)
+    first = _Collector()
+    rx1 = endpoint.expect("again", 4, spec, first)
+    tx1 = client.open(rx1.descriptor)
+    tx1.send_layer(0, *layers[0])
+    deadline = time.monotonic() + 5
+    while 0 not in first.layers and time.monotonic() < deadline:  # the first sender holds the request
+        time.sleep(0.01)
+    rx1.cancel()
+    retry = _Collector()
+    rx2 = endpoint.expect("again", 4, spec, retry)
+    tx1.abort()
+    time.sleep(0.3)  # the first transfer's connection fails it now
+    other = KVClient(SenderOptions(timeout_s=5.0))
+    try:
+        tx2 = other.open(rx2.descriptor)
+        for i, (k, v) in enumerate(layers):
+            tx2.send_layer(i, k, v)
+        tx2.finish()
+    finally:
+        other.close()
+    rx2.wait(5)
+    assert sorted(retry.layers) == [0, 1, 2]
+    for i, (k, v) in enumerate(layers):
+        assert torch.equal(_bits(retry.layers[i][0]), _bits(k)) and torch.equal(_bits(retry.layers[i][1]), _bits(v))
+
+
 def test_bad_sender_input(endpoint: KVEndpoint, client: KVClient) -> None:
     spec = KVSpec(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32")
     rx = endpoint.expect("bad-input", 4, spec, _Collector())
