@@ -211,10 +211,11 @@ class PipelinedSender:
         else:  # a host layer in another dtype is converted on the sending thread (_send_batch)
             k, v = k.contiguous(), v.contiguous()
         if not self._queue.put((layer_idx, k, v, ready), self._options.timeout_s):
-            raise KVPeerTimeout(
+            self._error = KVPeerTimeout(
                 f"request {self._desc.request_id!r}: layer {layer_idx} not accepted within "
                 f"{self._options.timeout_s}s (receiver too slow or stalled)"
             )
+            self._raise_if_failed()  # the sending thread and the connection go with it
         self._blocked_s += time.perf_counter() - t0
         self._queued.add(layer_idx)
 

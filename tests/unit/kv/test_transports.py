@@ -305,6 +305,33 @@ def test_a_caller_that_only_catches_the_error_leaks_no_sender(endpoint: KVEndpoi
     assert sorted(got.layers) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("kind", ["memory", "torch_dist"])  # tcp's and shm's socket buffers take these layers
+def test_a_layer_not_taken_in_time_leaks_no_sender(kind: str) -> None:
+    # a receiver slow once: send_layer gives up on a layer the sending thread did not take within the
+    # timeout (torch_dist: or gloo's send times out first); a caller that only catches that error must
+    # get back the thread and the connection too. A thread left waiting per failure shows as one more
+    # kv-send thread each round, and a torch_dist pair left locked refuses the next request ("pair busy").
+    spec = KVSpec(num_layers=6, num_kv_heads=1, head_dim=8, dtype="float32")
+    layers = _random_layers(spec, 4, 0)
+    endpoint = open_endpoint(kind, EndpointOptions(stall_timeout_s=30.0))
+    client = KVClient(SenderOptions(timeout_s=0.5, max_inflight_layers=1))
+    try:
+        rounds = _sending_threads() + 3
+        for n in range(rounds):
+            rx = endpoint.expect(f"slow-once-{n}", 4, spec, _Collector(delay_s=1.0))
+            tx = client.open(rx.descriptor)
+            with pytest.raises(KVTransferError):
+                for i, (k, v) in enumerate(layers):
+                    tx.send_layer(i, k, v)
+            rx.cancel()
+            _, got, _, _ = _transfer(endpoint, client, f"next-{n}", spec, 4)
+            assert sorted(got.layers) == list(range(6))
+        assert _sending_threads() <= max(rounds - 3, 1) + 1
+    finally:
+        client.close()
+        endpoint.close()
+
+
 def test_send_layer_does_not_wait_for_the_wire(endpoint: KVEndpoint, client: KVClient) -> None:
     # The receiver takes 0.2 s per layer; queuing 3 layers must still return at once.
     spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=16, dtype="float32")
