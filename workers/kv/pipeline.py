@@ -311,6 +311,7 @@ class PendingTable:
         self._lock = threading.Lock()
         self._pending: dict[str, PendingTransfer] = {}
         self._claimed: set[str] = set()
+        self._closed: str | None = None  # why no transfer is taken any more (fail_all's reason)
 
     def register(
         self, request_id: str, num_tokens: int, spec: KVSpec, on_layer: LayerCallback, keep: bool = False
@@ -322,6 +323,8 @@ class PendingTable:
             dtype=spec.dtype, device=self.device, host_id=local_host_id(),
         )
         with self._lock:
+            if self._closed is not None:
+                raise KVTransferError(f"request {request_id!r}: {self._closed}")
             if request_id in self._pending:
                 raise KVTransferError(f"request {request_id!r} already has a pending transfer")
             pending = PendingTransfer(desc, on_layer, self, keep, self._stall_s)
@@ -356,8 +359,9 @@ class PendingTable:
                 self._claimed.discard(rid)
 
     def fail_all(self, reason: str) -> None:
-        """Fail every pending transfer (endpoint closing)."""
+        """Fail every pending transfer and refuse new ones (endpoint closing)."""
         with self._lock:
+            self._closed = reason
             pending = list(self._pending.values())
         for p in pending:
             p.fail(KVTransferError(f"request {p.descriptor.request_id!r}: {reason}"))

@@ -354,6 +354,13 @@ def test_closing_the_endpoint_fails_pending_transfers(endpoint: KVEndpoint) -> N
         rx.wait(5)
 
 
+def test_a_closed_endpoint_expects_nothing(endpoint: KVEndpoint) -> None:
+    spec = KVSpec(num_layers=2, num_kv_heads=1, head_dim=8, dtype="float32")
+    endpoint.close()
+    with pytest.raises(KVTransferError, match="request 'late': endpoint closed"):
+        endpoint.expect("late", 4, spec, _Collector())
+
+
 def test_no_layer_is_written_after_the_receiver_gave_up(endpoint: KVEndpoint, client: KVClient) -> None:
     # The decode side frees the reserved blocks once wait() fails, so no callback may run after it.
     spec = KVSpec(num_layers=4, num_kv_heads=2, head_dim=16, dtype="float32")
