@@ -80,3 +80,38 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.engine.tiny import create_tiny_model
 
     return create_tiny_model(tmp_path_factory.mktemp("pdserve-tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer() -> Any:
+    """A SentencePiece-style BPE with Llama-2's normalizer and decoder, whose ``Strip`` drops one leading space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from workers.engine.tiny import SPECIAL_TOKENS, _training_corpus
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tokenizer.train_from_iterator(_training_corpus(0, 3000), trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def metaspace_model_dir(tmp_path_factory: pytest.TempPathFactory, metaspace_tokenizer: Any) -> Path:
+    """A small pdserve tiny Llama that ships ``metaspace_tokenizer`` (same special token ids)."""
+    from workers.engine.tiny import create_tiny_model, write_tokenizer_files
+
+    vocab_size = metaspace_tokenizer.get_vocab_size()
+    directory = create_tiny_model(
+        tmp_path_factory.mktemp("metaspace-tiny-llama"),
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_layers=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+    )
+    write_tokenizer_files(directory, metaspace_tokenizer)
+    return directory

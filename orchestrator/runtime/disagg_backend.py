@@ -287,7 +287,7 @@ class DisaggregatedBackend:
                            request.slo_class)
         await self._admit(info, request.deadline_s)
         self._active[rid] = set()
-        detok = IncrementalDetokenizer(self.decoder, request.sampling.stop)
+        detok = IncrementalDetokenizer(self.decoder, request.sampling.stop, request.prompt_token_ids)
         generated: list[int] = []
         worker_finished = False  # the worker ended the request itself: nothing to abort
         try:

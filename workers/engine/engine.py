@@ -215,7 +215,7 @@ class LLMEngine:
             )
         seq = Sequence(request_id, len(prompt), prompt + generated, sampling, next(self._arrival))
         self._seqs[request_id] = seq
-        self._detoks[request_id] = self._new_detok(sampling, generated)
+        self._detoks[request_id] = self._new_detok(sampling, prompt, generated)
         self.scheduler.add(seq)
 
     def resume_request(
@@ -252,12 +252,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch and return what every touched request produced."""
-        outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
-        if sched.chunks:
-            outputs.extend(self._run(list(sched.chunks)))
-        return outputs
+        produced = self._run(list(sched.chunks)) if sched.chunks else []
+        # taken only now: if the batch raised, queued outputs (an abort's final one) wait for the next step
+        outputs, self._pending = self._pending, []
+        return outputs + produced
 
     def generate(
         self, prompts: Seq[Seq[int] | str], sampling: SamplingParams | None = None
@@ -326,22 +326,23 @@ class LLMEngine:
         outputs = []
         for seq, token in zip(seqs, new_tokens, strict=True):
             seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            if reason is None and self.config.role is EngineRole.PREFILL_ONLY:
-                reason = FinishReason.PREFILLED
             detok = self._detoks[seq.request_id]
+            detok.add(token)
+            reason = self._finish_reason(seq, token)
             text = detok.delta(finished=reason is not None)
+            if reason is None and self.config.role is EngineRole.PREFILL_ONLY:
+                # handed over, not ended: the decode engine streams the text held back here
+                reason = FinishReason.PREFILLED
             if reason is not None:
                 self._finish(seq)
             outputs.append(self._output(seq, (token,), text, reason))
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        """Check the stop conditions after ``token`` was appended (it also feeds the detokenizer)."""
-        detok = self._detoks[seq.request_id]
-        detok.add(token)
+        """Check the stop conditions after ``token`` was appended and fed to the detokenizer."""
         p = seq.sampling
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or detok.stopped:
+        stopped = self._detoks[seq.request_id].stopped
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids or stopped:
             return FinishReason.STOP
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
@@ -365,8 +366,10 @@ class LLMEngine:
             num_output_tokens=seq.num_output_tokens,
         )
 
-    def _new_detok(self, sampling: SamplingParams, prior: Seq[int]) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tokenizer, sampling.stop, prior)
+    def _new_detok(
+        self, sampling: SamplingParams, prompt: Seq[int], prior: Seq[int]
+    ) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, sampling.stop, prompt, prior)
 
     # ----- disaggregation: prefill side ----------------------------------------------------------
 
@@ -458,13 +461,13 @@ class LLMEngine:
         seq = Sequence(request_id, len(prompt), [*prompt, first], sampling, next(self._arrival))
         seq.num_computed_tokens = len(prompt)
         self._seqs[request_id] = seq
-        self._detoks[request_id] = self._new_detok(sampling, ())
+        # the prefill side streamed the first token's text, less what it held back for stop strings
+        detok = self._detoks[request_id] = self._new_detok(sampling, prompt, [first])
         reason = self._finish_reason(seq, first)
-        self._detoks[request_id].mark_emitted()  # the prefill side streamed this text
         self.scheduler.add_running(seq)
         if reason is not None:
             self._finish(seq)
-            self._pending.append(self._output(seq, (), "", reason))
+            self._pending.append(self._output(seq, (), detok.delta(finished=True), reason))
 
     def release(self, request_id: str) -> None:
         """Drop a reservation whose KV never arrived."""

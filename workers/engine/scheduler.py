@@ -10,7 +10,8 @@ running decodes first (one token each), then the unfinished prompt chunks of run
 requests, then new requests from the waiting queue, first come first served. When a
 decode needs a block and none is free, the most recently admitted running request is
 preempted: its blocks are freed and it goes back to the front of the waiting queue
-to be recomputed later.
+to be recomputed later. A prefill-only engine runs no decodes: a resumed request's
+last uncomputed token is a chunk like any other.
 """
 
 from __future__ import annotations
@@ -137,8 +138,12 @@ class Scheduler:
     @property
     def queued_prefill_tokens(self) -> int:
         """Prompt (or recompute) tokens not yet in the cache, over waiting and running sequences."""
-        running = sum(s.num_uncomputed for s in self.running if not s.is_decoding)
+        running = sum(s.num_uncomputed for s in self.running if not self._decodes(s))
         return sum(s.num_uncomputed for s in self.waiting) + running
+
+    def _decodes(self, seq: Sequence) -> bool:
+        """Whether ``seq`` runs as a decode; a prefill-only engine has none, so its last token is a chunk."""
+        return self.role is not EngineRole.PREFILL_ONLY and seq.is_decoding
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -166,7 +171,7 @@ class Scheduler:
             for seq in list(self.running):
                 if budget == 0:
                     break
-                if seq.status is not SeqStatus.RUNNING or not seq.is_decoding:
+                if seq.status is not SeqStatus.RUNNING or not self._decodes(seq):
                     continue
                 while not self.blocks.can_hold(seq.request_id, seq.num_tokens):
                     victims = [s for s in self.running if id(s) not in scheduled and s is not seq]
@@ -185,7 +190,7 @@ class Scheduler:
         for seq in self.running:
             if budget == 0:
                 break
-            if id(seq) in scheduled or seq.is_decoding:
+            if id(seq) in scheduled or self._decodes(seq):
                 continue
             n = min(seq.num_uncomputed, budget, self._room_tokens(seq))
             if n <= 0:

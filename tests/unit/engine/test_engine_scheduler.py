@@ -90,14 +90,19 @@ def test_lone_sequence_preempts_itself_when_out_of_blocks() -> None:
     assert other.status is SeqStatus.WAITING
 
 
-def test_prefill_only_role_never_schedules_decodes() -> None:
+def test_prefill_only_role_runs_a_resumed_requests_last_token_as_a_chunk() -> None:
     sched = Scheduler(
-        BlockManager(100, 4), max_num_seqs=8, max_num_batched_tokens=100, role=EngineRole.PREFILL_ONLY
+        BlockManager(100, 4), max_num_seqs=8, max_num_batched_tokens=7, role=EngineRole.PREFILL_ONLY
     )
-    sched.add(_seq("a", 3))
-    _advance(sched)
+    resumed = Sequence("r", 5, list(range(8)), SamplingParams(), next(_arrival))  # 5 prompt + 3 output tokens
+    sched.add(resumed)
+    assert sched.queued_prefill_tokens == 8
+    assert _advance(sched) == [("r", 7)]
+    assert resumed.is_decoding  # only the last output token is left, as for a decode
+    assert sched.queued_prefill_tokens == 1
     sched.add(_seq("b", 2))
-    assert _advance(sched) == [("b", 2)]
+    assert _advance(sched) == [("r", 1), ("b", 2)]
+    assert resumed.num_computed_tokens == 8 and resumed.num_tokens == 9  # sampled: the engine ends it now
 
 
 def test_remove_frees_blocks_from_any_queue() -> None:
