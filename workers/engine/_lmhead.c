@@ -188,7 +188,7 @@ static int get_floats(PyObject *obj, Py_buffer *view, int writable, size_t need,
         PyBuffer_Release(view);
         return 0;
     }
-    if ((size_t)view->len < need * sizeof(float)) {
+    if ((size_t)view->len / sizeof(float) < need) { /* need * 4 could wrap */
         PyErr_Format(PyExc_ValueError, "%s holds %zd float32 values, needs %zu", name, view->len / 4, need);
         PyBuffer_Release(view);
         return 0;
@@ -213,13 +213,21 @@ static PyObject *py_logits(PyObject *self, PyObject *args) {
         return NULL;
     }
     size_t padded = ((size_t)vocab + PANEL - 1) / PANEL * PANEL;
+    size_t panels_need, hidden_need, out_need;
+    if (__builtin_mul_overflow(padded, (size_t)hidden, &panels_need) ||
+        __builtin_mul_overflow((size_t)rows, (size_t)hidden, &hidden_need) ||
+        __builtin_mul_overflow((size_t)rows, (size_t)vocab, &out_need)) {
+        PyErr_Format(PyExc_ValueError, "rows %zd, hidden_size %zd and vocab %zd overflow a buffer size", rows, hidden,
+                     vocab);
+        return NULL;
+    }
     Py_buffer panels, h, out;
-    if (!get_floats(panels_obj, &panels, 0, padded * (size_t)hidden, "panels")) return NULL;
-    if (!get_floats(hidden_obj, &h, 0, (size_t)rows * (size_t)hidden, "hidden")) {
+    if (!get_floats(panels_obj, &panels, 0, panels_need, "panels")) return NULL;
+    if (!get_floats(hidden_obj, &h, 0, hidden_need, "hidden")) {
         PyBuffer_Release(&panels);
         return NULL;
     }
-    if (!get_floats(out_obj, &out, 1, (size_t)rows * (size_t)vocab, "out")) {
+    if (!get_floats(out_obj, &out, 1, out_need, "out")) {
         PyBuffer_Release(&h);
         PyBuffer_Release(&panels);
         return NULL;

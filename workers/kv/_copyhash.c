@@ -162,8 +162,12 @@ __attribute__((target("avx2"))) static void accumulate_avx2(uint64_t *acc, const
     __m256i a0 = _mm256_loadu_si256((const __m256i *)acc);
     __m256i a1 = _mm256_loadu_si256((const __m256i *)(acc + 4));
     const __m256i prime = _mm256_set1_epi32((int)P32_1);
-    const __m256i s0 = _mm256_loadu_si256((const __m256i *)SCRAMBLE_KEY(secret));
-    const __m256i s1 = _mm256_loadu_si256((const __m256i *)(SCRAMBLE_KEY(secret) + 32));
+    /* the scramble key is read only where a block ends: the last stripe's secret is offset past it */
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    if (first + stripes >= STRIPES_PER_BLOCK) {
+        s0 = _mm256_loadu_si256((const __m256i *)SCRAMBLE_KEY(secret));
+        s1 = _mm256_loadu_si256((const __m256i *)(SCRAMBLE_KEY(secret) + 32));
+    }
     int stream = nontemporal && dst && ((uintptr_t)dst % 32 == 0);
     size_t pos = first;
     for (size_t n = 0; n < stripes; n++) {
@@ -207,7 +211,8 @@ __attribute__((target("avx512f"))) static void accumulate_avx512(uint64_t *acc, 
                                                                 size_t stripes, int nontemporal) {
     __m512i a = _mm512_loadu_si512((const void *)acc);
     const __m512i prime = _mm512_set1_epi32((int)P32_1);
-    const __m512i scramble_key = _mm512_loadu_si512((const void *)SCRAMBLE_KEY(secret));
+    __m512i scramble_key = _mm512_setzero_si512(); /* read only where a block ends, as in accumulate_avx2 */
+    if (first + stripes >= STRIPES_PER_BLOCK) scramble_key = _mm512_loadu_si512((const void *)SCRAMBLE_KEY(secret));
     int stream = nontemporal && dst && ((uintptr_t)dst % 64 == 0);
     size_t pos = first;
     for (size_t n = 0; n < stripes; n++) {
@@ -677,7 +682,7 @@ static PyObject *py_copy_layers_xxh3_64(PyObject *self, PyObject *args, PyObject
             PyErr_Format(PyExc_ValueError, "layer %zd: dst has %zd bytes and src %zu", held, layer->dst.len,
                          layer->src.len);
             ok = 0;
-        } else if (ok && (checksum_offset < 0 || checksum_offset + 8 > layer->header.len)) {
+        } else if (ok && (checksum_offset < 0 || layer->header.len < 8 || checksum_offset > layer->header.len - 8)) {
             PyErr_Format(PyExc_ValueError, "layer %zd: no 8 bytes at checksum_offset %zd of its %zd-byte header",
                          held, checksum_offset, layer->header.len);
             ok = 0;

@@ -92,6 +92,8 @@ def test_bad_buffers_are_refused_not_read_past(kernel) -> None:  # type: ignore[
         kernel.logits(head._flat, x.astype(np.float64), out, 2, 8, 40)
     with pytest.raises(ValueError, match="rows >= 0"):
         kernel.logits(head._flat, x, out, -1, 8, 40)
+    with pytest.raises(ValueError, match="overflow a buffer size"):  # sizes that wrap around to small ones
+        kernel.logits(head._flat, x, out, 1, 1 << 62, 1)
     with pytest.raises(BufferError):
         kernel.logits(head._flat, x, out.tobytes(), 2, 8, 40)  # read-only
 

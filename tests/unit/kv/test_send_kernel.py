@@ -268,6 +268,7 @@ def recv_frame_from(raw: bytes) -> Frame:
         (np.zeros(4095, np.uint8), _header(0), HEADER_CHECKSUM_OFFSET, ValueError, "dst has 4095 bytes and src 4096"),
         (np.zeros(4096, np.uint8), bytearray(20), HEADER_CHECKSUM_OFFSET, ValueError, "no 8 bytes at checksum_offset"),
         (np.zeros(4096, np.uint8), _header(0), -1, ValueError, "no 8 bytes at checksum_offset"),
+        (np.zeros(4096, np.uint8), _header(0), (1 << 63) - 4, ValueError, "no 8 bytes at checksum_offset"),  # + 8 wraps
         (np.zeros(4096, np.uint8), bytes(HEADER_NBYTES), HEADER_CHECKSUM_OFFSET, BufferError, "not writable"),
         (bytes(4096), _header(0), HEADER_CHECKSUM_OFFSET, BufferError, "not writable"),
     ],
