@@ -285,12 +285,12 @@ class DisaggregatedBackend:
         self._remaining_s(request)  # nothing starts for a request already past its deadline
         info = RequestInfo(rid, len(request.prompt_token_ids), request.sampling.max_tokens, request.arrival_s,
                            request.slo_class)
-        await self._admit(info, request.deadline_s)
-        self._active[rid] = set()
+        self._active[rid] = set()  # from here on ``abort`` knows the request, while it queues too
         detok = IncrementalDetokenizer(self.decoder, request.sampling.stop, request.prompt_token_ids)
         generated: list[int] = []
         worker_finished = False  # the worker ended the request itself: nothing to abort
         try:
+            await self._admit(info, request.deadline_s)
             attempts = 0
             while True:
                 try:
@@ -347,6 +347,7 @@ class DisaggregatedBackend:
     async def _one_attempt(self, request: GenerationRequest, info: RequestInfo, generated: tuple[int, ...],
                            first_attempt: bool) -> AsyncGenerator[TokenChunk, None]:
         """One try at producing the rest of the tokens; raises ``_Attempt`` to hand over."""
+        self._stop_if_aborted(request.request_id)
         decision = self._route(info, first_attempt and not generated)
         rid, prompt, sampling = request.request_id, request.prompt_token_ids, request.sampling
         d_id = decision.decode_instance_id
@@ -356,8 +357,7 @@ class DisaggregatedBackend:
         elif decision.mode is RouteMode.DISAGGREGATED and decision.prefill_instance_id is not None:
             first = await self._prefill(request, decision.prefill_instance_id, d_id)
             yield first
-            if first.finish is not None:
-                return
+            self._stop_if_aborted(rid)  # aborted while the client read the first token
             stream = self._client(d_id).generate(rid, prompt, sampling, GenerateMode.AFTER_TRANSFER,
                                                  first.token_ids[0], self._remaining_s(request),
                                                  self.config.transfer_timeout_s)
@@ -382,6 +382,15 @@ class DisaggregatedBackend:
                 yield chunk
         except WorkerCallError as exc:
             raise self._handover(exc, d_id, request) from None
+
+    def _stop_if_aborted(self, request_id: str) -> None:
+        """Raise ``_Attempt`` for a request ``abort`` was called for: ``generate`` then ends it as ABORT.
+
+        An abort that comes while a call is in flight finds nothing to stop on a worker that has not
+        taken the request yet (a reservation being made); this check keeps the request from going on.
+        """
+        if request_id in self._aborted:
+            raise _Attempt(WorkerUnavailable("router", "abort", None, "aborted"), None)
 
     @staticmethod
     def _prefill_suspect(exc: WorkerCallError, p_id: str, d_id: str) -> str | None:
@@ -417,6 +426,7 @@ class DisaggregatedBackend:
         except WorkerCallError as exc:
             raise self._handover(exc, d_id, request) from None
         self._active[rid].add(p_id)
+        self._stop_if_aborted(rid)  # aborted while the reservation was made: D's abort found nothing then
         try:
             result = await self._client(p_id).prefill(rid, request.prompt_token_ids, request.sampling,
                                                       res.descriptor, self._remaining_s(request))
@@ -430,10 +440,9 @@ class DisaggregatedBackend:
         if result.transfer is not None and self.metrics is not None:
             self.metrics.record_kv_transfer(result.transfer.kind.value, result.transfer.num_bytes,
                                             result.transfer.seconds)
-        finish = StreamFinish.LENGTH if request.sampling.max_tokens == 1 else None
-        if finish is not None:
-            await d.abort(rid)
-        return TokenChunk((result.first_token_id,), "", finish, len(request.prompt_token_ids), 1)
+        # No finish here, even at max_tokens 1: D says whether the first token ends the request (EOS, a
+        # stop token, the length), by the engine's own rules, and frees the reservation as it does.
+        return TokenChunk((result.first_token_id,), "", None, len(request.prompt_token_ids), 1)
 
     async def _abort_on(self, request_id: str, instance_ids: set[str]) -> None:
         for iid in instance_ids:

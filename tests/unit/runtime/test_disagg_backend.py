@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -350,6 +351,56 @@ def test_an_aborted_request_ends_as_an_abort_and_is_not_handed_over(cluster: Clu
     assert events[-1].finish_reason is FinishReason.ABORT
     assert _tokens(events) == ()
     assert backend.handovers == 0  # not re-prefilled on prefill-0
+
+
+def test_an_abort_while_the_reservation_is_made_ends_the_request(cluster: Cluster, tiny_model_dir: Path) -> None:
+    host = cluster.hosts["decode-0-g0"]
+    assert isinstance(host, WorkerHost)
+    views = StaticViews(cluster.view(["prefill-0-g0", "decode-0-g0"]))
+    backend = DisaggregatedBackend(views, load_tokenizer(tiny_model_dir), initial_view=views.view)
+    gate = threading.Event()
+
+    async def scenario() -> list[TokenEvent]:
+        async def consume() -> list[TokenEvent]:
+            return [e async for e in backend.generate(_request("abort-in-reserve"))]
+
+        host.loop.submit(lambda engine: gate.wait(10))  # D's engine thread is busy: ReserveKV waits for it
+        task = asyncio.create_task(consume())
+        while "decode-0-g0" not in backend.instances_of("abort-in-reserve"):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the ReserveKV call is on its way
+        await backend.abort("abort-in-reserve")  # D has no such request yet: its Abort finds nothing
+        gate.set()
+        try:
+            return await asyncio.wait_for(task, 30)
+        finally:
+            await backend.close()
+
+    try:
+        events = asyncio.run(scenario())
+    finally:
+        gate.set()
+    assert [(e.token_ids, e.finish_reason) for e in events] == [((), FinishReason.ABORT)]
+    assert backend.handovers == 0
+    deadline = time.monotonic() + 5  # the reservation made after the abort is given back too
+    while host.loop.call(lambda engine: engine.free_blocks) != BLOCKS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host.loop.call(lambda engine: engine.free_blocks) == BLOCKS
+
+
+def test_one_token_requests_end_as_the_engine_ends_them(
+    cluster: Cluster, reference: LLMEngine, tiny_model_dir: Path
+) -> None:
+    views = StaticViews(cluster.view(["prefill-0-g0", "decode-0-g0"]))
+    backend = DisaggregatedBackend(views, load_tokenizer(tiny_model_dir), initial_view=views.view)
+    (first,) = reference.generate([list(PROMPT)], SamplingParams(max_tokens=1))[0].token_ids
+    stopped, length = _run(
+        backend, _request("one-stop", max_tokens=1, stop_token_ids=(first,)), _request("one-length", max_tokens=1)
+    )
+    assert _tokens(stopped) == _tokens(length) == (first,)
+    assert stopped[-1].finish_reason is FinishReason.STOP  # the first token is a stop token
+    assert length[-1].finish_reason is FinishReason.LENGTH
+    assert backend.handovers == 0
 
 
 def test_readiness_follows_the_routers_view(cluster: Cluster, tiny_model_dir: Path) -> None:
