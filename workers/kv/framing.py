@@ -109,6 +109,20 @@ def pack_header(frame: Frame) -> bytes:
     return _HEADER.pack(MAGIC, frame.kind, frame.layer_idx, frame.slot, frame.nbytes, frame.checksum, frame.tag)
 
 
+def connection_alive(sock: socket.socket) -> bool:
+    """Whether an idle connection's peer is still there: no end of stream or error waiting on it (never blocks)."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)  # with a timeout set, recv would first wait for data
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True  # nothing to read: the peer is there, waiting
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+
+
 def tune_socket(sock: socket.socket, buffer_nbytes: int) -> None:
     """No Nagle delay, large kernel buffers."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,46 @@ def make_group(store: Any, pair_id: str, rank: int, device: str, timeout_s: floa
         options._timeout = timeout
         return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
     return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+
+
+def join_group(host: str, port: int, pair_id: str, rank: int, device: str, timeout_s: float, wait_s: float) -> Any:
+    """The connecting side's group of a pair, through the receiver's store at ``host:port``, within ``wait_s``.
+
+    The store client's handshake has no timeout of its own: a receiver frozen (stopped, partitioned)
+    right after it answered PAIR held the caller for as long as it stayed frozen. The group is built
+    on a thread of its own; past ``wait_s`` this raises KVPeerTimeout, and a group the thread
+    completes after that is torn down there. Torch's errors come out as KV peer errors.
+    """
+    outcome: list[Any] = []
+    lock = threading.Lock()
+    given_up = False
+
+    def build() -> None:
+        try:
+            store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+            result: Any = make_group(store, pair_id, rank, device, timeout_s)
+        except BaseException as exc:  # handed to the caller
+            result = exc
+        with lock:
+            late = given_up
+            outcome.append(result)
+            done.set()
+        if late and not isinstance(result, BaseException):
+            release_group(result, device)
+
+    done = threading.Event()
+    threading.Thread(target=build, name="kv-pair-join", daemon=True).start()
+    if not done.wait(max(0.0, wait_s)):
+        with lock:
+            given_up = not done.is_set()
+        if given_up:
+            raise KVPeerTimeout(f"forming a pair with {host}:{port}: no group after {wait_s:.1f}s")
+    result = outcome[0]
+    if isinstance(result, RuntimeError):  # torch's DistNetworkError and its kin: the store or the peer
+        raise _group_error(result, f"forming a pair with {host}:{port}")
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def gpu_identity(device: str = "cuda") -> str:

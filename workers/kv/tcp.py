@@ -68,6 +68,7 @@ from workers.kv.framing import (
     FrameKind,
     await_verdict,
     connect,
+    connection_alive,
     hard_close,
     next_layer_frame,
     pack_header,
@@ -406,14 +407,7 @@ class ConnectionPool:
                 if not idle:
                     return None
                 sock = idle.pop()
-            sock.setblocking(False)  # with a timeout set, recv would first wait for data
-            try:
-                alive = sock.recv(1, socket.MSG_PEEK) != b""
-            except BlockingIOError:
-                alive = True  # nothing to read: the receiver is still there, waiting
-            except OSError:
-                alive = False
-            if alive:
+            if connection_alive(sock):
                 return sock
             sock.close()
 

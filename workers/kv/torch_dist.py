@@ -67,7 +67,7 @@ import torch.distributed as dist
 
 from workers.kv.checksum import checksum_parts, copy_and_checksum, device_checksum, request_tag
 from workers.kv.descriptor import TransferDescriptor, TransportKind
-from workers.kv.errors import KVPeerError, KVRejected, KVTransferError, KVTransferTimeout
+from workers.kv.errors import KVPeerError, KVPeerTimeout, KVRejected, KVTransferError, KVTransferTimeout
 from workers.kv.framing import (
     HEADER_NBYTES,
     RUN_ENTRY,
@@ -76,6 +76,7 @@ from workers.kv.framing import (
     FrameKind,
     await_verdict,
     connect,
+    connection_alive,
     explained,
     hard_close,
     next_layer_frame,
@@ -90,7 +91,15 @@ from workers.kv.framing import (
     with_context,
 )
 from workers.kv.interface import EndpointOptions, SenderOptions
-from workers.kv.pair_groups import gpu_identity, make_group, pair_device, post_op, release_group, wait_op
+from workers.kv.pair_groups import (
+    gpu_identity,
+    join_group,
+    make_group,
+    pair_device,
+    post_op,
+    release_group,
+    wait_op,
+)
 from workers.kv.pipeline import PendingTransfer, StagingPool, as_bytes
 from workers.kv.receiving import ReceivingSide, SideEndpoint
 from workers.kv.sending import PipelinedSender
@@ -308,6 +317,7 @@ class TorchDistWire:
         self._ended = False
         self._done = False
         self._closed = False
+        pair.sock.settimeout(options.timeout_s)  # this request's, not that of the request that formed the pair
         try:
             send_hello(pair.sock, descriptor)
         except KVTransferError as exc:
@@ -437,8 +447,10 @@ class TorchDistConnector:
     """Sending side: one cached pair (control socket + process group) per receiver endpoint."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the dicts and the set below, never held while a pair forms
         self._pairs: dict[str, _Pair] = {}
+        # one pair forms at a time per receiver; a receiver slow to pair holds up no request to another
+        self._forming: dict[str, threading.Lock] = {}
         # receivers an NCCL pair failed with before its first transfer (e.g. NCCL refused the two GPUs):
         # later pairs with them go over gloo
         self._gloo_only: set[str] = set()
@@ -447,7 +459,7 @@ class TorchDistConnector:
         """Get (or build) the pair towards the receiver, lock it for this request, return a sender."""
         deadline = time.monotonic() + options.timeout_s
         while True:
-            pair = self._pair(descriptor, options)
+            pair = self._pair(descriptor, options, deadline)
             if not pair.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 raise KVTransferTimeout(f"request {descriptor.request_id!r}: pair busy for {options.timeout_s}s")
             if not pair.broken:
@@ -464,40 +476,65 @@ class TorchDistConnector:
             raise
         return PipelinedSender(descriptor, wire, options)
 
-    def _pair(self, descriptor: TransferDescriptor, options: SenderOptions) -> _Pair:
+    def _pair(self, descriptor: TransferDescriptor, options: SenderOptions, deadline: float) -> _Pair:
+        """The cached pair towards the receiver, unless its peer went away while it was idle; else a new one."""
+        address = descriptor.address
         with self._lock:
-            pair = self._pairs.get(descriptor.address)
+            forming = self._forming.setdefault(address, threading.Lock())
+        if not forming.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise KVPeerTimeout(f"request {descriptor.request_id!r}: no pair with {address} within {options.timeout_s}s")
+        try:
+            with self._lock:
+                pair = self._pairs.get(address)
             if pair is not None and not pair.broken:
-                return pair
-            sock = connect(descriptor.address, options.timeout_s, options.socket_buffer_nbytes)
-            try:
-                pair_id = uuid.uuid4().hex
-                # the receiver picks NCCL or gloo from both GPUs: a sender's only matters if the receiver's is on CUDA
-                offered = descriptor.device == "cuda" and descriptor.address not in self._gloo_only
-                gpu = gpu_identity(options.device) if offered else ""
-                offer = json.dumps({"pair_id": pair_id, "gpu": gpu}).encode()
-                send_frame(sock, Frame(FrameKind.PAIR, nbytes=len(offer)), [offer])
-                scratch = bytearray(HEADER_NBYTES)
-                reply = recv_frame(sock, scratch, "the PAIR reply")
-                raise_if_error(sock, reply, descriptor.request_id)
-                if reply.kind != FrameKind.PAIR:
-                    raise KVPeerError(f"expected PAIR reply, got {reply.kind.name}")
-                try:
-                    device = str(json.loads(recv_control_payload(sock, reply))["device"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise KVPeerError(f"malformed PAIR reply: {exc!r}") from None
-                if device not in ("cpu", "cuda"):
-                    raise KVPeerError(f"PAIR reply names device {device!r}")
-                host, _ = split_address(descriptor.address)
-                store = dist.TCPStore(
-                    host, reply.slot, is_master=False, timeout=datetime.timedelta(seconds=options.timeout_s)
-                )
-                group = make_group(store, pair_id, _SENDER_RANK, device, options.timeout_s)
-            except BaseException:
-                sock.close()
-                raise
-            pair = self._pairs[descriptor.address] = _Pair(sock, group, device, threading.Lock())
+                if not self._gone_while_idle(pair):
+                    return pair
+                self.drop(address, pair)
+            pair = self._form(descriptor, options, deadline)
+            with self._lock:
+                self._pairs[address] = pair
             return pair
+        finally:
+            forming.release()
+
+    @staticmethod
+    def _gone_while_idle(pair: _Pair) -> bool:
+        """Whether an idle pair's receiver closed its end (restarted, say): a busy pair is its user's to judge."""
+        if not pair.lock.acquire(blocking=False):
+            return False
+        try:
+            return not connection_alive(pair.sock)
+        finally:
+            pair.lock.release()
+
+    def _form(self, descriptor: TransferDescriptor, options: SenderOptions, deadline: float) -> _Pair:
+        """PAIR with the receiver and join the group it chose, all within ``deadline``."""
+        sock = connect(descriptor.address, options.timeout_s, options.socket_buffer_nbytes)
+        try:
+            pair_id = uuid.uuid4().hex
+            # the receiver picks NCCL or gloo from both GPUs: a sender's only matters if the receiver's is on CUDA
+            offered = descriptor.device == "cuda" and descriptor.address not in self._gloo_only
+            gpu = gpu_identity(options.device) if offered else ""
+            offer = json.dumps({"pair_id": pair_id, "gpu": gpu}).encode()
+            send_frame(sock, Frame(FrameKind.PAIR, nbytes=len(offer)), [offer])
+            scratch = bytearray(HEADER_NBYTES)
+            reply = recv_frame(sock, scratch, "the PAIR reply")
+            raise_if_error(sock, reply, descriptor.request_id)
+            if reply.kind != FrameKind.PAIR:
+                raise KVPeerError(f"expected PAIR reply, got {reply.kind.name}")
+            try:
+                device = str(json.loads(recv_control_payload(sock, reply))["device"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise KVPeerError(f"malformed PAIR reply: {exc!r}") from None
+            if device not in ("cpu", "cuda"):
+                raise KVPeerError(f"PAIR reply names device {device!r}")
+            host, _ = split_address(descriptor.address)
+            wait_s = deadline - time.monotonic()
+            group = join_group(host, reply.slot, pair_id, _SENDER_RANK, device, options.timeout_s, wait_s)
+        except BaseException:
+            hard_close(sock)
+            raise
+        return _Pair(sock, group, device, threading.Lock())
 
     def drop(self, address: str, pair: _Pair) -> None:
         """Forget a broken pair (the next request builds a new one)."""

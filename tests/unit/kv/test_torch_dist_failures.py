@@ -16,7 +16,7 @@ import torch
 
 import workers.kv.torch_dist as torch_dist
 from workers.kv.checksum import request_tag
-from workers.kv.errors import KVTransferError, KVTransferTimeout
+from workers.kv.errors import KVPeerTimeout, KVTransferError, KVTransferTimeout
 from workers.kv.framing import Frame, FrameKind, send_frame
 from workers.kv.interface import EndpointOptions, KVReceiver, KVSender, KVSpec, SenderOptions
 from workers.kv.registry import open_endpoint
@@ -199,3 +199,113 @@ def test_a_process_that_exits_without_closing_after_a_failed_transfer_exits_clea
     out = subprocess.run([sys.executable, "-c", _ABORT_THEN_EXIT], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "done", out.stderr[-2000:]
     assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr[-2000:]
+
+
+@contextlib.contextmanager
+def _frozen_after_pair() -> Iterator[str]:
+    """The address of a receiver that answers PAIR, naming a store that accepts connections and never answers.
+
+    As a receiver process stopped right after its PAIR reply looks to the sender.
+    """
+    import json
+    import socket
+
+    from workers.kv.framing import HEADER_NBYTES, recv_control_payload, recv_frame
+
+    store = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody speaks
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def answer_pair() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                sock, _ = listener.accept()
+                held.append(sock)
+                recv_control_payload(sock, recv_frame(sock, bytearray(HEADER_NBYTES)))
+                answer = json.dumps({"device": "cpu"}).encode()
+                send_frame(sock, Frame(FrameKind.PAIR, slot=store.getsockname()[1], nbytes=len(answer)), [answer])
+
+    threading.Thread(target=answer_pair, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        store.close()
+        for sock in held:
+            sock.close()
+
+
+def test_a_receiver_frozen_after_pair_times_out_and_holds_up_no_other_receiver(
+    connector: torch_dist.TorchDistConnector,
+) -> None:
+    import dataclasses
+
+    ep = _endpoint(5.0)
+    try:
+        healthy = ep.expect("healthy", NUM_TOKENS, SPEC, _ignore)
+        frozen = ep.expect("frozen", NUM_TOKENS, SPEC, _ignore)
+        with _frozen_after_pair() as address:
+            descriptor = dataclasses.replace(frozen.descriptor, address=address)
+            failed: list[BaseException] = []
+            took: list[float] = []
+
+            def open_frozen() -> None:
+                t0 = time.monotonic()
+                try:
+                    connector.open(descriptor, SenderOptions(timeout_s=2.0))
+                except BaseException as exc:  # noqa: BLE001 - asserted below
+                    failed.append(exc)
+                took.append(time.monotonic() - t0)
+
+            opener = threading.Thread(target=open_frozen)
+            opener.start()
+            time.sleep(0.3)  # it is waiting for the frozen receiver's store
+            t0 = time.monotonic()
+            tx = connector.open(healthy.descriptor, SenderOptions(timeout_s=5.0))
+            opened_s = time.monotonic() - t0
+            for i, (k, v) in enumerate(_layers()):
+                tx.send_layer(i, k, v)
+            tx.finish()
+            opener.join(10)
+        assert opened_s < 1.5  # not behind the frozen pairing's 2 s
+        assert len(failed) == 1 and isinstance(failed[0], KVPeerTimeout), failed
+        assert "no group after 2.0s" in str(failed[0]) and took[0] < 4.0
+        healthy.wait(5)
+    finally:
+        ep.close()
+
+
+def test_a_cached_pair_takes_each_requests_own_timeout(connector: torch_dist.TorchDistConnector) -> None:
+    ep = _endpoint(10.0)
+    try:
+        _send_all(connector, ep, "formed-with-1s", 1.0)
+        slow = ep.expect("slow-to-verify", NUM_TOKENS, SPEC, lambda i, k, v: time.sleep(0.5))
+        tx = connector.open(slow.descriptor, SenderOptions(timeout_s=10.0))  # the pair of the 1 s request
+        for i, (k, v) in enumerate(_layers()):
+            tx.send_layer(i, k, v)
+        tx.finish()  # the verdict comes after 2 s: within this request's 10 s, past the pair's first 1 s
+        slow.wait(5)
+    finally:
+        ep.close()
+
+
+def test_a_receiver_restarted_on_the_same_port_gets_a_new_pair(connector: torch_dist.TorchDistConnector) -> None:
+    port = 0
+    for n in range(2):
+        ep = open_endpoint("torch_dist", EndpointOptions(port=port, stall_timeout_s=3.0))
+        port = int(ep.address.rsplit(":", 1)[1])
+        try:
+            _send_all(connector, ep, f"incarnation-{n}", 3.0)
+        finally:
+            ep.close()
+        time.sleep(0.2)
+
+
+def _send_all(connector: torch_dist.TorchDistConnector, ep: torch_dist.TorchDistEndpoint, rid: str,
+              timeout_s: float) -> None:
+    rx = ep.expect(rid, NUM_TOKENS, SPEC, _ignore)
+    tx = connector.open(rx.descriptor, SenderOptions(timeout_s=timeout_s))
+    for i, (k, v) in enumerate(_layers()):
+        tx.send_layer(i, k, v)
+    tx.finish()
+    rx.wait(5)

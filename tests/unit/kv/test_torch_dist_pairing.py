@@ -103,7 +103,8 @@ def test_a_sender_pairs_over_what_the_receiver_chose(
         built.append((rank, device))
         return make_group(store, pair_id, rank, device, timeout_s)
 
-    monkeypatch.setattr(torch_dist, "make_group", recording)
+    monkeypatch.setattr(torch_dist, "make_group", recording)  # the receiver's side
+    monkeypatch.setattr(pair_groups, "make_group", recording)  # the sender's, in join_group
     connector = torch_dist.TorchDistConnector()
     try:
         rx = endpoint.expect("paired", 4, SPEC, lambda i, k, v: None)

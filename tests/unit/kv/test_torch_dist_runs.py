@@ -58,7 +58,7 @@ def _wire(
 ) -> tuple[torch_dist.TorchDistWire, torch_dist._Pair, KVReceiver]:
     rx = endpoint.expect(rid, NUM_TOKENS, SPEC, got)
     options = SenderOptions(timeout_s=5.0)
-    pair = connector._pair(rx.descriptor, options)
+    pair = connector._pair(rx.descriptor, options, time.monotonic() + options.timeout_s)
     assert pair.lock.acquire(timeout=5)
     return torch_dist.TorchDistWire(rx.descriptor, options, pair, connector), pair, rx
 
