@@ -15,11 +15,16 @@ A request id names one request at a time here: while it has a reservation or a
 Generate/Resume call in progress, another Reserve, Generate or Resume with that id
 is refused with ``DuplicateRequest`` and the first one goes on untouched. Once a
 stream ends (finished, aborted, or its caller gone) the id is free again.
+
+Once the engine loop stops (a step raised, or the worker is closing), reserve,
+generate, resume and load fail with ``EngineStopped``, open streams included:
+another worker can take the request over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -30,11 +35,11 @@ from typing import Any
 
 from orchestrator.core.types import InstanceLoad, Role
 from workers.engine.block_manager import OutOfKVBlocks
-from workers.engine.outputs import DuplicateRequest
+from workers.engine.outputs import DuplicateRequest, InvalidRequest
 from workers.engine.sampling_params import SamplingParams
 from workers.kv.interface import KVEndpoint, KVReceiver, KVSpec
 from workers.service.abandon import outlive_caller
-from workers.service.engine_loop import EngineLoop
+from workers.service.engine_loop import EngineLoop, EngineStopped
 from workers.service.types import Reservation, StreamFinish, TokenChunk
 
 
@@ -74,13 +79,13 @@ def finish_of(reason: object) -> StreamFinish:
     return StreamFinish(value) if value in {f.value for f in StreamFinish} else StreamFinish.STOP
 
 
-def engine_load(engine: Any, instance_id: str, role: Role, node_id: str, queued_extra: int = 0) -> InstanceLoad:
+def engine_load(engine: Any, instance_id: str, role: Role, node_id: str) -> InstanceLoad:
     """Read the engine's load counters (call on the engine thread)."""
     return InstanceLoad(
         instance_id=instance_id,
         role=role,
         node_id=node_id,
-        queued_prefill_tokens=int(engine.queued_prefill_tokens) + queued_extra,
+        queued_prefill_tokens=int(engine.queued_prefill_tokens),
         waiting_requests=int(engine.num_waiting),
         running_requests=int(engine.num_running),
         free_kv_blocks=int(engine.free_blocks),
@@ -126,10 +131,13 @@ class DecodeWorker:
 
         ``max_tokens`` (the request's output budget, when known) only guides block placement.
         """
-        self._reap()
+        # a reservation that never expires holds its blocks for good if its Generate never comes
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise InvalidRequest(f"reservation timeout_s must be a positive number of seconds, got {timeout_s!r}")
         num_tokens = len(prompt_token_ids)
         if num_tokens < 1:
-            raise WorkerError("empty prompt")
+            raise InvalidRequest("prompt_token_ids must not be empty")
+        self._reap()
         with self._lock:
             if request_id in self._pending:
                 raise DuplicateRequest(f"request {request_id!r} has a reservation on {self.instance_id}")
@@ -142,7 +150,7 @@ class DecodeWorker:
             blocks = self.loop.submit(lambda e: e.reserve(request_id, num_tokens, max_tokens)).result()
         except OutOfKVBlocks as exc:
             raise NoRoom(f"cannot reserve KV for {num_tokens} tokens now: {exc}") from exc
-        except DuplicateRequest:
+        except (InvalidRequest, EngineStopped):  # the input itself (too long, a duplicate id), or a dead engine
             raise
         except Exception as exc:
             raise WorkerError(f"cannot reserve KV for {num_tokens} tokens: {exc}") from exc
@@ -167,11 +175,21 @@ class DecodeWorker:
             expired = [rid for rid, p in self._pending.items() if p.expires_at_s < now]
             pending = [self._pending.pop(rid) for rid in expired]
         for rid, p in zip(expired, pending, strict=True):
-            p.receiver.cancel()
-            self._release(rid)
+            self._cancel(rid, p)
 
-    def _release(self, request_id: str) -> None:
+    def _cancel(self, request_id: str, pending: _Pending) -> None:
+        """Stop expecting a reservation's KV and free its blocks (its entry already taken out)."""
+        pending.receiver.cancel()
         self.loop.submit(lambda e: e.release(request_id))
+
+    def cancel_reservation(self, request_id: str) -> bool:
+        """Give back ``request_id``'s reservation if no Generate has taken it yet; whether there was one."""
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return False
+        self._cancel(request_id, pending)
+        return True
 
     async def generate_after_transfer(
         self,
@@ -275,7 +293,7 @@ class DecodeWorker:
             while True:
                 out = await outputs.get()
                 if out is None:
-                    raise WorkerError(f"engine of {self.instance_id} stopped")
+                    raise EngineStopped(f"engine of {self.instance_id} stopped")
                 finished = bool(out.finished)
                 yield TokenChunk(
                     token_ids=tuple(out.new_token_ids),
@@ -318,8 +336,7 @@ class DecodeWorker:
             waiting.receiver.cancel()
             return True
         if pending is not None:
-            pending.receiver.cancel()
-            self.loop.submit(lambda e: e.release(request_id))
+            self._cancel(request_id, pending)
             return True
         return streaming
 

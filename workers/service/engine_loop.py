@@ -5,7 +5,9 @@ KV writes, steps, load stats) runs on this thread. Other threads ``submit`` a
 function and get a ``Future``; gRPC handlers ``attach`` a sink for a request
 and receive its ``RequestOutput``s as they are produced. Between steps the loop
 drains all pending commands first, so a layer's KV write always lands before
-the command that joins its request to the batch.
+the command that joins its request to the batch. Once the loop stops (``stop``,
+or a step raised), every command still queued and every later ``submit`` fails
+with ``EngineStopped``, and every attached sink receives ``None``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class OutputLike(Protocol):
 Sink = Callable[[Any], None]  # receives each RequestOutput of one request
 
 
+class EngineStopped(RuntimeError):
+    """The engine loop no longer runs: this worker cannot serve the request, another worker may."""
+
+
 class EngineLoop:
     """Runs ``engine.step()`` while there is work and commands in between, on one thread."""
 
@@ -55,7 +61,7 @@ class EngineLoop:
             if not self._stopped.is_set():
                 self._commands.put((fn, future))
                 return future
-        future.set_exception(RuntimeError("engine loop is stopped"))
+        future.set_exception(EngineStopped("engine loop is stopped"))
         return future
 
     def call(self, fn: Callable[[Any], T], timeout_s: float = 30.0) -> T:
@@ -126,7 +132,7 @@ class EngineLoop:
                     break
         for item in items:
             if item is not None and item[1].set_running_or_notify_cancel():
-                item[1].set_exception(RuntimeError("engine loop stopped"))
+                item[1].set_exception(EngineStopped("engine loop stopped"))
         for sink in list(self._sinks.values()):
             sink(None)  # None tells a stream its engine is gone
         self._sinks.clear()

@@ -8,13 +8,18 @@ for the receiver's verdict -> the first token goes back to the router. An
 aborted request still queued is skipped; a failed transfer aborts the sender
 so the receiver sees the error too. While a Prefill call for a request id is in
 progress, another with that id is refused with ``DuplicateRequest``.
+
+A load report (the controller's health probe) never waits for the engine
+thread, which may be busy with prefills for seconds: it is the engine's
+counters as the engine thread last recorded them (at start and after each
+prefill) plus the prompts queued here, counted by this worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator.core.types import InstanceLoad, Role
@@ -25,7 +30,7 @@ from workers.kv.interface import KVSender
 from workers.kv.registry import KVClient
 from workers.service.abandon import outlive_caller
 from workers.service.decode import WorkerError, engine_load
-from workers.service.engine_loop import EngineLoop
+from workers.service.engine_loop import EngineLoop, EngineStopped
 from workers.service.types import PrefillResult
 
 
@@ -51,8 +56,21 @@ class PrefillWorker:
         self.instance_id = instance_id
         self.node_id = node_id
         self._lock = threading.Lock()
+        # Prompts whose job has not started on the engine thread: a report's queued work beyond the engine's.
         self._queued_tokens = 0
+        self._queued_jobs = 0
         self._jobs: dict[str, _Job] = {}  # request id -> its Prefill call in progress (queued or running)
+        self._engine_load = loop.call(self._engine_counters)  # replaced whole under _lock: never read torn
+
+    def _engine_counters(self, engine: Any) -> InstanceLoad:
+        """The engine's own load counters (call on the engine thread)."""
+        return engine_load(engine, self.instance_id, Role.PREFILL, self.node_id)
+
+    def _record_engine_load(self, engine: Any) -> None:
+        """Record the engine's counters for ``load`` (call on the engine thread, after a job changed them)."""
+        counters = self._engine_counters(engine)
+        with self._lock:
+            self._engine_load = counters
 
     def _run(
         self,
@@ -65,6 +83,7 @@ class PrefillWorker:
     ) -> tuple[int, KVSender]:
         with self._lock:
             self._queued_tokens -= job.num_tokens
+            self._queued_jobs -= 1
             job.started = True
             if job.aborted:
                 raise PrefillAborted(f"request {request_id!r} was aborted before its prefill")
@@ -74,6 +93,8 @@ class PrefillWorker:
         except BaseException:
             sender.abort()
             raise
+        finally:
+            self._record_engine_load(engine)
         return int(first), sender
 
     async def prefill(
@@ -93,6 +114,7 @@ class PrefillWorker:
                 raise DuplicateRequest(f"request {request_id!r} is already in prefill on {self.instance_id}")
             self._jobs[request_id] = job
             self._queued_tokens += job.num_tokens
+            self._queued_jobs += 1
         try:
             return await self._prefill(job, request_id, prompt, sampling, descriptor)
         finally:
@@ -138,11 +160,15 @@ class PrefillWorker:
         return True
 
     def load(self) -> InstanceLoad:
-        """Current load report (queued prompts count as queued prefill tokens)."""
+        """Current load report, never waiting for the engine thread (queued prompts count as waiting requests)."""
+        if not self.loop.alive:  # a stale report would pass the health probe of a worker that serves nothing
+            raise EngineStopped(f"engine of {self.instance_id} stopped")
         with self._lock:
-            queued = self._queued_tokens
-        return self.loop.call(
-            lambda e: engine_load(e, self.instance_id, Role.PREFILL, self.node_id, queued_extra=queued), timeout_s=5.0
+            counters, tokens, jobs = self._engine_load, self._queued_tokens, self._queued_jobs
+        return replace(
+            counters,
+            queued_prefill_tokens=counters.queued_prefill_tokens + tokens,
+            waiting_requests=counters.waiting_requests + jobs,
         )
 
     @property

@@ -4,9 +4,11 @@ The server runs ``grpc.aio`` on a private event loop in a daemon thread, so a
 worker (a Ray actor, a test, a script) can start it with one call and keep its
 own thread free. Worker errors become gRPC status codes the router maps back:
 INVALID_ARGUMENT for a request no worker can ever serve (a token id outside
-the vocabulary, bad sampling values), FAILED_PRECONDITION for a request this
-worker cannot take, NOT_FOUND for an
-unknown request, RESOURCE_EXHAUSTED when KV blocks are short, ABORTED when the KV transfer failed, INTERNAL otherwise.
+the vocabulary, bad sampling values, an empty or too long prompt),
+FAILED_PRECONDITION for a request this worker cannot take, NOT_FOUND for an
+unknown request, RESOURCE_EXHAUSTED when KV blocks are short, ABORTED when the
+KV transfer failed, UNAVAILABLE when the engine loop has stopped (the router
+hands the request to another worker), INTERNAL otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from workers.kv.errors import KVTransferError, sending_side_fault
 from workers.service import convert
 from workers.service.abandon import outlive_caller
 from workers.service.decode import DecodeWorker, NoRoom, UnknownRequest, WorkerError
+from workers.service.engine_loop import EngineStopped
 from workers.service.prefill import PrefillWorker
 from workers.service.types import GenerateMode
 
@@ -41,7 +44,9 @@ async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, *, sendin
     """Abort the call with the status ``exc`` maps to; ``sending_kv``: the call sent a KV transfer, so a
     transfer error also says which side failed (trailing metadata, see ``convert.fault_to_metadata``)."""
     metadata: tuple[tuple[str, str], ...] = ()
-    if isinstance(exc, UnknownRequest | EngineUnknownRequest):  # e.g. a reservation reaped as it was joined
+    if isinstance(exc, EngineStopped):  # this worker serves nothing more; another one can
+        code = grpc.StatusCode.UNAVAILABLE
+    elif isinstance(exc, UnknownRequest | EngineUnknownRequest):  # e.g. a reservation reaped as it was joined
         code = grpc.StatusCode.NOT_FOUND
     elif isinstance(exc, NoRoom):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -130,17 +135,23 @@ class DecodeServicer(pb_grpc.DecodeServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TokenEvent]:
-        sampling = convert.sampling_from_pb(request.sampling)
         prompt = tuple(request.prompt_token_ids)
         try:
             mode = convert.mode_from_pb(request.mode)
         except ValueError as exc:
             await _fail(context, exc)
             return
+        try:
+            sampling = convert.sampling_from_pb(request.sampling)
+            if mode is GenerateMode.AFTER_TRANSFER and not request.HasField("first_token_id"):
+                raise WorkerError("AFTER_TRANSFER needs first_token_id")
+        except (ValueError, WorkerError) as exc:
+            if mode is GenerateMode.AFTER_TRANSFER:
+                # this call never takes the reservation: give its blocks back now, not when it expires
+                self.worker.cancel_reservation(request.request_id)
+            await _fail(context, exc)
+            return
         if mode is GenerateMode.AFTER_TRANSFER:
-            if not request.HasField("first_token_id"):
-                await _fail(context, WorkerError("AFTER_TRANSFER needs first_token_id"))
-                return
             chunks = self.worker.generate_after_transfer(
                 request.request_id, prompt, request.first_token_id, sampling, request.transfer_timeout_s or 30.0
             )
@@ -150,11 +161,13 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             yield event
 
     async def Resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TokenEvent]:
+        try:
+            sampling = convert.sampling_from_pb(request.sampling)
+        except ValueError as exc:
+            await _fail(context, exc)
+            return
         chunks = self.worker.resume(
-            request.request_id,
-            tuple(request.prompt_token_ids),
-            tuple(request.generated_token_ids),
-            convert.sampling_from_pb(request.sampling),
+            request.request_id, tuple(request.prompt_token_ids), tuple(request.generated_token_ids), sampling
         )
         async for event in self._relay(chunks, context):
             yield event

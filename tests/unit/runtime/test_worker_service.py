@@ -87,8 +87,9 @@ def test_worker_errors_map_to_explicit_exceptions(hosts: tuple[WorkerHost, Worke
         with pytest.raises(WorkerRejected, match="no KV reservation"):
             async for _ in d.generate("nope", PROMPT, GREEDY, GenerateMode.AFTER_TRANSFER, 5, 5):
                 pass
-        with pytest.raises(WorkerRejected, match="cannot reserve"):
+        with pytest.raises(WorkerRejected, match="PromptTooLong") as too_long:
             await d.reserve("huge", tuple(range(64 * 16 + 1)), timeout_s=5)
+        assert too_long.value.code is grpc.StatusCode.INVALID_ARGUMENT  # as for a local prefill of it
         # a reservation whose KV never comes fails the stream instead of hanging
         await d.reserve("orphan", PROMPT, timeout_s=5)
         with pytest.raises(WorkerUnavailable):
