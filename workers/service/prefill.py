@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator.core.types import InstanceLoad, Role
-from workers.engine.outputs import DuplicateRequest
+from workers.engine.outputs import DuplicateRequest, InvalidRequest
 from workers.engine.sampling_params import SamplingParams
 from workers.kv.descriptor import TransferDescriptor
 from workers.kv.interface import KVSender
@@ -106,7 +106,7 @@ class PrefillWorker:
     ) -> PrefillResult:
         """Prefill ``prompt_token_ids``, pushing KV to ``descriptor``; returns the first token."""
         if not prompt_token_ids:
-            raise WorkerError("empty prompt")
+            raise InvalidRequest("prompt_token_ids must not be empty")
         prompt = list(prompt_token_ids)
         job = _Job(len(prompt))
         with self._lock:

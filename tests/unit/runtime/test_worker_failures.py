@@ -20,7 +20,7 @@ from orchestrator.core.types import ClusterSnapshot, InstanceLoad, Role
 from orchestrator.runtime.backend import GenerationRequest
 from orchestrator.runtime.controller import ClusterView
 from orchestrator.runtime.disagg_backend import DisaggregatedBackend, StaticViews
-from orchestrator.runtime.worker_client import WorkerClient, WorkerUnavailable
+from orchestrator.runtime.worker_client import WorkerClient, WorkerRejected, WorkerUnavailable
 from protos.pdserve.v1 import worker_pb2 as pb
 from protos.pdserve.v1 import worker_pb2_grpc as pb_grpc
 from workers.engine.config import EngineConfig
@@ -215,3 +215,22 @@ def test_a_reservation_that_would_never_expire_is_refused(tiny_model_dir: Path) 
 
         asyncio.run(run())
         assert _holds_nothing(decode)
+
+
+def test_an_empty_prompt_to_a_prefill_worker_is_invalid(tiny_model_dir: Path) -> None:
+    with _hosts(tiny_model_dir, "prefill-0", "decode-0") as hosts:
+
+        async def run() -> None:
+            p = WorkerClient(hosts["prefill-0"].endpoint().grpc_address)
+            d = WorkerClient(hosts["decode-0"].endpoint().grpc_address)
+            try:
+                res = await d.reserve("empty-prefill", PROMPT, timeout_s=10)
+                with pytest.raises(WorkerRejected) as raised:
+                    await p.prefill("empty-prefill", (), SAMPLING, res.descriptor, timeout_s=10)
+                assert raised.value.code is grpc.StatusCode.INVALID_ARGUMENT, raised.value
+                assert await d.abort("empty-prefill")
+            finally:
+                await p.close()
+                await d.close()
+
+        asyncio.run(run())
