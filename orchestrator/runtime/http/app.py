@@ -145,9 +145,11 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def _parse_body(raw: bytes, schema: type[_Body]) -> _Body:
+    # ValueError: bad syntax or UTF-8 (JSONDecodeError, UnicodeDecodeError) or an integer over Python's
+    # 4300-digit limit; RecursionError: arrays or objects nested deeper than the parser's stack allows.
     try:
         obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise bad_request(f"malformed JSON body: {exc}", code="invalid_json") from exc
     if not isinstance(obj, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")

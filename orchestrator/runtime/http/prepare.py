@@ -22,25 +22,41 @@ def prompt_token_ids(body: CompletionRequest | ChatCompletionRequest, tokenizer:
         if isinstance(prompt, str):
             if not prompt:
                 raise bad_request("prompt must not be empty", "prompt")
+            _check_unicode(prompt, "prompt", "prompt")
             return tokenizer.encode(prompt, add_special_tokens=True)
         ids = list(prompt)
-        _check_vocabulary(ids, tokenizer.vocab_size)
+        _check_vocabulary(ids, tokenizer.vocab_size, "prompt")
         return ids
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    for i, message in enumerate(messages):
+        _check_unicode(message["content"], f"messages[{i}].content", "messages")
     try:
-        text = render_chat(messages, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+        text = render_chat(messages, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token,
+                           body.add_generation_prompt)
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from exc
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _check_vocabulary(ids: list[int], vocab_size: int) -> None:
+def _check_unicode(text: str, where: str, param: str) -> None:
+    """400 for a lone UTF-16 surrogate (a JSON escape such as ``"\\ud83d"`` without its pair): not text to tokenize."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(
+            f"{where} holds a lone UTF-16 surrogate {text[exc.start]!r} at character {exc.start}, "
+            "which is not Unicode text; only valid text can be tokenized",
+            param,
+        ) from exc
+
+
+def _check_vocabulary(ids: list[int], vocab_size: int, param: str) -> None:
     """400 naming the first id a client sent that the model has no embedding for (the schema ensures >= 0)."""
     bad = next((t for t in ids if t >= vocab_size), None)
     if bad is not None:
         raise bad_request(
-            f"prompt holds token id {bad}, outside the model's vocabulary of {vocab_size} ids [0, {vocab_size})",
-            "prompt", code="invalid_token_id",
+            f"{param} holds token id {bad}, outside the model's vocabulary of {vocab_size} ids [0, {vocab_size})",
+            param, code="invalid_token_id",
         )
 
 
@@ -68,8 +84,12 @@ def max_new_tokens(
     return asked
 
 
-def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
-    """The engine's sampling parameters for this body."""
+def sampling_params(
+    body: CompletionRequest | ChatCompletionRequest, max_tokens: int, vocab_size: int
+) -> SamplingParams:
+    """The engine's sampling parameters for this body; ``stop_token_ids`` must lie in the vocabulary."""
+    stop_token_ids = body.stop_token_ids or []
+    _check_vocabulary(stop_token_ids, vocab_size, "stop_token_ids")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -77,6 +97,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
             top_p=body.top_p,
             top_k=max(body.top_k, 0),
             seed=body.seed,
+            stop_token_ids=tuple(stop_token_ids),
             stop=body.stop_strings(),
             ignore_eos=body.ignore_eos,
         )
@@ -129,7 +150,7 @@ def build_request(
     ids = prompt_token_ids(body, tokenizer)
     if not ids:
         raise bad_request("the prompt has no tokens", "prompt")
-    sampling = sampling_params(body, max_new_tokens(body, len(ids), limits))
+    sampling = sampling_params(body, max_new_tokens(body, len(ids), limits), tokenizer.vocab_size)
     return GenerationRequest(
         request_id=request_id,
         prompt_token_ids=tuple(ids),

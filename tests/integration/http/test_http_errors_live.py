@@ -86,6 +86,30 @@ def test_malformed_json_and_bad_chat_input(live: LiveServer) -> None:
     _still_serves(live)
 
 
+def test_bodies_the_parser_or_tokenizer_cannot_take_are_400_not_500(live: LiveServer) -> None:
+    completions, chat = live.url + "/v1/completions", live.url + "/v1/chat/completions"
+    digits = b'{"model": "tiny-llama", "prompt": "x", "max_tokens": 2, "seed": ' + b"9" * 4301 + b"}"
+    _assert_error(_post(completions, None, raw=digits), 400, code="invalid_json")
+    deep = b'{"model": "tiny-llama", "prompt": "x", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    _assert_error(_post(completions, None, raw=deep), 400, code="invalid_json")
+    # A JSON escape of half a surrogate pair: the Rust tokenizer refuses such a string.
+    _assert_error(_post(completions, None, raw=b'{"model": "tiny-llama", "prompt": "hi \\ud83d"}'), 400, "prompt")
+    _assert_error(_post(chat, None, raw=b'{"model": "tiny-llama", "messages": [{"role": "user", "content": '
+                                        b'"hi \\ud83d"}]}'), 400, "messages")
+    _still_serves(live)
+
+
+def test_fields_that_cannot_be_honoured_are_400_naming_them(live: LiveServer) -> None:
+    chat = live.url + "/v1/chat/completions"
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for extra in [{"top_logprobs": 3}, {"tool_choice": "required"}, {"functions": [{"name": "f"}]},
+                  {"repetition_penalty": 1.3}, {"min_tokens": 2}, {"min_p": 0.05},
+                  {"guided_choice": ["a", "b"]}, {"stream_options": {"include_usage": True}}]:
+        (param,) = extra
+        _assert_error(_post(chat, {**base, **extra}), 400, param)
+    _still_serves(live)
+
+
 def test_unknown_slo_class_header_is_400(live: LiveServer) -> None:
     resp = _post(live.url + "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2},
                  headers={"x-pdserve-slo-class": "made-up-class"})

@@ -84,6 +84,32 @@ def test_chat_matches_engine_greedy_streamed_and_not(live: LiveServer, reference
     assert all(c.usage is None for c in chunks)  # usage only when stream_options asks for it
 
 
+def test_stop_token_ids_end_the_answer_at_that_token(live: LiveServer, reference_engine: LLMEngine) -> None:
+    ids = live.tokenizer.encode(PROMPT)
+    [free] = reference_engine.generate([ids], SamplingParams(max_tokens=12, ignore_eos=True))
+    # the first generated token after the first that did not come earlier: the answer stops at its first use
+    at = next(i for i, t in enumerate(free.token_ids) if i > 0 and t not in free.token_ids[:i])
+    stop_id = free.token_ids[at]
+    [expected] = reference_engine.generate(
+        [ids], SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=(stop_id,)))
+    assert len(expected.token_ids) == at + 1
+    resp = _client(live).completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+        extra_body={"stop_token_ids": [stop_id], "ignore_eos": True},
+    )
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None and resp.usage.completion_tokens == at + 1
+    assert resp.choices[0].text == expected.text
+
+
+def test_the_openai_client_may_send_null_for_optional_fields(live: LiveServer) -> None:
+    messages: list[Any] = [{"role": "user", "content": "hi"}]
+    resp = _client(live).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, temperature=None, top_p=None, n=None, stream=None,
+    )
+    assert resp.choices[0].finish_reason in ("stop", "length")
+
+
 def test_request_id_is_echoed(live: LiveServer) -> None:
     raw = _client(live).completions.with_raw_response.create(
         model=MODEL, prompt="hi", max_tokens=2, extra_headers={"x-request-id": "my-id-42"},

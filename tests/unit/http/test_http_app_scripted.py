@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from orchestrator.runtime.backend import (
@@ -83,6 +85,54 @@ def _call(backend: ScriptedBackend, body: dict, metrics: ServingMetrics | None =
 
 def _events(resp: httpx.Response) -> list[str]:
     return [line[len("data: "):] for line in resp.text.split("\n\n") if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "m", "prompt": "abc", "seed": ' + b"9" * 4301 + b"}",  # over Python's int digit limit
+        b'{"model": "m", "prompt": "abc", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # nested too deep
+        b'{"model": "m", "prompt": ',
+        b"\xff\xfe",
+    ],
+)
+def test_a_body_that_is_not_json_python_can_read_is_400_invalid_json(raw: bytes) -> None:
+    metrics = ServingMetrics()
+    backend = ScriptedBackend(lambda r: _tokens("x"))
+    app = create_app(backend, CharTokenizer(), "m", api_key="", metrics=metrics)
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+
+    resp = asyncio.run(go())
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "invalid_json"
+    assert backend.requests == []
+    assert metrics.registry.get_sample_value(
+        "pdserve_requests_total", {"outcome": "invalid", "reason": "invalid_json"}) == 1
+
+
+def test_the_openai_client_sending_null_optional_fields_gets_the_defaults() -> None:
+    backend = ScriptedBackend(lambda r: _tokens("a", "b"))
+    app = create_app(backend, CharTokenizer(), "m", api_key="")
+
+    async def go() -> list[str | None]:
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
+        client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="x", max_retries=0, http_client=http)
+        messages: list[Any] = [{"role": "user", "content": "hi"}]
+        async with client:
+            chat = await client.chat.completions.create(
+                model="m", messages=messages, temperature=None, top_p=None, n=None, stream=None, seed=None)
+            completion = await client.completions.create(
+                model="m", prompt="abc", temperature=None, echo=None, stream=None,
+                extra_body={"top_k": None, "ignore_eos": None})
+        return [chat.choices[0].message.content, completion.choices[0].text]
+
+    assert asyncio.run(go()) == ["ab", "ab"]
+    for request in backend.requests:
+        assert (request.sampling.temperature, request.sampling.top_p, request.sampling.top_k) == (1.0, 1.0, 0)
+        assert not request.sampling.ignore_eos
 
 
 def test_whole_response_and_usage() -> None:

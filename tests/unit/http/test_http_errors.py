@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.runtime.backend import (
     BackendError,
@@ -115,6 +115,24 @@ _COMPLETION = {"model": "m", "prompt": "x"}
         (CompletionRequest, {**_COMPLETION, "suffix": "!"}, "suffix"),
         (ChatCompletionRequest, {**_CHAT, "logprobs": True}, "logprobs"),
         (ChatCompletionRequest, {**_CHAT, "tools": [{"type": "function"}]}, "tools"),
+        (ChatCompletionRequest, {**_CHAT, "top_logprobs": 5}, "top_logprobs"),
+        (ChatCompletionRequest, {**_CHAT, "top_logprobs": 0}, "top_logprobs"),
+        (ChatCompletionRequest, {**_CHAT, "tool_choice": "required"}, "tool_choice"),
+        (ChatCompletionRequest, {**_CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+         "tool_choice"),
+        (ChatCompletionRequest, {**_CHAT, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        (ChatCompletionRequest, {**_CHAT, "function_call": {"name": "f"}}, "function_call"),
+        (ChatCompletionRequest, {**_CHAT, "continue_final_message": True}, "continue_final_message"),
+        (ChatCompletionRequest, {**_CHAT, "chat_template": "{{ messages }}"}, "chat_template"),
+        (ChatCompletionRequest, {**_CHAT, "chat_template_kwargs": {"enable_thinking": False}},
+         "chat_template_kwargs"),
+        (ChatCompletionRequest, {**_CHAT, "echo": True}, "echo"),
+        (ChatCompletionRequest, {**_CHAT, "best_of": 2}, "best_of"),
+        (CompletionRequest, {**_COMPLETION, "response_format": {"type": "json_object"}}, "response_format"),
+        (CompletionRequest, {**_COMPLETION, "stream_options": {"include_usage": True}}, "stream_options"),
+        (ChatCompletionRequest, {**_CHAT, "stream": False, "stream_options": {}}, "stream_options"),
+        (CompletionRequest, {**_COMPLETION, "stop_token_ids": [3, -1]}, "stop_token_ids"),
+        (CompletionRequest, {**_COMPLETION, "stop_token_ids": list(range(1025))}, "stop_token_ids"),
     ],
 )
 def test_fields_that_cannot_be_honoured_are_400_naming_the_field(schema: type, body: dict, param: str) -> None:
@@ -132,3 +150,83 @@ def test_neutral_values_of_unsupported_fields_are_accepted() -> None:
     chat = ChatCompletionRequest.model_validate({**_CHAT, "response_format": {"type": "text"}, "seed": -(2**63),
                                                  "presence_penalty": None, "logit_bias": None})
     assert chat.seed == -(2**63)
+
+
+# vLLM's sampling extensions, each with a value that would change the answer.
+_VLLM_EXTENSIONS = {
+    "repetition_penalty": 1.2, "min_tokens": 3, "min_p": 0.1, "length_penalty": 0.5, "use_beam_search": True,
+    "include_stop_str_in_output": True, "skip_special_tokens": False, "spaces_between_special_tokens": False,
+    "prompt_logprobs": 0, "truncate_prompt_tokens": 8, "allowed_token_ids": [1, 2], "bad_words": ["no"],
+    "guided_json": {"type": "object"}, "guided_regex": "[a-z]+", "guided_choice": ["yes", "no"],
+    "guided_grammar": "root ::= 'a'", "structured_outputs": {"regex": "a+"},
+}
+
+
+@pytest.mark.parametrize("schema", [CompletionRequest, ChatCompletionRequest])
+@pytest.mark.parametrize(("field", "value"), _VLLM_EXTENSIONS.items())
+def test_vllm_extensions_that_cannot_be_honoured_are_400_naming_the_field(
+    schema: type, field: str, value: object
+) -> None:
+    body = _COMPLETION if schema is CompletionRequest else _CHAT
+    with pytest.raises(ValidationError) as info:
+        schema.model_validate({**body, field: value})
+    err = from_validation_error(info.value)
+    assert err.status == 400 and err.param == field
+    assert field in err.message and "supported" in err.message
+
+
+def test_neutral_values_of_extensions_are_accepted() -> None:
+    neutral = {"repetition_penalty": 1.0, "min_tokens": 0, "min_p": 0, "length_penalty": 1, "use_beam_search": False,
+               "include_stop_str_in_output": False, "skip_special_tokens": True,
+               "spaces_between_special_tokens": True, "bad_words": [], "response_format": {"type": "text"}}
+    assert CompletionRequest.model_validate({**_COMPLETION, **neutral}).min_tokens == 0
+    chat = ChatCompletionRequest.model_validate(
+        {**_CHAT, **neutral, "tool_choice": "none", "function_call": "auto", "tools": [], "functions": [],
+         "continue_final_message": False, "chat_template_kwargs": {}, "logprobs": False, "top_logprobs": None,
+         "stream": True, "stream_options": {"include_usage": True}})
+    assert chat.tool_choice == "none" and chat.include_usage
+    assert ChatCompletionRequest.model_validate({**_CHAT, "tool_choice": "auto"}).tool_choice == "auto"
+
+
+def _optional_fields(schema: type[BaseModel]) -> list[str]:
+    return [name for name, info in schema.model_fields.items() if not info.is_required()]
+
+
+@pytest.mark.parametrize(
+    ("schema", "field"),
+    [(CompletionRequest, f) for f in _optional_fields(CompletionRequest)]
+    + [(ChatCompletionRequest, f) for f in _optional_fields(ChatCompletionRequest)],
+)
+def test_a_null_optional_field_means_its_default(schema: type[BaseModel], field: str) -> None:
+    body = _COMPLETION if schema is CompletionRequest else _CHAT
+    default = getattr(schema.model_validate(body), field)
+    assert getattr(schema.model_validate({**body, field: None}), field) in (default, None)
+
+
+def test_nulls_the_openai_client_sends_take_the_defaults() -> None:
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "top_k": None, "ignore_eos": None,
+             "echo": None, "stream_options": None, "seed": None, "stop": None}
+    req = CompletionRequest.model_validate({**_COMPLETION, **nulls, "max_tokens": None})
+    assert (req.temperature, req.top_p, req.n, req.stream, req.top_k, req.ignore_eos, req.echo) == (
+        1.0, 1.0, 1, False, 0, False, False)
+    assert req.max_tokens is None  # null is a value of max_tokens: no limit but the context window
+    chat = ChatCompletionRequest.model_validate({**_CHAT, **nulls, "add_generation_prompt": None})
+    assert (chat.temperature, chat.stream, chat.add_generation_prompt) == (1.0, False, True)
+    options = ChatCompletionRequest.model_validate({**_CHAT, "stream": True, "stream_options": {"include_usage": None}})
+    assert not options.include_usage
+    message = ChatCompletionRequest.model_validate(
+        {**_CHAT, "messages": [{"role": "assistant", "content": None, "name": None}]}).messages[0]
+    assert message.text() == ""
+
+
+@pytest.mark.parametrize(
+    ("schema", "field"),
+    [(CompletionRequest, "model"), (CompletionRequest, "prompt"), (ChatCompletionRequest, "model"),
+     (ChatCompletionRequest, "messages")],
+)
+def test_a_null_required_field_is_400_naming_it(schema: type[BaseModel], field: str) -> None:
+    body = _COMPLETION if schema is CompletionRequest else _CHAT
+    with pytest.raises(ValidationError) as info:
+        schema.model_validate({**body, field: None})
+    err = from_validation_error(info.value)
+    assert err.status == 400 and err.param is not None and err.param.split(".")[0] == field

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
 
 from orchestrator.runtime.http.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, render_chat
 from orchestrator.runtime.http.config import ServerLimits
 from orchestrator.runtime.http.errors import APIError
 from orchestrator.runtime.http.prepare import build_request, max_new_tokens, timeout_s
 from orchestrator.runtime.http.schemas import ChatCompletionRequest, CompletionRequest
+from orchestrator.runtime.http.tokenizer import HFTokenizer
 
 
 class WordTokenizer:
@@ -83,6 +89,57 @@ def test_token_ids_outside_the_vocabulary_are_400_naming_the_id(prompt: list) ->
     assert str(bad) in info.value.message and "100" in info.value.message
     ok = CompletionRequest.model_validate({"model": "m", "prompt": [0, 99]})
     assert build_request(ok, {}, "r", 0.0, WordTokenizer(), ServerLimits()).prompt_token_ids == (0, 99)
+
+
+def _hf_tokenizer() -> HFTokenizer:
+    """The front end's tokenizer over a real (in-memory) Hugging Face tokenizer."""
+    words = WordLevel({"[UNK]": 0, "<s>": 1, "</s>": 2, "hi": 3, "there": 4}, unk_token="[UNK]")
+    tokenizer = Tokenizer(words)
+    tokenizer.pre_tokenizer = Whitespace()
+    return HFTokenizer(tokenizer, None, "<s>", "</s>")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m", "prompt": "hi \ud83d"}, "prompt"),
+        ({"model": "m", "prompt": ["\udfff there"]}, "prompt"),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"},
+                                     {"role": "user", "content": [{"type": "text", "text": "x\ud800"}]}]},
+         "messages"),
+    ],
+)
+def test_a_lone_surrogate_in_the_prompt_is_400_naming_the_field(body: dict, param: str) -> None:
+    schema = CompletionRequest if "prompt" in body else ChatCompletionRequest
+    for tokenizer in (_hf_tokenizer(), WordTokenizer()):
+        with pytest.raises(APIError) as info:
+            build_request(schema.model_validate(body), {}, "r", 0.0, tokenizer, ServerLimits())
+        assert info.value.status == 400 and info.value.param == param
+        assert "surrogate" in info.value.message
+    # A JSON escape of a surrogate pair is one code point, and fine.
+    paired = CompletionRequest.model_validate(json.loads('{"model": "m", "prompt": "hi \\ud83d\\ude00"}'))
+    assert build_request(paired, {}, "r", 0.0, _hf_tokenizer(), ServerLimits()).prompt_token_ids == (3, 0)
+
+
+def test_stop_token_ids_reach_sampling_and_must_lie_in_the_vocabulary() -> None:
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "a", "stop_token_ids": [7, 99]})
+    assert build_request(body, {}, "r", 0.0, WordTokenizer(), ServerLimits()).sampling.stop_token_ids == (7, 99)
+    outside = CompletionRequest.model_validate({"model": "m", "prompt": "a", "stop_token_ids": [7, 100]})
+    with pytest.raises(APIError) as info:
+        build_request(outside, {}, "r", 0.0, WordTokenizer(), ServerLimits())
+    err = info.value
+    assert err.status == 400 and err.param == "stop_token_ids" and err.code == "invalid_token_id"
+    assert "100" in err.message
+
+
+def test_add_generation_prompt_false_ends_the_prompt_after_the_messages() -> None:
+    tok = WordTokenizer()
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "a b"}], "add_generation_prompt": False})
+    build_request(body, {}, "r", 0.0, tok, ServerLimits())
+    assert tok.calls[-1][0] == "<s><|user|>\na b</s>\n"
+    build_request(body.model_copy(update={"add_generation_prompt": True}), {}, "r", 0.0, tok, ServerLimits())
+    assert tok.calls[-1][0].endswith("<|assistant|>\n")
 
 
 def test_context_bounds() -> None:
