@@ -30,7 +30,24 @@ def worker_actor_name(cluster: str, instance_id: str) -> str:
 
 def group_name(cluster: str, plan: GroupPlan) -> str:
     """Ray placement-group name of a group plan."""
-    return f"{cluster}/pg/{plan.name}"
+    return f"{_group_prefix(cluster)}{plan.name}"
+
+
+def _group_prefix(cluster: str) -> str:
+    return f"{cluster}/pg/"
+
+
+def remove_groups(cluster: str) -> None:
+    """Remove every placement group named for ``cluster``, pending ones included."""
+    # By name rather than by handle: a restarted controller, or one whose start still waits for a
+    # group, holds no handle to the groups it must remove.
+    prefix = _group_prefix(cluster)
+    for entry in ray.util.placement_group_table().values():
+        if entry["state"] != "REMOVED" and entry["name"].startswith(prefix):
+            try:
+                ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(entry["placement_group_id"])))
+            except Exception:  # removed meanwhile
+                pass
 
 
 def ensure_group(cluster: str, plan: GroupPlan, shape: BundleShape, timeout_s: float = 60.0) -> PlacementGroup:

@@ -7,7 +7,8 @@ directly, so serving continues while the controller restarts.
 Life of the controller:
 1. ``start`` (first call of any method): adopt the live named workers of this
    cluster (after a restart) or, on a fresh cluster, create the placement
-   groups and one worker per slot.
+   groups and one worker per slot. Every listed worker's generation counts as
+   used, adopted or not, so a refill never takes the name of a stalled one.
 2. Every ``health_interval_s``: probe each worker (gRPC load report; a failed
    probe asks Ray whether the actor still exists), let the core's ``supervise``
    decide health marks, replacements and new starts, carry them out (a
@@ -15,7 +16,9 @@ Life of the controller:
    generation only increases), and publish a new view with a larger version.
    A slot whose start failed is not started again before its backoff (1 s,
    doubling up to 30 s, reset by a start that succeeds) has passed.
-3. ``shutdown``: kill the workers and remove the placement groups it made.
+3. ``shutdown``: cancel the starts still running, kill the workers and remove every
+   placement group of this cluster (found by name, pending ones too, so groups made
+   by an earlier incarnation go as well).
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ class _Worker:
     client: Any  # WorkerClient, created on the controller's event loop
     failures: int = 0
     alive: bool = True
+    health: InstanceHealth = InstanceHealth.HEALTHY  # as the last supervision round decided
     load: InstanceLoad | None = None
 
 
@@ -199,7 +203,8 @@ class Controller:
         self._groups: dict[Slot, tuple[Any, int]] = {}  # slot -> (placement group, bundle index)
         self._version = 0
         self._view = ClusterView(ClusterSnapshot(at_s=0.0), ())
-        self._started: asyncio.Future[None] | None = None
+        self._started: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # bring-up and worker starts still running
         self._loop_task: asyncio.Task[None] | None = None
         self._adopted = 0
         self.replacements = 0
@@ -208,17 +213,16 @@ class Controller:
     async def start(self) -> int:
         """Adopt or create the workers and start supervising; returns how many workers were adopted."""
         if self._started is None:
-            self._started = asyncio.get_running_loop().create_future()
-            try:
-                await self._bring_up()
-                self._started.set_result(None)
-            except BaseException as exc:
-                self._started.set_exception(exc)
+            self._started = self._track(asyncio.create_task(self._bring_up()))
+        started = self._started
+        try:
+            await asyncio.shield(started)
+        except Exception:
+            if self._started is started:  # a failed bring-up is tried again by the next call
                 self._started = None
-                raise
+            raise
+        if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._supervise_forever())
-        else:
-            await asyncio.shield(self._started)
         return self._adopted
 
     async def _bring_up(self) -> None:
@@ -230,14 +234,18 @@ class Controller:
         # Workers that outlived a previous controller incarnation keep serving: adopt them.
         import ray
 
+        prefix = builder.worker_actor_name(self.config.cluster, "")
         for name in builder.list_workers(self.config.cluster, self.namespace):
+            # Its generation counts as used even if it is not adopted: a stalled worker still holds its name.
+            with contextlib.suppress(ValueError):  # a foreign name
+                self._starts.seen(*parse_instance_id(name.removeprefix(prefix)))
             try:
                 handle = ray.get_actor(name, namespace=self.namespace)
                 endpoint: WorkerEndpoint = await asyncio.wait_for(
                     handle.endpoint.remote(), self.config.probe_timeout_s
                 )
                 slot, generation = parse_instance_id(endpoint.instance_id)
-            except Exception as exc:  # dead or foreign: the slot is refilled below
+            except Exception as exc:  # dead, stalled or foreign: the slot is refilled below
                 log.warning("not adopting %s: %s", name, exc)
                 continue
             self._register(slot, generation, handle, endpoint)
@@ -332,16 +340,16 @@ class Controller:
 
     async def supervise_once(self) -> None:
         """One round: probe, decide (core ``supervise``), act, publish."""
+        await asyncio.gather(*(self._probe(w) for w in list(self._workers.values())))
+        # Read after the probes: a start that finished meanwhile is in _workers, no longer in _starting.
         workers = list(self._workers.values())
-        await asyncio.gather(*(self._probe(w) for w in workers))
         statuses = [WorkerStatus(w.endpoint.instance_id, w.slot.role, w.alive, w.failures) for w in workers]
         # Slots being (re)started count as present so they are not started twice.
         statuses += [WorkerStatus(f"starting:{s.name}", s.role, True) for s in self._starting]
         plan = supervise(statuses, self.config.targets, self.config.supervision)
         health = dict(plan.health)
         for w in workers:
-            if w.load is not None:
-                w.load = replace(w.load, health=health.get(w.endpoint.instance_id, InstanceHealth.UNHEALTHY))
+            w.health = health.get(w.endpoint.instance_id, InstanceHealth.UNHEALTHY)
         for instance_id in plan.replace:
             self._replace(instance_id)
         now_s = self._clock()
@@ -357,8 +365,13 @@ class Controller:
         self._publish()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        task.add_done_callback(_log_failure)
+        self._track(asyncio.create_task(coro)).add_done_callback(_log_failure)
+
+    def _track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Keep ``task`` until it ends, so that ``shutdown`` can cancel it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _replace(self, instance_id: str) -> None:
         worker = self._workers.pop(instance_id, None)
@@ -373,10 +386,12 @@ class Controller:
     def _publish(self) -> None:
         instances = []
         for w in sorted(self._workers.values(), key=lambda w: (w.slot.role.value, w.slot.index)):
-            load = w.load or InstanceLoad(
-                instance_id=w.endpoint.instance_id, role=w.slot.role, node_id=w.endpoint.node_id,
-                health=InstanceHealth.HEALTHY if w.alive else InstanceHealth.UNHEALTHY,
-            )
+            if w.load is None:  # not probed successfully yet
+                load = InstanceLoad(
+                    instance_id=w.endpoint.instance_id, role=w.slot.role, node_id=w.endpoint.node_id, health=w.health
+                )
+            else:
+                load = replace(w.load, health=w.health)
             instances.append(load)
         # Versions are millisecond timestamps (and strictly increasing), so they keep increasing
         # across controller restarts and routers never mistake a new view for an old one.
@@ -403,13 +418,16 @@ class Controller:
         }
 
     async def shutdown(self) -> None:
-        """Kill every worker and remove the placement groups of this cluster."""
+        """Cancel the starts still running, kill every worker and remove the placement groups of this cluster."""
         import ray
 
         from orchestrator.runtime import builder
 
         if self._loop_task is not None:
             self._loop_task.cancel()
+        # Cancelled first, so that no start creates a worker or a group after the clean-up below.
+        for task in list(self._tasks):
+            task.cancel()
         for worker in list(self._workers.values()):
             try:
                 await asyncio.wait_for(worker.handle.stop.remote(), 5.0)
@@ -423,9 +441,5 @@ class Controller:
                 ray.kill(ray.get_actor(name, namespace=self.namespace), no_restart=True)
             except Exception:
                 pass
-        for pg, _ in {id(g[0]): g for g in self._groups.values()}.values():
-            try:
-                ray.util.remove_placement_group(pg)
-            except Exception:
-                pass
+        builder.remove_groups(self.config.cluster)
         self._groups.clear()
