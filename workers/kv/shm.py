@@ -233,8 +233,9 @@ class ShmEndpoint(SideEndpoint):
                     break
         finally:
             if held.ring is not None:
-                # A request that failed (refused at HELLO, a bad checksum, ...) leaves a sender that knows
-                # the ring and may still be copying layers into it: another connection must never lease it.
+                # A request that failed (refused at HELLO, a stalled sender, a bad checksum, ...) leaves a
+                # sender that knows the ring and may still be copying layers into it: no other connection
+                # may lease it.
                 (self._release if clean else self._discard)(held.ring)
 
     def _ring_for(self, sock: socket.socket, held: _HeldRing, layer_nbytes: int) -> _Ring:
@@ -254,16 +255,10 @@ class ShmEndpoint(SideEndpoint):
         pending: PendingTransfer | None = None
         try:
             pending = read_hello(sock, scratch, self._side.table)
-            try:
-                ring = self._ring_for(sock, held, pending.descriptor.layer_nbytes)
-                error = receive_slot_layers(
-                    sock, scratch, pending, ring.num_slots, ring.payload, self._options.poll_us * 1e-6, ring.views
-                )
-            except BaseException:
-                if held.ring is not None:  # a stalled sender might still write into it: never reuse
-                    self._discard(held.ring)
-                    held.ring = None
-                raise
+            ring = self._ring_for(sock, held, pending.descriptor.layer_nbytes)
+            error = receive_slot_layers(
+                sock, scratch, pending, ring.num_slots, ring.payload, self._options.poll_us * 1e-6, ring.views
+            )
             if error is None:
                 pending.complete()
                 send_frame(sock, Frame(FrameKind.ACK))
